@@ -1,0 +1,50 @@
+# Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
+"""hf-mla-vlm: convert LLaVA, LLaVA-NeXT and Qwen2.5-VL to Multi-Head Latent Attention and run them.
+
+Importing the package registers the converted configs and models with `AutoConfig`, `AutoModel` and
+`AutoModelForImageTextToText`, so `from_pretrained` works without `trust_remote_code`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from .configuration.configuration_llava_mla import LlavaMLAConfig
+from .configuration.configuration_llava_next_mla import LlavaNextMLAConfig
+from .configuration.configuration_qwen2_5_vl_mla import Qwen2_5_VLMLAConfig
+from .modeling.mla_attention import MLAAttention
+from .modeling.modeling_llava_mla import LlavaMLAForConditionalGeneration
+from .modeling.modeling_llava_next_mla import LlavaNextMLAForConditionalGeneration
+from .modeling.modeling_qwen2_5_vl_mla import Qwen2_5_VLMLAForConditionalGeneration
+
+
+__version__ = "0.1.0"
+
+for _config, _model in (
+    (LlavaMLAConfig, LlavaMLAForConditionalGeneration),
+    (LlavaNextMLAConfig, LlavaNextMLAForConditionalGeneration),
+    (Qwen2_5_VLMLAConfig, Qwen2_5_VLMLAForConditionalGeneration),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModelForImageTextToText.register(_config, _model, exist_ok=True)
+
+
+def __getattr__(name):
+    # The conversion API pulls in heavier modules; load it on first use.
+    if name in ("convert", "ConversionResult"):
+        from .conversion_scripts import convert as _convert
+
+        return getattr(_convert, name)
+    raise AttributeError(f"module 'hf_mla_vlm' has no attribute {name!r}")
+
+
+__all__ = [
+    "ConversionResult",
+    "LlavaMLAConfig",
+    "LlavaMLAForConditionalGeneration",
+    "LlavaNextMLAConfig",
+    "LlavaNextMLAForConditionalGeneration",
+    "MLAAttention",
+    "Qwen2_5_VLMLAConfig",
+    "Qwen2_5_VLMLAForConditionalGeneration",
+    "convert",
+]

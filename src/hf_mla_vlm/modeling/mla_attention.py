@@ -1,0 +1,315 @@
+# Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
+r"""Multi-Head Latent Attention converted from a GQA/MHA decoder layer (MHA2MLA-VLM), with a latent-only KV cache.
+
+Symbols (per decoder layer):
+
+| symbol | meaning                                   | Qwen2.5-VL-7B example |
+|--------|-------------------------------------------|-----------------------|
+| `d`    | hidden size                               | 3584                  |
+| `H`    | query heads                               | 28                    |
+| `N`    | key/value heads, `G = H / N` group size   | 4 (`G = 7`)           |
+| `D`    | head dim (`1/sqrt(D)` stays the scale)    | 128                   |
+| `R`    | kept rotary dims per head (`rope_dim`)    | 32                    |
+| `P`    | NoPE dims per head, `D - R`               | 96                    |
+| `L`    | cached latent width, `N * kv_rank`        | 256                   |
+| `m`    | modality of a token: `text` or `image`    |                       |
+
+Weights (`stage="mla"`):
+
+    q_proj        [H*D, d] (+bias)   rows permuted so each head reads [q_rope (R) | q_nope (P)]
+    k_rope_proj   [N*R, d] (+bias)   the kept rows of the original k_proj
+    kv_a_proj[m]  [L, d]             down-projection W_dkv^m (no bias)
+    kv_b_proj[m]  [N*(P+D), L] (+b)  up-projection, per kv head [W_uk^m (P rows) | W_uv^m (D rows)]
+    o_proj        unchanged
+
+In the `partial_rope` stage (stage 1 of the recovery) `kv_a_proj/kv_b_proj` are replaced by the full-rank
+`k_nope_proj [N*P, d]` and `v_proj [N*D, d]`, and the cache holds ordinary keys and values.
+
+Cache (`stage="mla"`): per token and layer only `c = W_dkv^m x` (L elements, the "keys" slot of the HF cache),
+then the post-RoPE rope keys (N*R) and one modality flag (the "values" slot). Both slots are single-"head"
+tensors, so `DynamicCache`, `StaticCache`, beam reordering and cropping work unchanged.
+
+Prefill (many query tokens) decompresses: `[k_nope | v] = W_b^{m_t} c_t + b^{m_t}` for every cached token,
+`K = [k_rope | k_nope]`, then standard causal GQA attention through the attention interface (SDPA by default).
+
+Decode (one query token) is absorbed and reads only the cache:
+
+    s_t = scale * (q_rope . k_rope_t + (W_uk^{m_t,g}^T q_nope) . c_t + q_nope . b_k^{m_t,g})
+    o   = sum_m W_uv^{m,g} (sum_{t in m} p_t c_t) + b_v^{m,g} sum_{t in m} p_t
+
+which equals the decompressed attention exactly (up to rounding).
+"""
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+MODALITIES = ("text", "image")
+
+# q/k/v and o projection biases of the text models we convert, by text `model_type`; anything else reads
+# `config.attention_bias` (Llama, Mistral).
+_BIAS_LAYOUT = {"qwen2": (True, False), "qwen2_5_vl_text": (True, False), "qwen2_5_vl": (True, False)}
+
+
+def attention_bias_layout(text_config) -> tuple[bool, bool]:
+    """(q/k/v bias, o bias) of the original attention of `text_config`."""
+    if text_config.model_type in _BIAS_LAYOUT:
+        return _BIAS_LAYOUT[text_config.model_type]
+    bias = bool(getattr(text_config, "attention_bias", False))
+    return bias, bias
+
+
+def kept_rope_dims(pairs: list[int], head_dim: int) -> list[int]:
+    """Dims of one head that carry the kept pairs, in the order `[first halves | second halves]` (rotate_half)."""
+    return list(pairs) + [j + head_dim // 2 for j in pairs]
+
+
+def nope_dims(pairs: list[int], head_dim: int) -> list[int]:
+    """Dims of one head that lose their rotation, ascending."""
+    kept = set(kept_rope_dims(pairs, head_dim))
+    return [i for i in range(head_dim) if i not in kept]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x [..., R]` laid out as `[first halves | second halves]` of the kept pairs."""
+    return x * cos + rotate_half(x) * sin
+
+
+class MLAAttention(nn.Module):
+    """Text attention of a converted VLM decoder layer (see the module docstring for the maths).
+
+    Args:
+        config: the top-level MLA config (`LlavaMLAConfig`, `LlavaNextMLAConfig` or `Qwen2_5_VLMLAConfig`).
+        layer_idx: index of the decoder layer; selects `config.rope_pairs[layer_idx]`.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        text = config.text_config
+        self.config = text  # the attention interface reads `self.config._attn_implementation`
+        self.layer_idx = layer_idx
+        self.stage = config.mla_stage
+        self.num_heads = text.num_attention_heads
+        self.num_key_value_heads = text.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.head_dim = config.mla_head_dim
+        self.rope_dim = config.rope_dim
+        self.nope_dim = self.head_dim - self.rope_dim
+        self.kv_rank = config.kv_rank
+        self.latent_dim = config.mla_latent_dim
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = getattr(text, "attention_dropout", 0.0)
+        self.is_causal = True
+        self.branches = MODALITIES if config.modality_split else MODALITIES[:1]
+        # Absorbed single-token decode; tests switch it off to compare against the decompressed path.
+        self.use_absorbed_decode = True
+
+        qkv_bias, o_bias = attention_bias_layout(text)
+        hidden, n_kv = text.hidden_size, self.num_key_value_heads
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_rope_proj = nn.Linear(hidden, n_kv * self.rope_dim, bias=qkv_bias)
+        if self.stage == "partial_rope":
+            self.k_nope_proj = nn.Linear(hidden, n_kv * self.nope_dim, bias=qkv_bias)
+            self.v_proj = nn.Linear(hidden, n_kv * self.head_dim, bias=qkv_bias)
+        else:
+            up = n_kv * (self.nope_dim + self.head_dim)
+            self.kv_a_proj = nn.ModuleDict({m: nn.Linear(hidden, self.latent_dim, bias=False) for m in self.branches})
+            self.kv_b_proj = nn.ModuleDict({m: nn.Linear(self.latent_dim, up, bias=qkv_bias) for m in self.branches})
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
+
+        # Which cos/sin entries each kv head keeps: derived from the config, never saved. A plain attribute rather
+        # than a buffer, so meta-device initialisation in `from_pretrained` cannot leave it unset.
+        self._rope_dims = [kept_rope_dims(pairs, self.head_dim) for pairs in config.rope_pairs[layer_idx]]
+        self._rope_index = None
+
+    def rope_index(self, device: torch.device) -> torch.Tensor:
+        """`(N, R)` indices into the per-position `cos`/`sin` of the dims each kv head keeps."""
+        if self._rope_index is None or self._rope_index.device != device:
+            self._rope_index = torch.tensor(self._rope_dims, dtype=torch.long, device=device)
+        return self._rope_index
+
+    # ------------------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        image_token_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bsz, q_len, _ = hidden_states.shape
+        n_kv, groups = self.num_key_value_heads, self.num_key_value_groups
+
+        query = self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        q_rope, q_nope = query.split([self.rope_dim, self.nope_dim], dim=-1)
+        k_rope = self.k_rope_proj(hidden_states).view(bsz, q_len, n_kv, self.rope_dim).transpose(1, 2)
+
+        cos, sin = position_embeddings  # (B, S, D); Qwen2.5-VL's M-RoPE arrives already recomposed per pair
+        rope_index = self.rope_index(cos.device)
+        cos_k = cos[..., rope_index].transpose(1, 2)  # (B, N, S, R)
+        sin_k = sin[..., rope_index].transpose(1, 2)
+        q_rope = apply_partial_rope(
+            q_rope, cos_k.repeat_interleave(groups, dim=1), sin_k.repeat_interleave(groups, dim=1)
+        )
+        k_rope = apply_partial_rope(k_rope, cos_k, sin_k)
+        query = torch.cat([q_rope, q_nope], dim=-1)
+
+        if self.stage == "partial_rope":
+            k_nope = self.k_nope_proj(hidden_states).view(bsz, q_len, n_kv, self.nope_dim).transpose(1, 2)
+            value = self.v_proj(hidden_states).view(bsz, q_len, n_kv, self.head_dim).transpose(1, 2)
+            key = torch.cat([k_rope, k_nope], dim=-1)
+            if past_key_values is not None:
+                key, value = past_key_values.update(key, value, self.layer_idx)
+            return self._attend(query, key, value, attention_mask, bsz, q_len, **kwargs)
+
+        is_image = self._image_mask(image_token_mask, bsz, q_len, hidden_states.device)
+        latent = self._down_project(hidden_states, is_image)  # (B, S, L)
+        flag = is_image.to(latent.dtype).unsqueeze(-1)
+        side = torch.cat([k_rope.transpose(1, 2).reshape(bsz, q_len, n_kv * self.rope_dim), flag], dim=-1)
+        latent, side = latent.unsqueeze(1), side.unsqueeze(1)  # one "head" each
+        if past_key_values is not None:
+            latent, side = past_key_values.update(latent, side, self.layer_idx)
+        latent = latent[:, 0]  # (B, T, L)
+        kv_len = latent.shape[1]
+        k_rope_all = side[:, 0, :, :-1].reshape(bsz, kv_len, n_kv, self.rope_dim).transpose(1, 2)
+        image_all = side[:, 0, :, -1] > 0.5  # (B, T)
+
+        if (
+            q_len == 1
+            and past_key_values is not None
+            and self.use_absorbed_decode
+            and (attention_mask is None or isinstance(attention_mask, torch.Tensor))
+        ):
+            key_mask = self._decode_key_mask(attention_mask, past_key_values, bsz, kv_len, latent.device)
+            out = self._absorbed_decode(q_rope, q_nope, k_rope_all, latent, image_all, key_mask)
+            return self.o_proj(out.reshape(bsz, 1, -1)), None
+
+        k_nope, value = self._up_project(latent, image_all)
+        key = torch.cat([k_rope_all, k_nope], dim=-1)
+        return self._attend(query, key, value, attention_mask, bsz, q_len, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _attend(self, query, key, value, attention_mask, bsz, q_len, **kwargs):
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        out, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(out.reshape(bsz, q_len, -1).contiguous()), weights
+
+    def _image_mask(self, image_token_mask, bsz, q_len, device) -> torch.Tensor:
+        if image_token_mask is None or len(self.branches) == 1:
+            return torch.zeros(bsz, q_len, dtype=torch.bool, device=device)
+        if image_token_mask.shape != (bsz, q_len):
+            raise ValueError(
+                f"image_token_mask must have shape (batch, seq_len) = {(bsz, q_len)}, "
+                f"got {tuple(image_token_mask.shape)}."
+            )
+        return image_token_mask.to(device=device, dtype=torch.bool)
+
+    def _down_project(self, hidden_states: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+        latent = self.kv_a_proj["text"](hidden_states)
+        if len(self.branches) == 2:
+            latent = torch.where(is_image.unsqueeze(-1), self.kv_a_proj["image"](hidden_states), latent)
+        return latent
+
+    def _up_project(self, latent: torch.Tensor, is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decompress cached latents `(B, T, L)` into `k_nope (B, N, T, P)` and `v (B, N, T, D)`."""
+        kv = self.kv_b_proj["text"](latent)
+        if len(self.branches) == 2:
+            kv = torch.where(is_image.unsqueeze(-1), self.kv_b_proj["image"](latent), kv)
+        kv = kv.view(*latent.shape[:2], self.num_key_value_heads, self.nope_dim + self.head_dim).transpose(1, 2)
+        k_nope, value = kv.split([self.nope_dim, self.head_dim], dim=-1)
+        return k_nope, value
+
+    def absorbed_weights(
+        self, branch: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`W_uk (N, P, L)`, `W_uv (N, D, L)` and biases `b_k (N, P)`, `b_v (N, D)` of one modality branch."""
+        proj = self.kv_b_proj[branch]
+        weight = proj.weight.view(self.num_key_value_heads, self.nope_dim + self.head_dim, self.latent_dim)
+        w_uk, w_uv = weight.split([self.nope_dim, self.head_dim], dim=1)
+        if proj.bias is None:
+            return w_uk, w_uv, None, None
+        b_k, b_v = proj.bias.view(self.num_key_value_heads, -1).split([self.nope_dim, self.head_dim], dim=-1)
+        return w_uk, w_uv, b_k, b_v
+
+    def _decode_key_mask(self, attention_mask, past_key_values, bsz, kv_len, device) -> torch.Tensor | None:
+        """Additive float or boolean mask `(B, 1, 1, T)` over the cached keys for one query token."""
+        if attention_mask is None:
+            # No padding; a static cache still returns its unfilled rows, hide them by length (no host sync).
+            seen = past_key_values.get_seq_length(self.layer_idx)
+            if isinstance(seen, int) and seen >= kv_len:
+                return None
+            return (torch.arange(kv_len, device=device) < seen).view(1, 1, 1, kv_len)
+        if attention_mask.dim() == 2:  # (B, T) padding mask, 1 = keep
+            return attention_mask[:, None, None, :kv_len].bool()
+        return attention_mask[:, :, -1:, :kv_len]
+
+    def _absorbed_decode(self, q_rope, q_nope, k_rope, latent, is_image, key_mask) -> torch.Tensor:
+        """Absorbed attention for one query token. Shapes: q_* (B, H, 1, .), k_rope (B, N, T, R),
+        latent (B, T, L), is_image (B, T). Returns (B, H, D) head outputs before `o_proj`."""
+        bsz, n_kv, groups = q_rope.shape[0], self.num_key_value_heads, self.num_key_value_groups
+        q_rope = q_rope.reshape(bsz, n_kv, groups, self.rope_dim)
+        q_nope = q_nope.reshape(bsz, n_kv, groups, self.nope_dim)
+        scores = torch.einsum("bngr,bntr->bngt", q_rope, k_rope)
+        in_branch = {"text": ~is_image, "image": is_image} if len(self.branches) == 2 else {"text": None}
+        absorbed = {}
+        for branch in self.branches:
+            w_uk, w_uv, b_k, b_v = self.absorbed_weights(branch)
+            q_latent = torch.einsum("bngp,npl->bngl", q_nope, w_uk)
+            part = torch.einsum("bngl,btl->bngt", q_latent, latent)
+            if b_k is not None:
+                part = part + torch.einsum("bngp,np->bng", q_nope, b_k).unsqueeze(-1)
+            absorbed[branch] = (w_uv, b_v)
+            if in_branch[branch] is not None:
+                part = torch.where(in_branch[branch][:, None, None, :], part, torch.zeros_like(part))
+            scores = scores + part
+        scores = scores * self.scaling
+        if key_mask is not None:
+            if key_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + key_mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)  # (B, N, G, T)
+        out = None
+        for branch, (w_uv, b_v) in absorbed.items():
+            p = probs if in_branch[branch] is None else probs * in_branch[branch][:, None, None, :]
+            context = torch.einsum("bngt,btl->bngl", p, latent)
+            part = torch.einsum("bngl,ndl->bngd", context, w_uv)
+            if b_v is not None:
+                part = part + p.sum(-1, keepdim=True) * b_v[None, :, None, :]
+            out = part if out is None else out + part
+        return out.reshape(bsz, self.num_heads, self.head_dim)
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention with GQA (the `eager` backend); `query (B, H, S, D)`, `key/value (B, N, T, D)`."""
+    key = key.repeat_interleave(module.num_key_value_groups, dim=1)
+    value = value.repeat_interleave(module.num_key_value_groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        weights = (
+            weights.masked_fill(~mask, torch.finfo(weights.dtype).min) if mask.dtype == torch.bool else weights + mask
+        )
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+__all__ = ["MLAAttention", "apply_partial_rope", "attention_bias_layout", "kept_rope_dims", "nope_dims"]

@@ -1,0 +1,33 @@
+"""Helpers shared by the tests (not fixtures)."""
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from hf_mla_vlm.tiny_models import tiny_image, tiny_prompt
+
+
+def mixed_batch(processor, arch: str) -> dict:
+    """Two prompts of different lengths (left padding), each with one image of a different size."""
+    texts = [tiny_prompt(arch, "describe the image"), tiny_prompt(arch, "what is left of the red circle ? a cat")]
+    return processor(images=[tiny_image(0), tiny_image(1, (56, 30))], text=texts, return_tensors="pt", padding=True)
+
+
+def load_native(path):
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    if mask is not None:
+        a, b = a[mask], b[mask]
+    return ((a.double() - b.double()).norm() / a.double().norm()).item()
+
+
+def perturb_image_branch(model, std: float = 0.05, seed: int = 1) -> None:
+    """Make the image branch differ from the text branch so that routing mistakes change the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for attn in model.mla_attention_modules():
+            for proj in (attn.kv_a_proj["image"], attn.kv_b_proj["image"]):
+                for param in proj.parameters():
+                    param.add_(torch.randn(param.shape, generator=generator) * std)
