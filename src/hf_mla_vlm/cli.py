@@ -1,0 +1,130 @@
+# Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
+"""`hf-mla-vlm` command line: thin wrappers over the typed Python functions of the package."""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+EPILOG = """examples:
+  hf-mla-vlm demo
+  hf-mla-vlm tiny llava_next ./tiny-llava-next
+  hf-mla-vlm convert ./tiny-llava-next --out ./tiny-llava-next-mla --rope-dim 8 --kv-rank 8 --rope-strategy uniform
+"""
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a native LLaVA / LLaVA-NeXT / Qwen2.5-VL checkpoint to MLA")
+    p.add_argument("source", help="native checkpoint folder (or Hub id in the local cache)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--rope-dim", type=int, required=True, help="rotary dims kept per head (even)")
+    p.add_argument("--kv-rank", type=int, required=True, help="latent width per kv head")
+    p.add_argument("--rope-strategy", choices=["high", "low", "uniform"], default="high")
+    p.add_argument("--rope-ranks", default=None, help="rank file (.pth official format, .safetensors, .json)")
+    p.add_argument("--svd", choices=["weight"], default="weight", help="low-rank initialisation")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--stage", choices=["mla", "partial_rope"], default="mla", help="partial_rope = stage-1 form")
+    p.add_argument("--no-modality-split", action="store_true", help="one projection set for image and text")
+    p.add_argument("--image-token-ids", type=int, nargs="+", default=None, help="override the image-branch ids")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _run_convert(args) -> int:
+    from .conversion_scripts.convert import convert
+
+    result = convert(
+        args.source,
+        args.out,
+        rope_dim=args.rope_dim,
+        kv_rank=args.kv_rank,
+        rope_strategy=args.rope_strategy,
+        rope_ranks=args.rope_ranks,
+        svd=args.svd,
+        dtype=args.dtype,
+        mla_stage=args.stage,
+        modality_split=not args.no_modality_split,
+        image_token_ids=args.image_token_ids,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    kv = result.report["kv_cache"]
+    print(f"wrote {result.output_dir}")
+    print(_kv_summary(kv))
+    return 0
+
+
+def _kv_summary(kv: dict) -> str:
+    return (
+        f"KV cache per token: {kv['original_bytes_per_token']} B -> {kv['converted_bytes_per_token']} B "
+        f"({100 * kv['reduction_vs_original_gqa_cache']:.1f}% smaller than the original cache; "
+        f"{100 * kv['reduction_vs_mha_equivalent_paper_convention']:.1f}% vs an MHA-equivalent cache, the paper's "
+        "convention)"
+    )
+
+
+def _add_tiny(sub) -> None:
+    p = sub.add_parser("tiny", help="write a tiny random native VLM checkpoint (offline, for trying things out)")
+    p.add_argument("arch", choices=["llava", "llava_next", "qwen2_5_vl"])
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_tiny(args) -> int:
+    from .tiny_models import save_tiny_vlm
+
+    print(f"wrote {save_tiny_vlm(args.arch, args.out, seed=args.seed)}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="build a tiny LLaVA-NeXT offline, convert it, print fidelity and KV saving")
+    p.add_argument("--arch", choices=["llava", "llava_next", "qwen2_5_vl"], default="llava_next")
+    p.add_argument("--rope-dim", type=int, default=8)
+    p.add_argument("--kv-rank", type=int, default=8)
+    p.add_argument("--workdir", default=None, help="keep the checkpoints here (default: a temporary folder)")
+
+
+def _run_demo(args) -> int:
+    from .demo import run_demo
+
+    if args.workdir:
+        summary = run_demo(args.arch, Path(args.workdir), rope_dim=args.rope_dim, kv_rank=args.kv_rank)
+    else:
+        with tempfile.TemporaryDirectory() as workdir:
+            summary = run_demo(args.arch, Path(workdir), rope_dim=args.rope_dim, kv_rank=args.kv_rank)
+    print(json.dumps(summary, indent=2))
+    print(_kv_summary(summary["kv_cache"]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-mla-vlm",
+        description="Convert vision-language models to Multi-Head Latent Attention (MHA2MLA-VLM).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_tiny(sub)
+    _add_demo(sub)
+    return parser
+
+
+COMMANDS = {"convert": _run_convert, "tiny": _run_tiny, "demo": _run_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as error:
+        print(f"hf-mla-vlm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

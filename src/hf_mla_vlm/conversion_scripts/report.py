@@ -1,0 +1,151 @@
+# Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
+"""KV-cache accounting (design.md section 8), measured cache size, and the converted folder's model card."""
+
+import platform
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..configuration.configuration_mla_common import text_head_dim
+
+
+@dataclass(frozen=True)
+class KVCacheSize:
+    """Cached elements per token per layer, before and after conversion.
+
+    `converted` counts what our cache really holds: `num_kv_heads * (rope_dim + kv_rank)` plus one modality flag
+    (the `partial_rope` stage caches full keys and values). `mha_equivalent` is the denominator of the paper's
+    percentages (`2 * num_q_heads * head_dim`), which compares a GQA model against an MHA cache.
+    """
+
+    original: int
+    converted: int
+    mha_equivalent: int
+    num_layers: int
+    bytes_per_element: int
+
+    @property
+    def reduction_vs_original(self) -> float:
+        return 1.0 - self.converted / self.original
+
+    @property
+    def reduction_vs_mha_equivalent(self) -> float:
+        return 1.0 - self.converted / self.mha_equivalent
+
+    def bytes_per_token(self, which: str) -> int:
+        """Bytes per token over all layers for `which` in {"original", "converted", "mha_equivalent"}."""
+        return getattr(self, which) * self.num_layers * self.bytes_per_element
+
+    def to_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "original_bytes_per_token": self.bytes_per_token("original"),
+            "converted_bytes_per_token": self.bytes_per_token("converted"),
+            "mha_equivalent_bytes_per_token": self.bytes_per_token("mha_equivalent"),
+            "reduction_vs_original_gqa_cache": round(self.reduction_vs_original, 6),
+            "reduction_vs_mha_equivalent_paper_convention": round(self.reduction_vs_mha_equivalent, 6),
+        }
+
+
+def kv_cache_size(config, dtype: torch.dtype = torch.bfloat16) -> KVCacheSize:
+    """Analytic cache size of an MLA config (`LlavaMLAConfig`, ...) against its source architecture."""
+    text = config.text_config
+    head_dim, n_q, n_kv = text_head_dim(text), text.num_attention_heads, text.num_key_value_heads
+    if config.mla_stage == "mla":
+        converted = n_kv * (config.rope_dim + config.kv_rank) + 1
+    else:
+        converted = 2 * n_kv * head_dim
+    return KVCacheSize(
+        original=2 * n_kv * head_dim,
+        converted=converted,
+        mha_equivalent=2 * n_q * head_dim,
+        num_layers=text.num_hidden_layers,
+        bytes_per_element=torch.empty((), dtype=dtype).element_size(),
+    )
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes actually held by a Transformers `Cache` (every tensor of every layer)."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def environment() -> dict[str, str]:
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "hf_mla_vlm": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def model_card(report: dict) -> str:
+    """README.md of a converted folder: Hub metadata, settings, KV bytes and how to load it."""
+    s, kv = report["settings"], report["kv_cache"]
+    base = report["source"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "tags:",
+        "- hf-mla-vlm",
+        "- mla",
+        "- multi-head-latent-attention",
+        f"- {report['model_type']}",
+    ]
+    if report.get("source_is_hub_id"):
+        lines.append(f"base_model: {base}")
+    lines += [
+        "---",
+        "",
+        f"# {report['model_type']}: {base} converted to Multi-Head Latent Attention",
+        "",
+        "Converted with [hf-mla-vlm](https://pypi.org/project/hf-mla-vlm/) (MHA2MLA-VLM): partial RoPE plus a "
+        "low-rank latent per modality. The KV cache holds only the latent, the kept rotary key dims and one "
+        "modality flag per token and layer.",
+        "",
+        "## Settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {key} | {value} |" for key, value in s.items()]
+    lines += [
+        "",
+        f"## KV cache per token (all layers, {kv['bytes_per_element']}-byte elements)",
+        "",
+        "| cache | elements per layer | bytes per token | reduction |",
+        "|---|---|---|---|",
+        f"| original GQA cache (`2 * n_kv * head_dim`) | {kv['original']} | {kv['original_bytes_per_token']} | - |",
+        f"| converted (`n_kv * (rope_dim + kv_rank)` + 1 flag) | {kv['converted']} | "
+        f"{kv['converted_bytes_per_token']} | {100 * kv['reduction_vs_original_gqa_cache']:.2f}% vs the real cache |",
+        f"| MHA-equivalent (`2 * n_q * head_dim`, the paper's convention) | {kv['mha_equivalent']} | "
+        f"{kv['mha_equivalent_bytes_per_token']} | {100 * kv['reduction_vs_mha_equivalent_paper_convention']:.2f}% "
+        "(paper-style) |",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "",
+        'model = AutoModelForImageTextToText.from_pretrained("PATH_OR_REPO", trust_remote_code=True)',
+        'processor = AutoProcessor.from_pretrained("PATH_OR_REPO")',
+        "```",
+        "",
+        "Without fine-tuning, a compressed conversion loses quality; see `mla_conversion_report.json` for the "
+        "per-layer approximation errors and the recovery fine-tuning of hf-mla-vlm.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["KVCacheSize", "cache_nbytes", "environment", "kv_cache_size", "model_card"]
