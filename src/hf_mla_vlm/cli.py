@@ -21,9 +21,31 @@ def _add_convert(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--rope-dim", type=int, required=True, help="rotary dims kept per head (even)")
     p.add_argument("--kv-rank", type=int, required=True, help="latent width per kv head")
-    p.add_argument("--rope-strategy", choices=["high", "low", "uniform"], default="high")
+    p.add_argument(
+        "--rope-strategy",
+        choices=["high", "low", "uniform", "2-norm", "mkl"],
+        default="high",
+        help="kept rotary pairs: fixed (high/low/uniform) or calibrated (2-norm, mkl = KL sensitivity)",
+    )
     p.add_argument("--rope-ranks", default=None, help="rank file (.pth official format, .safetensors, .json)")
-    p.add_argument("--svd", choices=["weight"], default="weight", help="low-rank initialisation")
+    p.add_argument(
+        "--rope-min-per-axis",
+        default=None,
+        metavar="t=0,h=2,w=2",
+        help="Qwen2.5-VL M-RoPE: minimum kept pairs per axis (with 2-norm / mkl)",
+    )
+    p.add_argument(
+        "--svd",
+        choices=["weight", "joint-act", "md"],
+        default="weight",
+        help="low-rank init of [W_k_nope; W_v]: weight SVD, activation-aware (joint), per-modality activation-aware",
+    )
+    p.add_argument("--calibration", default="builtin", help="'builtin', a LLaVA-style JSON or a saved datasets folder")
+    p.add_argument("--num-samples", type=int, default=64, help="calibration conversations")
+    p.add_argument("--image-folder", default=None, help="root of relative image paths in the calibration JSON")
+    p.add_argument("--damping", type=float, default=1e-6, help="relative damping of activation covariances")
+    p.add_argument("--device", default=None, help="device for calibration (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--stage", choices=["mla", "partial_rope"], default="mla", help="partial_rope = stage-1 form")
     p.add_argument("--no-modality-split", action="store_true", help="one projection set for image and text")
@@ -42,7 +64,14 @@ def _run_convert(args) -> int:
         kv_rank=args.kv_rank,
         rope_strategy=args.rope_strategy,
         rope_ranks=args.rope_ranks,
+        rope_min_per_axis=_axis_minimum(args.rope_min_per_axis),
         svd=args.svd,
+        calibration=args.calibration,
+        num_samples=args.num_samples,
+        image_folder=args.image_folder,
+        damping=args.damping,
+        device=args.device,
+        seed=args.seed,
         dtype=args.dtype,
         mla_stage=args.stage,
         modality_split=not args.no_modality_split,
@@ -54,6 +83,15 @@ def _run_convert(args) -> int:
     print(f"wrote {result.output_dir}")
     print(_kv_summary(kv))
     return 0
+
+
+def _axis_minimum(text: str | None) -> dict[str, int] | None:
+    if not text:
+        return None
+    try:
+        return {axis.strip(): int(count) for axis, count in (item.split("=") for item in text.split(","))}
+    except ValueError as error:
+        raise ValueError(f"--rope-min-per-axis expects e.g. 't=0,h=2,w=2', got {text!r}.") from error
 
 
 def _kv_summary(kv: dict) -> str:

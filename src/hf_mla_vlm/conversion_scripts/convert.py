@@ -17,17 +17,32 @@ from transformers import AutoConfig
 from transformers.initialization import no_init_weights
 from transformers.utils import logging
 
+from .calibration import encode_conversations, load_conversations
 from .registry import ArchSpec, arch_spec
 from .report import environment, kv_cache_size, model_card
-from .rope_selection import load_rank_file, ranks_to_pairs, select_fixed_pairs
-from .svd import weight_svd
-from .weights import convert_attention_weights
+from .rope_selection import (
+    aggregate_gqa,
+    count_pairs_per_axis,
+    enforce_axis_minimum,
+    load_rank_file,
+    ranks_to_pairs,
+    save_rank_file,
+    scores_to_ranks,
+    select_fixed_pairs,
+    two_norm_scores,
+)
+from .statistics import CalibrationStatistics, collect_statistics
+from .svd import LowRankFactors, activation_aware_svd, activation_error, decoupled_vs_joint, weight_svd
+from .weights import convert_attention_weights, kv_source_matrix
 
 
 logger = logging.get_logger(__name__)
 
-RopeStrategy = Literal["high", "low", "uniform"]
-SvdMethod = Literal["weight"]
+RopeStrategy = Literal["high", "low", "uniform", "2-norm", "mkl"]
+SvdMethod = Literal["weight", "joint-act", "md"]
+FIXED_STRATEGIES = ("high", "low", "uniform")
+CALIBRATED_STRATEGIES = ("2-norm", "mkl")
+RANKS_NAME = "mla_rope_ranks.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Files of the source folder that must not be copied: the converter writes its own weights, config and card.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".py", ".gguf", ".msgpack", ".h5")
@@ -69,10 +84,26 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, bool]:
         ) from error
 
 
+def rope_scores(stats: CalibrationStatistics, strategy: str, num_kv_heads: int) -> torch.Tensor:
+    """`[layers, kv_heads, head_dim/2]` importance of every rotary pair (larger = keep) from calibration statistics."""
+    if strategy == "2-norm":
+        return two_norm_scores(stats.stacked("q_pair_norm"), stats.stacked("k_pair_norm"), num_kv_heads)
+    if strategy == "mkl":
+        return aggregate_gqa(stats.stacked("mkl"), num_kv_heads)
+    raise ValueError(f"rope strategy {strategy!r} does not use calibration statistics.")
+
+
 def select_rope_pairs(
-    config, rope_dim: int, rope_strategy: str, rope_ranks: str | os.PathLike | None
-) -> tuple[list[list[list[int]]], str]:
-    """Kept rotary pairs per layer and kv head, from a fixed strategy or a rank file."""
+    config,
+    rope_dim: int,
+    rope_strategy: str,
+    rope_ranks: str | os.PathLike | None = None,
+    stats: CalibrationStatistics | None = None,
+    rope_min_per_axis: dict[str, int] | None = None,
+) -> tuple[list[list[list[int]]], str, torch.Tensor | None]:
+    """Kept rotary pairs per layer and kv head, from a fixed strategy, a rank file or calibration statistics.
+
+    Returns the pairs, a label of where they came from, and the ranks when they were computed here."""
     text = config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     if rope_ranks is not None:
@@ -83,14 +114,25 @@ def select_rope_pairs(
                 f"Rank file {rope_ranks} has shape {tuple(ranks.shape)}; this model needs [layers, kv_heads, ...] = "
                 f"{expected}."
             )
-        return ranks_to_pairs(ranks, rope_dim, head_dim=head_dim), f"ranks:{Path(rope_ranks).name}"
-    if rope_strategy not in ("high", "low", "uniform"):
+        return ranks_to_pairs(ranks, rope_dim, head_dim=head_dim), f"ranks:{Path(rope_ranks).name}", None
+    if rope_strategy in FIXED_STRATEGIES:
+        pairs = select_fixed_pairs(rope_strategy, head_dim, rope_dim, text.num_hidden_layers, text.num_key_value_heads)
+        return pairs, rope_strategy, None
+    if rope_strategy not in CALIBRATED_STRATEGIES:
         raise ValueError(
-            f"rope_strategy {rope_strategy!r} is not available for weight-only conversion; use high, low, uniform "
-            "or --rope-ranks FILE."
+            f"rope_strategy must be one of {FIXED_STRATEGIES + CALIBRATED_STRATEGIES}, got {rope_strategy!r}."
         )
-    pairs = select_fixed_pairs(rope_strategy, head_dim, rope_dim, text.num_hidden_layers, text.num_key_value_heads)
-    return pairs, rope_strategy
+    if stats is None:
+        raise ValueError(f"rope_strategy={rope_strategy!r} needs calibration statistics.")
+    scores = rope_scores(stats, rope_strategy, text.num_key_value_heads)
+    if rope_min_per_axis:
+        section = (getattr(text, "rope_parameters", None) or {}).get("mrope_section")
+        if section is None:
+            raise ValueError("rope_min_per_axis applies to M-RoPE models (Qwen2.5-VL) only.")
+        pairs = enforce_axis_minimum(scores, rope_dim, list(section), rope_min_per_axis)
+        return pairs, f"{rope_strategy}+axis-min{rope_min_per_axis}", None  # not expressible as a rank file
+    ranks = scores_to_ranks(scores)
+    return ranks_to_pairs(ranks, rope_dim, head_dim=head_dim), rope_strategy, ranks
 
 
 def build_mla_config(source_config, spec: ArchSpec, **mla_settings):
@@ -102,6 +144,53 @@ def build_mla_config(source_config, spec: ArchSpec, **mla_settings):
     return spec.mla_config_class(**values)
 
 
+def low_rank_factors(
+    weight: torch.Tensor, rank: int, svd: str, layer_stats=None, damping: float = 1e-6
+) -> dict[str, LowRankFactors]:
+    """Factors of `[W_k_nope; W_v]` per modality branch: `weight` SVD, one joint activation-aware SVD
+    (`joint-act`), or one activation-aware SVD per modality (`md`, MHA2MLA-VLM's modality decoupling)."""
+    if svd == "weight":
+        factors = weight_svd(weight, rank)
+        return {"text": factors, "image": factors}
+    if layer_stats is None:
+        raise ValueError(f"svd={svd!r} needs calibration statistics.")
+    if svd == "joint-act":
+        factors = activation_aware_svd(
+            weight, layer_stats.cov["text"] + layer_stats.cov["image"], rank, damping=damping
+        )
+        return {"text": factors, "image": factors}
+    if svd == "md":
+        return {m: activation_aware_svd(weight, layer_stats.cov[m], rank, damping=damping) for m in ("text", "image")}
+    raise ValueError(f"svd must be one of weight, joint-act, md; got {svd!r}.")
+
+
+def layer_report(
+    weight: torch.Tensor, factors: dict[str, LowRankFactors], rank: int, layer_stats, damping: float
+) -> dict:
+    """Relative activation error `||(W - W')X|| / ||WX||` per modality on held-out tokens (training tokens when a
+    modality has no held-out tokens) and the decoupled / joint loss ratio."""
+    report = {"weight_relative_error": {}}
+    w = weight.double()
+    for branch, f in factors.items():
+        approx = f.up.double() @ f.down.double()
+        report["weight_relative_error"][branch] = ((w - approx).norm() / w.norm()).item()
+    if layer_stats is None:
+        return report
+    report["activation_relative_error"], report["error_measured_on"] = {}, {}
+    for modality in ("text", "image"):
+        held = layer_stats.heldout_tokens[modality] > 0
+        cov = layer_stats.heldout[modality] if held else layer_stats.cov[modality]
+        if (layer_stats.heldout_tokens if held else layer_stats.tokens)[modality] == 0:
+            continue
+        f = factors[modality]
+        report["activation_relative_error"][modality] = activation_error(weight, f.up @ f.down, cov)
+        report["error_measured_on"][modality] = "heldout" if held else "calibration"
+    if layer_stats.tokens["text"] and layer_stats.tokens["image"]:
+        ratio = decoupled_vs_joint(weight, layer_stats.cov["text"], layer_stats.cov["image"], rank, damping=damping)
+        report["decoupled_vs_joint"] = ratio
+    return report
+
+
 @torch.no_grad()
 def convert_model(
     source_model: torch.nn.Module,
@@ -109,37 +198,36 @@ def convert_model(
     spec: ArchSpec,
     *,
     svd: SvdMethod = "weight",
+    stats: CalibrationStatistics | None = None,
+    damping: float = 1e-6,
     dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> tuple[torch.nn.Module, list[dict]]:
-    """Build the MLA model from an in-memory native model. Returns the model and per-layer statistics."""
-    if svd != "weight":
-        raise ValueError(f"svd={svd!r} needs calibration data; weight-only conversion supports svd='weight'.")
+    """Build the MLA model from an in-memory native model. Returns the model and per-layer reports."""
     state = source_model.state_dict()
     prefix = spec.text_layers
-    new_state, layer_stats = {}, []
+    new_state, layer_reports = {}, []
     num_layers = mla_config.text_config.num_hidden_layers
     for name, tensor in state.items():
         if not (name.startswith(prefix + ".") and ".self_attn." in name):
             new_state[name] = tensor
     rank = mla_config.mla_latent_dim
-    for layer_idx in tqdm(range(num_layers), desc="Converting attention layers", disable=not progress):
+    for layer_idx in tqdm(range(num_layers), desc=f"Converting attention ({svd})", disable=not progress):
         attn_prefix = f"{prefix}.{layer_idx}.self_attn."
         attention = {k[len(attn_prefix) :]: v for k, v in state.items() if k.startswith(attn_prefix)}
-        factors_cache = {}
-
-        def low_rank(weight, branch, cache=factors_cache):
-            if "weight" not in cache:  # both branches share the weight-space factorisation
-                cache["weight"] = weight_svd(weight, rank)
-                cache["relative_error"] = (cache["weight"].discarded ** 0.5) / weight.double().norm().item()
-            return cache["weight"]
-
-        converted = convert_attention_weights(attention, mla_config, layer_idx, low_rank)
+        entry = {"layer": layer_idx}
+        if mla_config.mla_stage == "mla":
+            layer_stats = stats.layers[layer_idx] if stats is not None else None
+            weight, _ = kv_source_matrix({k: v.float() for k, v in attention.items()}, mla_config, layer_idx)
+            factors = low_rank_factors(weight, rank, svd, layer_stats, damping)
+            entry.update(layer_report(weight, factors, rank, layer_stats, damping))
+            converted = convert_attention_weights(
+                attention, mla_config, layer_idx, lambda _, branch, f=factors: f[branch]
+            )
+        else:
+            converted = convert_attention_weights(attention, mla_config, layer_idx)
         new_state.update({attn_prefix + k: v for k, v in converted.items()})
-        stats = {"layer": layer_idx}
-        if "relative_error" in factors_cache:
-            stats["weight_relative_error"] = factors_cache["relative_error"]
-        layer_stats.append(stats)
+        layer_reports.append(entry)
 
     with no_init_weights():
         model = spec.mla_model_class(mla_config)
@@ -149,7 +237,48 @@ def convert_model(
     model.tie_weights()
     if dtype is not None:
         model.to(dtype)
-    return model.eval(), layer_stats
+    return model.eval(), layer_reports
+
+
+def calibration_statistics(
+    source_model,
+    source_path: Path,
+    spec: ArchSpec,
+    image_token_ids: list[int],
+    *,
+    calibration: str | os.PathLike,
+    num_samples: int,
+    image_folder: str | os.PathLike | None = None,
+    seed: int = 0,
+    device=None,
+    progress: bool = True,
+) -> CalibrationStatistics:
+    """Encode the calibration conversations with the source's own processor and collect the statistics."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(source_path)
+    conversations = load_conversations(calibration, num_samples, seed=seed, image_folder=image_folder)
+    samples = list(encode_conversations(processor, conversations))
+    return collect_statistics(
+        source_model, samples, image_token_ids, text_layers_path=spec.text_layers, device=device, seed=seed,
+        progress=progress,
+    )  # fmt: skip
+
+
+def _check_statistics(stats: CalibrationStatistics, svd: str, modality_split: bool) -> None:
+    counts = stats.token_counts
+    if counts.text + counts.image == 0:
+        raise ValueError("The calibration set produced no tokens.")
+    if svd == "md":
+        if not modality_split:
+            raise ValueError("svd='md' builds one projection set per modality; it needs modality_split=True.")
+        missing = [m for m in ("text", "image") if getattr(counts, m) == 0]
+        if missing:
+            raise ValueError(
+                f"svd='md' needs calibration tokens of both modalities, but the calibration set has no {missing[0]} "
+                "tokens (outside the held-out share). Use conversations with images (e.g. --calibration builtin), "
+                "more samples, or --svd joint-act."
+            )
 
 
 def convert(
@@ -160,11 +289,19 @@ def convert(
     kv_rank: int,
     rope_strategy: RopeStrategy = "high",
     rope_ranks: str | os.PathLike | None = None,
+    rope_min_per_axis: dict[str, int] | None = None,
     svd: SvdMethod = "weight",
+    calibration: str | os.PathLike = "builtin",
+    num_samples: int = 64,
+    image_folder: str | os.PathLike | None = None,
+    statistics: CalibrationStatistics | str | os.PathLike | None = None,
+    damping: float = 1e-6,
     dtype: str = "auto",
     mla_stage: Literal["partial_rope", "mla"] = "mla",
     modality_split: bool = True,
     image_token_ids: list[int] | None = None,
+    device: str | None = None,
+    seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
     return_model: bool = False,
@@ -177,13 +314,25 @@ def convert(
             interrupted run never leaves a folder that looks complete.
         rope_dim: rotary dims kept per head (even, at most head_dim).
         kv_rank: latent width per kv head (the cached latent has `num_kv_heads * kv_rank` elements).
-        rope_strategy: which rotary pairs to keep (`high`, `low`, `uniform`); ignored when `rope_ranks` is given.
+        rope_strategy: which rotary pairs to keep: `high`, `low`, `uniform` (fixed), `2-norm` (MHA2MLA's query/key
+            norm product) or `mkl` (KL sensitivity, MHA2MLA-VLM); ignored when `rope_ranks` is given.
         rope_ranks: rank file (official `.pth` format, or our `.safetensors` / `.json`).
-        svd: low-rank initialisation; `weight` = truncated SVD of `[W_k_nope; W_v]` (method.md 3.5).
+        rope_min_per_axis: M-RoPE only: minimum kept pairs per axis, e.g. `{"h": 2, "w": 2}`.
+        svd: low-rank initialisation of `[W_k_nope; W_v]`: `weight` (plain SVD), `joint-act` (activation-aware, one
+            covariance for both modalities) or `md` (activation-aware per modality).
+        calibration: `"builtin"` (synthetic image + text conversations), a LLaVA-style JSON or a saved `datasets`
+            folder; used by `2-norm`, `mkl`, `joint-act` and `md`.
+        num_samples: calibration conversations.
+        image_folder: root of relative image paths in a calibration JSON.
+        statistics: precomputed statistics (object or file from `CalibrationStatistics.save`), to reuse them across
+            settings; must come from the same source model.
+        damping: relative diagonal damping of the activation covariances (`lambda = damping * tr(C) / d`).
         dtype: `auto` (the source's dtype), `float32`, `bfloat16` or `float16`.
         mla_stage: `mla`, or `partial_rope` (stage-1 form for recovery fine-tuning).
-        modality_split: separate image/text projections (both start from the same weight-SVD factors).
+        modality_split: separate image/text projections.
         image_token_ids: token ids of the image branch (default: the architecture's image tokens).
+        device: where calibration layers run (default: CUDA if available).
+        seed: calibration sampling seed.
         overwrite: replace an existing non-empty `output_dir`.
         progress: show progress bars.
         return_model: keep the converted model in the result.
@@ -197,30 +346,64 @@ def convert(
         )
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}.")
+    if svd not in ("weight", "joint-act", "md"):
+        raise ValueError(f"svd must be one of weight, joint-act, md; got {svd!r}.")
+    if rope_strategy not in FIXED_STRATEGIES + CALIBRATED_STRATEGIES:
+        raise ValueError(
+            f"rope_strategy must be one of {FIXED_STRATEGIES + CALIBRATED_STRATEGIES}, got {rope_strategy!r}."
+        )
     source_path, is_hub_id = resolve_source(source)
     source_config = AutoConfig.from_pretrained(source_path)
     spec = arch_spec(source_config.model_type)
     if source_config.model_type != spec.source_model_type:
         raise ValueError(f"{source} is already an MLA checkpoint ({source_config.model_type}); pass the native one.")
-
-    rope_pairs, rope_source = select_rope_pairs(source_config, rope_dim, rope_strategy, rope_ranks)
-    mla_settings = dict(
-        rope_dim=rope_dim, kv_rank=kv_rank, rope_pairs=rope_pairs, modality_split=modality_split, mla_stage=mla_stage
+    needs_stats = (rope_ranks is None and rope_strategy in CALIBRATED_STRATEGIES) or (
+        svd != "weight" and mla_stage == "mla"
     )
+    # Validate the settings before any weight is read (default rotary pairs; the selected ones come later).
+    mla_settings = dict(rope_dim=rope_dim, kv_rank=kv_rank, modality_split=modality_split, mla_stage=mla_stage)
     if image_token_ids is not None:
         mla_settings["image_token_ids"] = list(image_token_ids)
-    mla_config = build_mla_config(source_config, spec, **mla_settings)  # validates before the weights are read
+    mla_config = build_mla_config(source_config, spec, **mla_settings)
 
     t = time.perf_counter()
     source_class = getattr(transformers, spec.source_class)
-    source_model = source_class.from_pretrained(source_path, dtype=torch.float32)
+    source_model = source_class.from_pretrained(source_path, dtype=torch.float32).eval()
     source_dtype = getattr(source_config, "dtype", None) or getattr(source_config.text_config, "dtype", None)
     target_dtype = DTYPES[dtype] if dtype != "auto" else _as_dtype(source_dtype)
     timings["load_source_s"] = time.perf_counter() - t
 
+    stats = None
+    if needs_stats:
+        t = time.perf_counter()
+        if statistics is None:
+            stats = calibration_statistics(
+                source_model, source_path, spec, mla_config.image_token_ids, calibration=calibration,
+                num_samples=num_samples, image_folder=image_folder, seed=seed, device=device, progress=progress,
+            )  # fmt: skip
+        else:
+            stats = (
+                statistics if isinstance(statistics, CalibrationStatistics) else CalibrationStatistics.load(statistics)
+            )
+            if len(stats.layers) != source_config.text_config.num_hidden_layers:
+                raise ValueError("The given statistics were collected on a model with a different number of layers.")
+        _check_statistics(stats, svd if mla_stage == "mla" else "weight", modality_split)
+        timings["calibration_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    rope_pairs, rope_source, ranks = select_rope_pairs(
+        source_config, rope_dim, rope_strategy, rope_ranks, stats, rope_min_per_axis
+    )
+    mla_config.rope_pairs = rope_pairs
+    mla_config.validate_mla()
+    timings["rope_selection_s"] = time.perf_counter() - t
+
     t = time.perf_counter()
     mla_config.dtype = target_dtype
-    model, layer_stats = convert_model(source_model, mla_config, spec, svd=svd, dtype=target_dtype, progress=progress)
+    model, layer_reports = convert_model(
+        source_model, mla_config, spec, svd=svd if mla_stage == "mla" else "weight", stats=stats, damping=damping,
+        dtype=target_dtype, progress=progress,
+    )  # fmt: skip
     del source_model
     timings["convert_s"] = time.perf_counter() - t
 
@@ -242,14 +425,25 @@ def convert(
         "model_type": mla_config.model_type,
         "settings": settings,
         "kv_cache": kv_cache_size(mla_config, target_dtype).to_dict(),
-        "layers": layer_stats,
+        "layers": layer_reports,
         "timings_s": timings,
         "environment": environment(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if stats is not None:
+        report["calibration"] = {
+            "source": str(calibration) if statistics is None else "precomputed statistics",
+            "num_samples": stats.num_samples,
+            "tokens": {"text": stats.token_counts.text, "image": stats.token_counts.image},
+            "heldout_tokens": {"text": stats.heldout_counts.text, "image": stats.heldout_counts.image},
+            **stats.settings,
+        }
+    section = (getattr(source_config.text_config, "rope_parameters", None) or {}).get("mrope_section")
+    if spec.rope == "mrope" and section:
+        report["mrope_axis_pairs"] = count_pairs_per_axis(rope_pairs, list(section))
 
     t = time.perf_counter()
-    write_checkpoint_atomically(model, report, source_path, output_dir)
+    write_checkpoint_atomically(model, report, source_path, output_dir, ranks=ranks)
     timings["save_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
     (output_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
@@ -278,7 +472,9 @@ def copy_processor_files(source_path: Path, output_dir: Path) -> list[str]:
     return copied
 
 
-def write_checkpoint_atomically(model, report: dict, source_path: Path, output_dir: Path) -> None:
+def write_checkpoint_atomically(
+    model, report: dict, source_path: Path, output_dir: Path, ranks: torch.Tensor | None = None
+) -> None:
     """Write weights, config, remote code, processor files, card and report in a hidden sibling folder, then
     move it into place. A crash leaves only `.<name>.incomplete`, never a folder that looks complete."""
     output_dir = output_dir.resolve()
@@ -289,6 +485,8 @@ def write_checkpoint_atomically(model, report: dict, source_path: Path, output_d
     try:
         model.save_pretrained(staging)
         report["copied_from_source"] = copy_processor_files(source_path, staging)
+        if ranks is not None:  # reusable with --rope-ranks
+            save_rank_file(ranks, staging / RANKS_NAME, metadata={"strategy": report["settings"]["rope_strategy"]})
         (staging / "README.md").write_text(model_card(report))
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         if output_dir.exists():

@@ -1,0 +1,200 @@
+# Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
+"""Calibration data: conversations with images, run through the source model's own processor and chat template.
+
+Three sources, all offline:
+
+* `"builtin"`: procedural scenes of coloured shapes with a describing conversation (deterministic, seeded);
+* a LLaVA-style conversation JSON (`[{"image": "a.jpg", "conversations": [{"from": "human", "value":
+  "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "..."}]}]`, image paths relative to the JSON file or to
+  `image_folder`);
+* a Hugging Face `datasets` dataset saved with `save_to_disk` whose rows hold `image`/`images` and
+  `conversations` (LLaVA style) or `messages` (chat style).
+"""
+
+import json
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (240, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "center", "right")
+
+
+@dataclass
+class Conversation:
+    """One calibration sample: chat messages (Transformers chat format) and the images they refer to, in order."""
+
+    messages: list[dict]
+    images: list[Image.Image] = field(default_factory=list)
+
+
+def draw_scene(rng: random.Random, size: int = 224, grid: int = 3, num_shapes: int | None = None):
+    """A white canvas with coloured shapes on a `grid x grid` lattice. Returns the image and its objects
+    `(colour, shape, row, column)`."""
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    cells = [(r, c) for r in range(grid) for c in range(grid)]
+    rng.shuffle(cells)
+    cell = size // grid
+    objects = []
+    for row, col in cells[: num_shapes or rng.randint(2, 4)]:
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        x0, y0 = col * cell + cell // 6, row * cell + cell // 6
+        x1, y1 = x0 + 2 * cell // 3, y0 + 2 * cell // 3
+        if shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=COLORS[color])
+        elif shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=COLORS[color])
+        else:
+            draw.polygon(((x0 + x1) // 2, y0, x0, y1, x1, y1), fill=COLORS[color])
+        objects.append((color, shape, row, col))
+    return image, objects
+
+
+def _where(row: int, col: int) -> str:
+    return "in the center" if (row, col) == (1, 1) else f"in the {ROWS[row]} {COLUMNS[col]}"
+
+
+def builtin_conversations(num_samples: int, seed: int = 0, image_size: int = 224) -> list[Conversation]:
+    """Synthetic image + text conversations: describe a scene, then a question about one object."""
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(num_samples):
+        image, objects = draw_scene(rng, size=image_size)
+        description = "; ".join(f"a {c} {s} {_where(r, k)}" for c, s, r, k in objects)
+        color, shape, row, col = rng.choice(objects)
+        question = rng.choice(
+            [
+                ("Describe the image.", f"I see {description}."),
+                (f"Where is the {color} {shape}?", f"The {color} {shape} is {_where(row, col)}."),
+                (f"What color is the {shape} {_where(row, col)}?", f"It is {color}."),
+                ("How many shapes are there?", f"There are {len(objects)} shapes: {description}."),
+            ]
+        )
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question[0]}]},
+            {"role": "assistant", "content": [{"type": "text", "text": question[1]}]},
+        ]
+        samples.append(Conversation(messages, [image]))
+    return samples
+
+
+def _llava_turns(conversations: list[dict]) -> list[dict]:
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    messages = []
+    for turn in conversations:
+        role = roles.get(turn.get("from", turn.get("role")))
+        if role is None:
+            raise ValueError(f"Unknown conversation role in {turn!r}; expected human/gpt (or user/assistant).")
+        text = turn.get("value", turn.get("content", ""))
+        content = []
+        for i, piece in enumerate(text.split("<image>")):
+            if i:
+                content.append({"type": "image"})
+            if piece.strip():
+                content.append({"type": "text", "text": piece.strip()})
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _load_image(value, root: Path) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    path = Path(value)
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise FileNotFoundError(f"Calibration image {path} not found (set image_folder if paths are relative).")
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _row_to_conversation(row: dict, root: Path) -> Conversation:
+    images = row.get("images", row.get("image"))
+    images = [] if images is None else images if isinstance(images, list) else [images]
+    if "conversations" in row:
+        messages = _llava_turns(row["conversations"])
+    elif "messages" in row:
+        messages = row["messages"]
+    else:
+        raise ValueError(f"Calibration row has neither 'conversations' nor 'messages': keys {sorted(row)}.")
+    placeholders = sum(1 for m in messages for c in m["content"] if isinstance(c, dict) and c.get("type") == "image")
+    if placeholders != len(images):
+        raise ValueError(
+            f"A calibration conversation has {placeholders} <image> placeholders but {len(images)} images."
+        )
+    return Conversation(messages, [_load_image(image, root) for image in images])
+
+
+def load_conversations(
+    source: str | os.PathLike, num_samples: int, *, seed: int = 0, image_folder: str | os.PathLike | None = None
+) -> list[Conversation]:
+    """`num_samples` conversations from `"builtin"`, a LLaVA-style JSON file or a saved `datasets` folder
+    (shuffled with `seed` when the source has more)."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    if str(source) == "builtin":
+        return builtin_conversations(num_samples, seed=seed)
+    path = Path(source)
+    if path.is_file() and path.suffix == ".json":
+        rows = json.loads(path.read_text())
+        if not isinstance(rows, list):
+            raise ValueError(f"{path} must hold a JSON list of conversations.")
+        root = Path(image_folder) if image_folder else path.parent
+    elif path.is_dir():
+        try:
+            from datasets import load_from_disk
+        except ImportError as error:
+            raise ImportError("Reading a saved dataset folder needs `pip install datasets`.") from error
+        rows = list(load_from_disk(str(path)))
+        root = Path(image_folder) if image_folder else path
+    else:
+        raise FileNotFoundError(
+            f"Calibration source {source!r} is neither 'builtin', a .json file nor a dataset folder."
+        )
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [_row_to_conversation(rows[i], root) for i in order[:num_samples]]
+
+
+def encode_conversations(processor, conversations: list[Conversation]) -> Iterator[dict]:
+    """Each conversation as one batch-1 input dict, through the processor's chat template and image processing."""
+    for conversation in conversations:
+        text = processor.apply_chat_template(conversation.messages, tokenize=False)
+        kwargs = {"images": conversation.images} if conversation.images else {}
+        yield dict(processor(text=[text], return_tensors="pt", **kwargs))
+
+
+@dataclass
+class TokenCounts:
+    text: int = 0
+    image: int = 0
+
+    def add(self, input_ids: torch.Tensor, image_token_ids: list[int], attention_mask: torch.Tensor | None) -> None:
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        is_image = torch.isin(input_ids, torch.tensor(image_token_ids, dtype=input_ids.dtype))
+        self.image += int((is_image & valid).sum())
+        self.text += int((~is_image & valid).sum())
+
+
+__all__ = [
+    "Conversation",
+    "TokenCounts",
+    "builtin_conversations",
+    "draw_scene",
+    "encode_conversations",
+    "load_conversations",
+]

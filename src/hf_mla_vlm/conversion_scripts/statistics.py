@@ -1,0 +1,265 @@
+# Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
+"""Calibration statistics of a native VLM, collected layer by layer.
+
+The text decoder's layer-0 inputs are captured once (vision tower, projector and embeddings run on the device, then
+go back). Each decoder layer is then moved to the device alone, every calibration sample is streamed through it, and
+forward hooks on its attention read the attention input `x` (post `input_layernorm`) and the rotary tables. Per layer
+and modality they accumulate, in float64 on CPU:
+
+* `X^T X` of the image and text tokens (`cov_*`; a held-out share of the samples goes to `heldout_*` instead, for
+  measuring the approximation error on tokens the factorisation never saw);
+* the mean per-pair 2-norms of the pre-RoPE queries and keys (the S_2-norm scores of MHA2MLA);
+* the closed-form KL sensitivity of every rotary pair (S_MKL, method.md 2.3), on a random subset of query rows.
+
+Device memory therefore peaks at one decoder layer plus the activations of one sample; host memory holds the layer
+inputs of all samples and the statistics (four `d x d` float64 matrices per layer).
+"""
+
+import math
+import random
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..modeling.mla_attention import rotate_half
+from .calibration import TokenCounts
+from .rope_selection import mkl_pair_sensitivity, pair_norms
+
+
+logger = logging.get_logger(__name__)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerStatistics:
+    """Statistics of one decoder layer (all float64, CPU)."""
+
+    cov: dict[str, torch.Tensor]  # modality -> X^T X over calibration tokens
+    heldout: dict[str, torch.Tensor]  # modality -> X^T X over held-out tokens
+    tokens: dict[str, int]
+    heldout_tokens: dict[str, int]
+    q_pair_norm: torch.Tensor  # (n_q, head_dim/2), mean over tokens
+    k_pair_norm: torch.Tensor  # (n_kv, head_dim/2)
+    mkl: torch.Tensor  # (n_q, head_dim/2), mean KL over sampled query rows
+
+
+@dataclass
+class CalibrationStatistics:
+    layers: list[LayerStatistics]
+    token_counts: TokenCounts
+    heldout_counts: TokenCounts
+    num_samples: int
+    settings: dict = field(default_factory=dict)
+
+    def stacked(self, name: str) -> torch.Tensor:
+        """`[num_layers, ...]` stack of a per-layer tensor field (`q_pair_norm`, `k_pair_norm`, `mkl`)."""
+        return torch.stack([getattr(layer, name) for layer in self.layers])
+
+    def save(self, path) -> None:
+        torch.save(self, path)
+
+    @classmethod
+    def load(cls, path) -> "CalibrationStatistics":
+        stats = torch.load(path, weights_only=False)
+        if not isinstance(stats, cls):
+            raise ValueError(f"{path} does not hold hf-mla-vlm calibration statistics.")
+        return stats
+
+
+@contextmanager
+def forward_pre_hook(module: torch.nn.Module, hook):
+    """Register a keyword-aware forward pre-hook for the duration of the block; always removed."""
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+@torch.no_grad()
+def capture_layer_inputs(model, text_layers, samples: Iterable[dict], device) -> list[tuple[torch.Tensor, dict]]:
+    """Run every sample up to the first text decoder layer and keep its inputs (on CPU)."""
+    captured = []
+
+    def grab(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        keep = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
+        captured.append((hidden.cpu(), _to(keep, "cpu")))
+        raise _StopForward
+
+    with forward_pre_hook(text_layers[0], grab):
+        for sample in samples:
+            try:
+                model(**_to(sample, device), use_cache=False)
+            except _StopForward:
+                pass
+    return captured
+
+
+def _apply_full_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+@torch.no_grad()
+def collect_statistics(
+    model,
+    samples: list[dict],
+    image_token_ids: list[int],
+    *,
+    text_layers_path: str = "model.language_model.layers",
+    device: torch.device | str | None = None,
+    heldout_fraction: float = 0.125,
+    mkl_queries_per_sample: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+) -> CalibrationStatistics:
+    """Collect the per-layer statistics of a native (unconverted) VLM on encoded calibration samples.
+
+    Args:
+        model: the native `...ForConditionalGeneration` model (any device; layers are moved one at a time).
+        samples: batch-1 processor outputs (`encode_conversations`).
+        image_token_ids: token ids of the image modality.
+        text_layers_path: attribute path of the text decoder layers.
+        device: where each layer runs (default: CUDA if available, else CPU).
+        heldout_fraction: share of the samples kept out of the covariances (for the error report).
+        mkl_queries_per_sample: query rows per sample for the MKL sensitivity (bounds its `O(P * T_q * T)` cost).
+        seed: sampling seed (held-out split, query rows).
+        progress: show progress bars.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    text_layers = model.get_submodule(text_layers_path)
+    text = model.config.text_config
+    n_q, n_kv = text.num_attention_heads, text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_q
+    num_pairs, hidden = head_dim // 2, text.hidden_size
+    rng = random.Random(seed)
+    num_heldout = min(len(samples) - 1, max(1, math.floor(len(samples) * heldout_fraction))) if len(samples) > 1 else 0
+    heldout_ids = set(rng.sample(range(len(samples)), num_heldout))
+
+    counts, heldout_counts = TokenCounts(), TokenCounts()
+    image_masks, valid_masks = [], []
+    for i, sample in enumerate(samples):
+        ids, attention = sample["input_ids"], sample.get("attention_mask")
+        (heldout_counts if i in heldout_ids else counts).add(ids, image_token_ids, attention)
+        image_masks.append(torch.isin(ids[0], torch.tensor(image_token_ids, dtype=ids.dtype)))
+        valid_masks.append(attention[0].bool() if attention is not None else torch.ones_like(ids[0], dtype=torch.bool))
+
+    # Everything but the text decoder layers goes to the device for the capture, then back.
+    original_device = next(model.parameters()).device
+    offload = device != original_device
+    if offload:
+        _move_non_layers(model, text_layers, device)
+    inputs = capture_layer_inputs(model, text_layers, samples, device)
+    if offload:
+        _move_non_layers(model, text_layers, original_device)
+
+    stats = []
+    for layer_idx, layer in enumerate(tqdm(text_layers, desc="Calibration statistics (layers)", disable=not progress)):
+        layer.to(device)
+        attn = layer.self_attn
+        cov = {m: torch.zeros(hidden, hidden, dtype=torch.float64) for m in ("text", "image")}
+        held = {m: torch.zeros(hidden, hidden, dtype=torch.float64) for m in ("text", "image")}
+        tokens, held_tokens = {"text": 0, "image": 0}, {"text": 0, "image": 0}
+        q_norm = torch.zeros(n_q, num_pairs, dtype=torch.float64)
+        k_norm = torch.zeros(n_kv, num_pairs, dtype=torch.float64)
+        mkl = torch.zeros(n_q, num_pairs, dtype=torch.float64)
+        norm_tokens, mkl_rows = 0, 0
+        seen = {}
+
+        def read_attention_input(module, args, kwargs, seen=seen):
+            seen["x"] = kwargs.get("hidden_states", args[0] if args else None)
+            seen["rope"] = kwargs.get("position_embeddings")
+
+        with forward_pre_hook(attn, read_attention_input):
+            for i, (hidden_states, kwargs) in enumerate(inputs):
+                out = layer(hidden_states.to(device), **_to(kwargs, device))
+                inputs[i] = ((out[0] if isinstance(out, tuple) else out).cpu(), kwargs)
+                x = seen["x"][0].double().cpu()  # (T, d)
+                valid, is_image = valid_masks[i], image_masks[i]
+                target, target_tokens = (held, held_tokens) if i in heldout_ids else (cov, tokens)
+                for modality, select in (("text", valid & ~is_image), ("image", valid & is_image)):
+                    xm = x[select]
+                    target[modality] += xm.T @ xm
+                    target_tokens[modality] += xm.shape[0]
+                if not torch.isfinite(x).all():
+                    raise ValueError(f"Layer {layer_idx}: non-finite attention inputs on calibration sample {i}.")
+                if i in heldout_ids:
+                    continue
+                xs = seen["x"].float()
+                q = attn.q_proj(xs).view(1, -1, n_q, head_dim).transpose(1, 2).float()  # (1, H, T, D)
+                k = attn.k_proj(xs).view(1, -1, n_kv, head_dim).transpose(1, 2).float()
+                keep = valid.to(q.device)
+                q_norm += pair_norms(q[0].transpose(0, 1)[keep].flatten(1), n_q, head_dim).double().sum(0).cpu()
+                k_norm += pair_norms(k[0].transpose(0, 1)[keep].flatten(1), n_kv, head_dim).double().sum(0).cpu()
+                norm_tokens += int(keep.sum())
+                cos, sin = seen["rope"]
+                q_rot, k_rot = (
+                    _apply_full_rope(q, cos.float(), sin.float()),
+                    _apply_full_rope(k, cos.float(), sin.float()),
+                )
+                rows = keep.nonzero().flatten().tolist()
+                rows = sorted(rng.sample(rows, min(len(rows), mkl_queries_per_sample)))
+                sens = mkl_pair_sensitivity(
+                    q_rot[0].cpu(),
+                    k_rot[0].cpu(),
+                    attn.scaling,
+                    key_padding_mask=valid,
+                    query_index=torch.tensor(rows),
+                )
+                mkl += sens * len(rows)
+                mkl_rows += len(rows)
+        layer.to(original_device)
+        for name, tensor in list(cov.items()) + list(held.items()):
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"Layer {layer_idx}: non-finite {name} covariance; check the model and data.")
+        stats.append(
+            LayerStatistics(
+                cov=cov,
+                heldout=held,
+                tokens=tokens,
+                heldout_tokens=held_tokens,
+                q_pair_norm=q_norm / max(norm_tokens, 1),
+                k_pair_norm=k_norm / max(norm_tokens, 1),
+                mkl=mkl / max(mkl_rows, 1),
+            )
+        )
+    return CalibrationStatistics(
+        layers=stats,
+        token_counts=counts,
+        heldout_counts=heldout_counts,
+        num_samples=len(samples),
+        settings={
+            "heldout_fraction": heldout_fraction,
+            "mkl_queries_per_sample": mkl_queries_per_sample,
+            "seed": seed,
+        },
+    )
+
+
+def _move_non_layers(model, text_layers, device) -> None:
+    layer_params = {id(p) for p in text_layers.parameters()} | {id(b) for b in text_layers.buffers()}
+    for module in model.modules():
+        for param in list(module.parameters(recurse=False)):
+            if id(param) not in layer_params:
+                param.data = param.data.to(device)
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if id(buffer) not in layer_params:
+                module._buffers[name] = buffer.to(device)
+
+
+__all__ = ["CalibrationStatistics", "LayerStatistics", "capture_layer_inputs", "collect_statistics"]
