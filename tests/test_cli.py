@@ -67,3 +67,8 @@ def test_demo_reports_exactness_and_saving(tmp_path):
     measured = summary["compressed"]["measured_cache_bytes_per_token"]
     assert measured["converted"] == summary["kv_cache"]["converted_bytes_per_token"]
     assert measured["original"] / measured["converted"] == pytest.approx(128 / 33)
+
+
+def test_push_refuses_a_folder_that_fails_the_load_check(native_checkpoints, capsys):
+    assert cli.main(["push", str(native_checkpoints["llava"]), "user/not-converted"]) == 2
+    assert "auto_map" in capsys.readouterr().err

@@ -51,6 +51,8 @@ def _add_convert(sub) -> None:
     p.add_argument("--no-modality-split", action="store_true", help="one projection set for image and text")
     p.add_argument("--image-token-ids", type=int, nargs="+", default=None, help="override the image-branch ids")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the folder after converting")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -82,6 +84,29 @@ def _run_convert(args) -> int:
     kv = result.report["kv_cache"]
     print(f"wrote {result.output_dir}")
     print(_kv_summary(kv))
+    if args.push_to_hub:
+        from .conversion_scripts.hub import push_to_hub
+
+        print(f"pushed: {push_to_hub(result.output_dir, args.push_to_hub, private=args.private)}")
+    return 0
+
+
+def _add_push(sub) -> None:
+    p = sub.add_parser("push", help="check a converted folder and upload it to the Hub in one commit")
+    p.add_argument("folder")
+    p.add_argument("repo_id")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
+    p.add_argument("--commit-message", default=None)
+
+
+def _run_push(args) -> int:
+    from .conversion_scripts.hub import push_to_hub
+
+    url = push_to_hub(
+        args.folder, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message
+    )
+    print(f"pushed {args.folder} -> {url}")
     return 0
 
 
@@ -147,12 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
+    _add_push(sub)
     _add_tiny(sub)
     _add_demo(sub)
     return parser
 
 
-COMMANDS = {"convert": _run_convert, "tiny": _run_tiny, "demo": _run_demo}
+COMMANDS = {"convert": _run_convert, "push": _run_push, "tiny": _run_tiny, "demo": _run_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 # Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
 """KV-cache accounting (design.md section 8), measured cache size, and the converted folder's model card."""
 
+import json
 import platform
 from dataclasses import asdict, dataclass
 
@@ -88,8 +89,55 @@ def environment() -> dict[str, str]:
     }
 
 
+def evaluation_rows(evaluation) -> list[tuple[str, str]]:
+    """`(metric, value)` rows of a report's `"evaluation"` entry, as the model card prints them.
+
+    Nested dicts are flattened with dotted keys (`{"fidelity": {"top1": 0.98}}` -> `fidelity.top1`), floats are
+    written with 6 significant digits, lists and other values as JSON. A non-dict evaluation is one `value` row.
+    """
+    if not isinstance(evaluation, dict):
+        return [("value", _card_value(evaluation))]
+    rows = []
+    for key, value in evaluation.items():
+        if isinstance(value, dict) and value:
+            rows += [(f"{key}.{sub}", text) for sub, text in evaluation_rows(value)]
+        else:
+            rows.append((str(key), _card_value(value)))
+    return rows
+
+
+def _card_value(value) -> str:
+    if isinstance(value, bool) or value is None:
+        text = str(value)
+    elif isinstance(value, float):
+        text = f"{value:.6g}"
+    elif isinstance(value, (int, str)):
+        text = str(value)
+    else:
+        text = json.dumps(value, default=str)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def evaluation_section(evaluation) -> list[str]:
+    """Markdown lines of the card's "Evaluation" section; empty when the report has no (or an empty) evaluation."""
+    if evaluation is None or evaluation == {} or evaluation == []:
+        return []
+    lines = [
+        "## Evaluation (measured)",
+        "",
+        "Numbers measured on the converted checkpoint and recorded under `evaluation` in "
+        "`mla_conversion_report.json`.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {metric} | {value} |" for metric, value in evaluation_rows(evaluation)]
+    return lines + [""]
+
+
 def model_card(report: dict) -> str:
-    """README.md of a converted folder: Hub metadata, settings, KV bytes and how to load it."""
+    """README.md of a converted folder: Hub metadata, settings, KV bytes, the measured evaluation (when the report
+    has an `"evaluation"` entry) and how to load it."""
     s, kv = report["settings"], report["kv_cache"]
     base = report["source"]
     lines = [
@@ -132,6 +180,9 @@ def model_card(report: dict) -> str:
         f"{kv['mha_equivalent_bytes_per_token']} | {100 * kv['reduction_vs_mha_equivalent_paper_convention']:.2f}% "
         "(paper-style) |",
         "",
+    ]
+    lines += evaluation_section(report.get("evaluation"))
+    lines += [
         "## Use",
         "",
         "```python",
@@ -148,4 +199,12 @@ def model_card(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["KVCacheSize", "cache_nbytes", "environment", "kv_cache_size", "model_card"]
+__all__ = [
+    "KVCacheSize",
+    "cache_nbytes",
+    "environment",
+    "evaluation_rows",
+    "evaluation_section",
+    "kv_cache_size",
+    "model_card",
+]

@@ -1,0 +1,99 @@
+"""The example scripts run offline on the tiny models, as subprocesses, the way a user runs them."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_mla_vlm.conversion_scripts.hub import check_checkpoint_folder
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TIMEOUT_S = 300
+
+
+def run_example(script: str, *args: str, cwd: Path) -> str:
+    """Run `examples/<script>` with `args` in `cwd`, offline; return its stdout (fails the test on error)."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_MODULES_CACHE": str(cwd / "hf_modules"),  # remote code imported by trust_remote_code lands here
+    }
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert done.returncode == 0, f"{script} {args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("examples")
+
+
+@pytest.fixture(scope="module")
+def converted(workdir) -> dict[str, Path]:
+    """Both convert scripts, run with no source (tiny random models)."""
+    folders = {}
+    for script, out in (("convert_llava_next.py", "llava-next-mla"), ("convert_qwen2_5_vl.py", "qwen2-5-vl-mla")):
+        printed = run_example(script, "--out", out, cwd=workdir)
+        assert "No source given" in printed and "saving vs the real cache      : 74.22%" in printed, printed
+        assert "converted MLA cache:        264 bytes" in printed and "87.11%" in printed, printed
+        folders[out] = workdir / out
+        assert check_checkpoint_folder(folders[out]) == []
+    return folders
+
+
+@pytest.mark.parametrize("folder", ["llava-next-mla", "qwen2-5-vl-mla"])
+def test_generate_on_the_converted_folder(folder, converted, workdir):
+    printed = run_example("generate.py", folder, "--max-new-tokens", "4", cwd=workdir)
+    assert "Generated: '" in printed
+    report = json.loads((converted[folder] / "mla_conversion_report.json").read_text())
+    measured = re.search(r"KV cache: (\d+) bytes for (\d+) tokens = ([\d.]+) bytes per token", printed)
+    assert measured, printed
+    # The cache of a real generate() holds exactly the analytic MLA bytes per token.
+    assert float(measured.group(3)) == report["kv_cache"]["converted_bytes_per_token"]
+    assert any((workdir / "hf_modules").rglob("modeling_mla_common.py"))  # loaded through the remote code
+
+
+def test_generate_without_a_model_converts_a_tiny_one(tmp_path):
+    printed = run_example("generate.py", "--max-new-tokens", "2", cwd=tmp_path)
+    assert "= 264 bytes per token" in printed
+
+
+def test_push_to_hub_dry_run_only_checks(converted, workdir):
+    folder = converted["llava-next-mla"]
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    printed = run_example("push_to_hub.py", str(folder), "--dry-run", cwd=workdir)
+    assert (
+        re.search(r"OK: \d+ files", printed)
+        and "model.safetensors" in printed
+        and "Dry run: nothing uploaded." in printed
+    )
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before  # nothing changed
+
+
+def test_push_to_hub_dry_run_reports_problems(converted, tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "push_to_hub.py"),
+            str(converted["llava-next-mla"].parent / "missing"),
+            "--dry-run",
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert done.returncode == 1 and "is not a folder" in done.stdout and "not pushing" in done.stdout

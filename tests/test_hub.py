@@ -1,0 +1,659 @@
+"""Checking converted folders and pushing them to a local stand-in of the Hub HTTP API (never the network).
+
+The stand-in (`FakeHub`) is a small HTTP server on 127.0.0.1 that answers the requests `huggingface_hub.HfApi` makes
+for `create_repo`, `create_branch` and `upload_folder`: repo creation, branch creation, README metadata validation,
+the preupload endpoint (which decides "regular" or "lfs" per file), the git-LFS batch endpoint with a basic PUT
+upload and a verify call, and the NDJSON commit endpoint (base64 content for regular files, sha256 references to
+uploaded blobs for LFS files). It keeps the repos' branches and commits in memory so the tests can compare what
+arrived with the folder, byte for byte.
+"""
+
+import base64
+import hashlib
+import json
+import re
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import httpx2
+import huggingface_hub
+import pytest
+import yaml
+from huggingface_hub import HfApi
+from safetensors.torch import load_file, save_file
+
+from hf_mla_vlm.conversion_scripts import hub
+from hf_mla_vlm.conversion_scripts.convert import convert
+from hf_mla_vlm.conversion_scripts.report import model_card
+from hf_mla_vlm.tiny_models import TINY_ARCHS
+
+
+TOKEN = "fake"
+REPO = "tiny-user/tiny-llava-next-mla"
+LAYER = "model.language_model.layers"
+
+
+# --- converted folders ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def converted(native_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("converted")
+    return {
+        arch: convert(native_checkpoints[arch], root / arch, rope_dim=8, kv_rank=8, progress=False).output_dir
+        for arch in TINY_ARCHS
+    }
+
+
+@pytest.fixture
+def folder(converted, tmp_path) -> Path:
+    """A private copy of the converted tiny LLaVA-NeXT, free to corrupt."""
+    return Path(shutil.copytree(converted["llava_next"], tmp_path / "llava-next-mla"))
+
+
+def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _rewrite_weights(folder: Path, edit: Callable[[dict], None]) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _append(path: Path, text: str) -> None:
+    path.write_text(path.read_text() + text)
+
+
+def _truncate(path: Path, keep: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+
+
+# --- check_checkpoint_folder ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_a_converted_folder_passes(arch, converted):
+    assert hub.check_checkpoint_folder(converted[arch]) == []
+    hub.assert_checkpoint_folder(converted[arch])
+
+
+def test_partial_rope_stage_and_sharded_weights_pass(native_checkpoints, converted, tmp_path):
+    stage1 = convert(
+        native_checkpoints["llava"],
+        tmp_path / "stage1",
+        rope_dim=8,
+        kv_rank=8,
+        mla_stage="partial_rope",
+        progress=False,
+    ).output_dir
+    assert hub.check_checkpoint_folder(stage1) == []  # its v_proj is legitimate
+    from transformers import AutoModelForImageTextToText
+
+    sharded = tmp_path / "sharded"
+    AutoModelForImageTextToText.from_pretrained(converted["qwen2_5_vl"]).save_pretrained(
+        sharded, max_shard_size="200KB"
+    )
+    for name in ("README.md", "mla_conversion_report.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(converted["qwen2_5_vl"] / name, sharded / name)
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    assert hub.check_checkpoint_folder(sharded) == []
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    assert hub.check_checkpoint_folder(sharded) == [
+        f"Weight shard '{shard.name}' listed in model.safetensors.index.json is missing."
+    ]
+
+
+CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "missing_auto_map_entry": (
+        lambda f: _edit_json(f / "config.json", lambda c: c["auto_map"].pop("AutoModelForImageTextToText")),
+        "auto_map has no AutoModelForImageTextToText entry.",
+    ),
+    "deleted_modeling_file": (
+        lambda f: (f / "modeling_llava_next_mla.py").unlink(),
+        "auto_map AutoModel, AutoModelForImageTextToText needs modeling_llava_next_mla.py, which is not in the "
+        "folder.",
+    ),
+    "deleted_sibling_module": (
+        lambda f: (f / "mla_attention.py").unlink(),
+        ": imports .mla_attention, but mla_attention.py is not in the folder.",
+    ),
+    "imports_the_package": (
+        lambda f: _append(f / "mla_attention.py", "\nimport hf_mla_vlm\n"),
+        "imports hf_mla_vlm; remote code must run where hf_mla_vlm is not installed.",
+    ),
+    "imports_the_package_lazily": (
+        lambda f: _append(f / "mla_attention.py", "\n\ndef helper():\n    from hf_mla_vlm.kernels import reference\n"),
+        "imports hf_mla_vlm.kernels; remote code must run where hf_mla_vlm is not installed.",
+    ),
+    "non_flat_import": (
+        lambda f: _append(f / "modeling_mla_common.py", "\nfrom .modeling.mla_attention import MLAAttention\n"),
+        "`from .modeling.mla_attention import ...` is not a flat relative import",
+    ),
+    "parent_relative_import": (
+        lambda f: _append(f / "modeling_mla_common.py", "\nfrom ..configuration import x\n"),
+        "`from ..configuration import ...` is not a flat relative import",
+    ),
+    "third_party_import": (
+        lambda f: _append(f / "mla_attention.py", "\nimport numpy as np\n"),
+        "imports numpy at module level; remote code may import only torch, transformers and the standard library.",
+    ),
+    "syntax_error": (
+        lambda f: _append(f / "mla_attention.py", "\ndef broken(:\n"),
+        "mla_attention.py does not parse as Python",
+    ),
+    "truncated_safetensors": (
+        lambda f: _truncate(f / "model.safetensors", -1000),
+        "model.safetensors is not a readable safetensors file (Error while deserializing header",
+    ),
+    "truncated_safetensors_header": (
+        lambda f: _truncate(f / "model.safetensors", 20),
+        "model.safetensors is not a readable safetensors file (Error while deserializing header",
+    ),
+    "missing_layer_weight": (
+        lambda f: _rewrite_weights(f, lambda t: t.pop(f"{LAYER}.1.self_attn.kv_a_proj.text.weight")),
+        f"Missing MLA attention weights (1) in text layers [1] (mla_stage='mla'): "
+        f"{LAYER}.1.self_attn.kv_a_proj.text.weight.",
+    ),
+    "leftover_native_weights": (
+        lambda f: _rewrite_weights(
+            f,
+            lambda t: t.update(
+                {f"{LAYER}.0.self_attn.k_proj.weight": t[f"{LAYER}.0.self_attn.q_proj.weight"].clone()}
+            ),
+        ),
+        f"Leftover native attention weights (not converted): {LAYER}.0.self_attn.k_proj.weight.",
+    ),
+    "weights_of_an_extra_layer": (
+        lambda f: _rewrite_weights(
+            f,
+            lambda t: t.update(
+                {f"{LAYER}.2.self_attn.q_proj.weight": t[f"{LAYER}.0.self_attn.q_proj.weight"].clone()}
+            ),
+        ),
+        "Weights for text layers [2] but text_config.num_hidden_layers = 2.",
+    ),
+    "invalid_rope_dim": (
+        lambda f: _edit_json(f / "config.json", lambda c: c.update(rope_dim=7)),
+        "config.json does not validate as an MLA config: rope_dim must be an even integer",
+    ),
+    "config_disagrees_with_weights": (  # kv_rank 4 is valid, but the weights were converted at kv_rank 8
+        lambda f: _edit_json(f / "config.json", lambda c: c.update(kv_rank=4)),
+        "Attention weights do not match config.json (rope_dim=8, kv_rank=4): "
+        f"{LAYER}.0.self_attn.kv_a_proj.image.weight is [16, 128], expected [8, 128]",
+    ),
+    "native_model_type": (
+        lambda f: _edit_json(f / "config.json", lambda c: c.update(model_type="llava_next")),
+        "config.json has model_type 'llava_next'; a converted checkpoint has one of",
+    ),
+    "config_not_json": (
+        lambda f: (f / "config.json").write_text("{not json"),
+        "config.json does not parse as JSON",
+    ),
+    "no_weights": (
+        lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin"),
+        "No weights: neither model.safetensors nor model.safetensors.index.json is in the folder (found "
+        "['pytorch_model.bin']",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_each_corruption_is_reported(name, folder):
+    corrupt, expected = CORRUPTIONS[name]
+    corrupt(folder)
+    problems = hub.check_checkpoint_folder(folder)
+    matching = [p for p in problems if expected in p]
+    assert matching, f"{expected!r} not in {problems}"
+    if name != "native_model_type":  # a native model_type also has a config the package cannot validate
+        assert len(problems) == 1, problems  # the specific problem, not a cascade
+    with pytest.raises(ValueError, match="is not a valid converted checkpoint folder") as raised:
+        hub.assert_checkpoint_folder(folder)
+    assert expected in str(raised.value)
+
+
+def test_not_a_folder(tmp_path):
+    assert hub.check_checkpoint_folder(tmp_path / "nowhere") == [f"{tmp_path / 'nowhere'} is not a folder."]
+
+
+# --- model card -----------------------------------------------------------------------------------------------------
+def _report(folder: Path) -> dict:
+    return json.loads((folder / "mla_conversion_report.json").read_text())
+
+
+def test_a_complete_card_is_kept(folder):
+    before = (folder / "README.md").read_text()
+    assert hub.card_problems(before, _report(folder)) == []
+    assert hub.prepare_model_card(folder) is False
+    assert (folder / "README.md").read_text() == before and not (folder / ".README.md.before-push").exists()
+
+
+@pytest.mark.parametrize(
+    "card, problem",
+    [
+        ("# my model\n", "no YAML front matter with Hub metadata"),
+        ("---\nlibrary_name: transformers\ntags: [mla]\n---\n", "metadata pipeline_tag is None"),
+        ("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\ntags: [mla]\n---\n", "'hf-mla-vlm'"),
+        (None, "the measured number '| 264 |' is missing"),  # the generated card minus its KV table
+    ],
+)
+def test_an_incomplete_card_is_regenerated(folder, card, problem):
+    original = (folder / "README.md").read_text()
+    if card is None:
+        card = "\n".join(line for line in original.splitlines() if "bytes" not in line and "cache" not in line)
+    (folder / "README.md").write_text(card)
+    assert any(problem in p for p in hub.card_problems(card, _report(folder))), hub.card_problems(
+        card, _report(folder)
+    )
+    assert hub.prepare_model_card(folder) is True
+    assert (folder / "README.md").read_text() == original == model_card(_report(folder))
+    assert (folder / ".README.md.before-push").read_text() == card
+
+
+def test_the_card_carries_the_evaluation_of_the_report(folder):
+    evaluation = {"logit_relative_error": 0.0123456789, "perplexity": {"text": 12.5, "native": 12.25}}
+    _edit_json(folder / "mla_conversion_report.json", lambda r: r.update(evaluation=evaluation))
+    assert "the measured number '| logit_relative_error | 0.0123457 |' is missing" in hub.card_problems(
+        (folder / "README.md").read_text(), _report(folder)
+    )
+    assert hub.prepare_model_card(folder) is True
+    card = (folder / "README.md").read_text()
+    assert "## Evaluation (measured)" in card and "| perplexity.native | 12.25 |" in card
+    assert card.startswith("---\nlibrary_name: transformers") and "74.22%" in card and "87.11%" in card
+    assert hub.card_problems(card, _report(folder)) == []
+
+
+def test_a_card_without_report_is_refused(folder):
+    (folder / "mla_conversion_report.json").unlink()
+    with pytest.raises(ValueError, match="needs its measured KV-cache numbers"):
+        hub.prepare_model_card(folder)
+
+
+# --- the local Hub stand-in -----------------------------------------------------------------------------------------
+@dataclass
+class Commit:
+    repo_id: str
+    revision: str
+    summary: str
+    description: str
+    files: dict[str, bytes]
+    lfs_paths: set[str]
+    oid: str
+
+
+@dataclass
+class FakeRepo:
+    private: bool
+    branches: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"main": {}})
+
+
+class FakeHub:
+    """State of the stand-in: repos, branches, LFS blobs, commits and the log of requests."""
+
+    def __init__(self, lfs: bool) -> None:
+        self.lfs = lfs  # answer "lfs" for binary files (else every file is "regular")
+        self.repos: dict[str, FakeRepo] = {}
+        self.lfs_blobs: dict[str, bytes] = {}
+        self.commits: list[Commit] = []
+        self.requests: list[tuple[str, str]] = []
+        self.create_payloads: list[dict] = []
+        self.branch_requests: list[tuple[str, str, dict]] = []
+        self.validated_cards: list[str] = []
+        self.pipelined_uploads = 0  # upload_folder calls that took the client's default hf_xet pipeline
+        self.errors: list[str] = []  # requests the stand-in does not implement, or malformed ones
+        self.lock = threading.Lock()
+        self.base_url = ""
+
+    # Each handler returns (status, JSON body, extra headers).
+    def handle(self, method: str, path: str, query: str, headers, body: bytes) -> tuple[int, dict, dict]:
+        if not path.startswith("/_lfs/upload/") and headers.get("authorization") != f"Bearer {TOKEN}":
+            return 401, {"error": "Invalid credentials in Authorization header"}, {}
+        routes = [
+            ("POST", r"/api/repos/create", self.create_repo),
+            ("POST", r"/api/validate-yaml", self.validate_yaml),
+            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<branch>[^/]+)", self.create_branch),
+            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)", self.preupload),
+            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)", self.commit),
+            ("POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", self.lfs_batch),
+            ("PUT", r"/_lfs/upload/(?P<oid>[0-9a-f]{64})", self.lfs_upload),
+            ("POST", r"/_lfs/verify", self.lfs_verify),
+        ]
+        for route_method, pattern, handler in routes:
+            match = re.fullmatch(pattern, path)
+            if match and method == route_method:
+                params = {k: unquote(v) for k, v in match.groupdict().items()}
+                return handler(body=body, query=query, **params)
+        self.errors.append(f"not implemented: {method} {path}")
+        return 404, {"error": f"{method} {path} is not implemented by the stand-in"}, {}
+
+    def _repo(self, repo: str, rev: str | None = None) -> tuple[FakeRepo | None, tuple[int, dict, dict] | None]:
+        if repo not in self.repos:
+            return None, (404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+        if rev is not None and rev not in self.repos[repo].branches:
+            return None, (404, {"error": f"Invalid rev id: {rev}"}, {"X-Error-Code": "RevisionNotFound"})
+        return self.repos[repo], None
+
+    def create_repo(self, body: bytes, query: str) -> tuple[int, dict, dict]:
+        payload = json.loads(body)
+        self.create_payloads.append(payload)
+        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+        url = f"{self.base_url}/{repo_id}"
+        if repo_id in self.repos:
+            return 409, {"error": "You already created this model repo", "url": url}, {}
+        self.repos[repo_id] = FakeRepo(private=payload.get("visibility") == "private")
+        return 200, {"url": url, "name": repo_id}, {}
+
+    def validate_yaml(self, body: bytes, query: str) -> tuple[int, dict, dict]:
+        content = json.loads(body)["content"]
+        self.validated_cards.append(content)
+        match = re.match(r"^---\n(.*?)\n---\n", content, flags=re.DOTALL)
+        try:
+            metadata = yaml.safe_load(match.group(1)) if match else {}
+        except yaml.YAMLError as error:
+            return 400, {"errors": [{"message": str(error)}], "warnings": []}, {}
+        if not isinstance(metadata, dict):
+            return 400, {"errors": [{"message": "metadata must be a mapping"}], "warnings": []}, {}
+        return 200, {"errors": [], "warnings": []}, {}
+
+    def create_branch(self, body: bytes, query: str, repo: str, branch: str) -> tuple[int, dict, dict]:
+        payload = json.loads(body or b"{}")
+        self.branch_requests.append((repo, branch, payload))
+        fake, error = self._repo(repo)
+        if error:
+            return error
+        if branch in fake.branches:
+            return 409, {"error": f"Reference already exists: refs/heads/{branch}"}, {}
+        start = payload.get("startingPoint", "main")
+        fake.branches[branch] = dict(fake.branches[start])
+        return 200, {}, {}
+
+    def preupload(self, body: bytes, query: str, repo: str, rev: str) -> tuple[int, dict, dict]:
+        _, error = self._repo(repo, rev)
+        if error:
+            return error
+        files = []
+        for item in json.loads(body)["files"]:
+            sample = base64.b64decode(item["sample"])
+            binary = item["path"].endswith(".safetensors") or b"\x00" in sample or item["size"] > 10_000_000
+            mode = "lfs" if self.lfs and binary else "regular"
+            files.append({"path": item["path"], "uploadMode": mode, "shouldIgnore": False, "oid": None})
+        return 200, {"files": files, "commitOid": "0" * 40}, {}
+
+    def lfs_batch(self, body: bytes, query: str, repo: str) -> tuple[int, dict, dict]:
+        _, error = self._repo(repo)
+        if error:
+            return error
+        payload = json.loads(body)
+        if payload.get("operation") != "upload" or "basic" not in payload.get("transfers", []):
+            self.errors.append(f"unexpected LFS batch request {payload}")
+            return 400, {"message": "only basic uploads are supported"}, {}
+        objects = []
+        for obj in payload["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in self.lfs_blobs:  # already stored blobs need no upload
+                entry["actions"] = {
+                    "upload": {"href": f"{self.base_url}/_lfs/upload/{obj['oid']}"},
+                    "verify": {"href": f"{self.base_url}/_lfs/verify"},
+                }
+            objects.append(entry)
+        return 200, {"transfer": "basic", "objects": objects}, {}
+
+    def lfs_upload(self, body: bytes, query: str, oid: str) -> tuple[int, dict, dict]:
+        if hashlib.sha256(body).hexdigest() != oid:
+            self.errors.append(f"LFS upload of {oid} has a different sha256")
+            return 400, {"error": "sha256 mismatch"}, {}
+        self.lfs_blobs[oid] = body
+        return 200, {}, {}
+
+    def lfs_verify(self, body: bytes, query: str) -> tuple[int, dict, dict]:
+        payload = json.loads(body)
+        blob = self.lfs_blobs.get(payload["oid"])
+        if blob is None or len(blob) != payload["size"]:
+            return 404, {"error": "object not found"}, {}
+        return 200, {}, {}
+
+    def commit(self, body: bytes, query: str, repo: str, rev: str) -> tuple[int, dict, dict]:
+        fake, error = self._repo(repo, rev)
+        if error:
+            return error
+        header, files, lfs_paths = None, {}, set()
+        for line in body.decode().splitlines():
+            item = json.loads(line)
+            key, value = item["key"], item["value"]
+            if key == "header":
+                header = value
+            elif key == "file":
+                assert value["encoding"] == "base64"
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif key == "lfsFile":
+                blob = self.lfs_blobs.get(value["oid"])
+                if blob is None or len(blob) != value["size"]:
+                    self.errors.append(f"commit references LFS object {value['oid']} that was never uploaded")
+                    return 422, {"error": f"LFS pointer pointed to a file that does not exist: {value['path']}"}, {}
+                files[value["path"]] = blob
+                lfs_paths.add(value["path"])
+            else:
+                self.errors.append(f"unexpected commit operation {key}")
+                return 400, {"error": f"unsupported operation {key}"}, {}
+        if header is None:
+            return 400, {"error": "missing header"}, {}
+        oid = hashlib.sha1(f"{len(self.commits)}:{repo}:{rev}:{header['summary']}".encode()).hexdigest()
+        fake.branches[rev].update(files)
+        self.commits.append(Commit(repo, rev, header["summary"], header.get("description", ""), files, lfs_paths, oid))
+        return 200, {"success": True, "commitOid": oid, "commitUrl": f"{self.base_url}/{repo}/commit/{oid}"}, {}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 30  # a stuck connection cannot keep a server thread forever
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _serve(self) -> None:
+        fake: FakeHub = self.server.fake_hub  # type: ignore[attr-defined]
+        url = urlsplit(self.path)
+        body = self._read_body()
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        with fake.lock:
+            fake.requests.append((self.command, url.path))
+            try:
+                status, payload, extra = fake.handle(self.command, url.path, url.query, headers, body)
+            except Exception as error:  # a bug in the stand-in: fail the request, do not let the client retry
+                fake.errors.append(f"{self.command} {url.path}: {error!r}")
+                status, payload, extra = 400, {"error": repr(error)}, {}
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        for key, value in {"Content-Type": "application/json", "Content-Length": str(len(data)), **extra}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+    def log_message(self, format: str, *args) -> None:  # quiet
+        pass
+
+
+def _loopback_only(request: httpx2.Request) -> None:
+    if request.url.host != "127.0.0.1":
+        raise RuntimeError(f"The test tried to reach {request.url}; only the local stand-in may be contacted.")
+
+
+@pytest.fixture(params=["lfs", "regular"])
+def fake_hub(request) -> Iterator[FakeHub]:
+    """A running stand-in. `lfs`: binary files go through git-LFS batch + PUT (the client's Xet path is switched
+    off); `regular`: every file is a regular blob, and the client takes its default upload_folder pipeline."""
+    fake = FakeHub(lfs=request.param == "lfs")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    server.block_on_close = False
+    server.fake_hub = fake  # type: ignore[attr-defined]
+    fake.base_url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    patch = pytest.MonkeyPatch()
+    if fake.lfs:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    else:  # record that upload_folder took its default (hf_xet) pipeline
+        from huggingface_hub import _upload_pipeline
+
+        def spy(*args, **kwargs):
+            fake.pipelined_uploads += 1
+            return pipelined_upload(*args, **kwargs)
+
+        pipelined_upload = _upload_pipeline.pipelined_upload
+        patch.setattr(_upload_pipeline, "pipelined_upload", spy)
+    # Every request of huggingface_hub goes through this client: bounded, and only to 127.0.0.1. It replaces the
+    # default client whose hook refuses requests under HF_HUB_OFFLINE=1 (set for the whole test session).
+    huggingface_hub.set_client_factory(
+        lambda: httpx2.Client(event_hooks={"request": [_loopback_only]}, follow_redirects=False, timeout=30)
+    )
+    try:
+        yield fake
+    finally:
+        huggingface_hub.set_client_factory(huggingface_hub.utils._http.default_client_factory)
+        patch.undo()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def _api(fake: FakeHub) -> HfApi:
+    return HfApi(endpoint=fake.base_url, token=TOKEN)
+
+
+def _expected_files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and not p.name.endswith(".incomplete")
+    }
+
+
+# --- push_to_hub ----------------------------------------------------------------------------------------------------
+def test_push_uploads_every_file_in_one_commit(fake_hub, folder):
+    evaluation = {"logit_relative_error": 0.05, "greedy_agreement": 0.9}
+    _edit_json(folder / "mla_conversion_report.json", lambda r: r.update(evaluation=evaluation))
+    (folder / ".notes.txt").write_text("local notes")  # hidden: not uploaded
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x.lock").write_text("")
+    (folder / "model.safetensors.incomplete").write_bytes(b"partial download")  # leftover: not uploaded
+
+    url = hub.push_to_hub(
+        folder, REPO, private=True, revision="mla-v1", commit_message="Add the tiny MLA model", api=_api(fake_hub)
+    )
+
+    assert fake_hub.errors == []
+    assert fake_hub.create_payloads == [
+        {"name": REPO.split("/")[1], "organization": "tiny-user", "visibility": "private", "type": "model"}
+    ]
+    assert fake_hub.repos[REPO].private
+    assert fake_hub.branch_requests == [(REPO, "mla-v1", {})]
+    assert len(fake_hub.commits) == 1
+    commit = fake_hub.commits[0]
+    assert url == f"{fake_hub.base_url}/{REPO}/commit/{commit.oid}"
+    assert (commit.repo_id, commit.revision, commit.summary) == (REPO, "mla-v1", "Add the tiny MLA model")
+    expected = _expected_files(folder)
+    assert {"model.safetensors", "config.json", "README.md", "mla_attention.py", "tokenizer.json"} <= set(expected)
+    assert commit.files.keys() == expected.keys()
+    for name, data in expected.items():
+        assert commit.files[name] == data, name
+    assert fake_hub.repos[REPO].branches == {"main": {}, "mla-v1": expected}  # main untouched
+    if fake_hub.lfs:
+        assert commit.lfs_paths == {"model.safetensors"}
+        assert hashlib.sha256(expected["model.safetensors"]).hexdigest() in fake_hub.lfs_blobs
+    else:
+        assert commit.lfs_paths == set() and fake_hub.pipelined_uploads == 1
+    # The card was completed from the report before the upload (and validated by the "Hub").
+    card = commit.files["README.md"].decode()
+    assert "| logit_relative_error | 0.05 |" in card and "| 264 |" in card and "87.11%" in card
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\ntags:\n- hf-mla-vlm")
+    assert fake_hub.validated_cards and all(c == card for c in fake_hub.validated_cards)
+    assert "logit_relative_error" not in (folder / ".README.md.before-push").read_text()  # the previous card
+
+
+def test_push_again_to_an_existing_repo_and_branch(fake_hub, folder):
+    api = _api(fake_hub)
+    first = hub.push_to_hub(folder, REPO, revision="mla-v1", api=api)
+    (folder / "mla_attention.py").write_text((folder / "mla_attention.py").read_text() + "\n# edited\n")
+    second = hub.push_to_hub(folder, REPO, revision="mla-v1", api=api)
+    third = hub.push_to_hub(folder, REPO, api=api)  # main
+    assert fake_hub.errors == [] and len({first, second, third}) == 3
+    assert [c.revision for c in fake_hub.commits] == ["mla-v1", "mla-v1", "main"]
+    assert fake_hub.commits[0].summary == (
+        "Upload llava_next_mla converted with hf-mla-vlm (rope_dim=8, kv_rank=8, stage=mla)"
+    )
+    assert [p["visibility"] for p in fake_hub.create_payloads] == ["public"] * 3  # 409 the 2nd and 3rd time
+    assert len(fake_hub.branch_requests) == 2  # not for main; the 2nd answered 409 (exists)
+    assert fake_hub.repos[REPO].branches["mla-v1"]["mla_attention.py"].endswith(b"# edited\n")
+    assert fake_hub.repos[REPO].branches["main"] == _expected_files(folder)
+
+
+def test_the_stand_in_refuses_a_commit_to_a_missing_branch(fake_hub, folder):
+    api = _api(fake_hub)
+    api.create_repo(REPO)
+    with pytest.raises(huggingface_hub.errors.RevisionNotFoundError):
+        api.upload_folder(repo_id=REPO, folder_path=folder, revision="nowhere")
+    assert fake_hub.commits == []
+
+
+def test_push_refuses_a_broken_folder_without_any_request(fake_hub, folder):
+    _truncate(folder / "model.safetensors", -1000)
+    _append(folder / "mla_attention.py", "\nimport hf_mla_vlm\n")
+    with pytest.raises(ValueError) as raised:
+        hub.push_to_hub(folder, REPO, api=_api(fake_hub))
+    message = str(raised.value)
+    assert "model.safetensors is not a readable safetensors file" in message and "imports hf_mla_vlm" in message
+    assert fake_hub.requests == [] and fake_hub.repos == {}
+
+
+def test_push_refuses_a_folder_without_report_without_any_request(fake_hub, folder):
+    (folder / "mla_conversion_report.json").unlink()
+    with pytest.raises(ValueError, match="mla_conversion_report.json is missing or unreadable"):
+        hub.push_to_hub(folder, REPO, api=_api(fake_hub))
+    assert fake_hub.requests == []
+
+
+def test_push_with_an_injected_client_object(folder):
+    """`api` may be any object with the three methods (here a recorder): the calls and their arguments."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, tuple, dict]] = []
+
+        def create_repo(self, *args, **kwargs):
+            self.calls.append(("create_repo", args, kwargs))
+
+        def create_branch(self, *args, **kwargs):
+            self.calls.append(("create_branch", args, kwargs))
+
+        def upload_folder(self, *args, **kwargs):
+            self.calls.append(("upload_folder", args, kwargs))
+            return "0123abcd"
+
+    recorder = Recorder()
+    assert hub.push_to_hub(folder, REPO, revision="refs/pr/1", token="t", api=recorder) == "0123abcd"
+    assert [name for name, _, _ in recorder.calls] == ["create_repo", "upload_folder"]  # no branch for a PR ref
+    _, args, kwargs = recorder.calls[0]
+    assert args == (REPO,) and kwargs == {"private": False, "exist_ok": True, "repo_type": "model", "token": "t"}
+    upload = recorder.calls[1][2]
+    assert upload["folder_path"] == str(folder) and upload["revision"] == "refs/pr/1"
+    assert ".*" in upload["ignore_patterns"] and "*.incomplete" in upload["ignore_patterns"]
