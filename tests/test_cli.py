@@ -72,3 +72,18 @@ def test_demo_reports_exactness_and_saving(tmp_path):
 def test_push_refuses_a_folder_that_fails_the_load_check(native_checkpoints, capsys):
     assert cli.main(["push", str(native_checkpoints["llava"]), "user/not-converted"]) == 2
     assert "auto_map" in capsys.readouterr().err
+
+
+def test_evaluate_cli_writes_json(native_checkpoints, tmp_path, capsys):
+    src = native_checkpoints["qwen2_5_vl"]
+    full = tmp_path / "full"
+    assert cli.main(["convert", str(src), "--out", str(full), "--rope-dim", "32", "--kv-rank", "32", "--quiet"]) == 0
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(["what is this ? a cat . the dog is left of the red circle ."] * 40))
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", str(full), "--reference", str(src), "--num-samples", "3", "--text-file", str(text)]
+    assert cli.main(argv + ["--seq-len", "32", "--max-sequences", "2", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["data"] == "builtin" and result["fidelity"]["positions"] > 0
+    assert result["fidelity"]["kl"] < 1e-6 and result["fidelity"]["top1_agreement"] == 1.0  # full rank is exact
+    assert result["perplexity"]["ppl"] == pytest.approx(result["reference_perplexity"]["ppl"], rel=1e-4)
