@@ -132,3 +132,31 @@ def test_statistics_hooks_are_always_removed_and_reusable(tmp_path):
     assert load_file(a.output_dir / "model.safetensors").keys() == load_file(b.output_dir / "model.safetensors").keys()
     for key, value in load_file(a.output_dir / "model.safetensors").items():
         assert torch.equal(value, load_file(b.output_dir / "model.safetensors")[key]), key
+
+
+def test_calibration_from_a_saved_datasets_folder(tmp_path, native_checkpoints):
+    datasets = pytest.importorskip("datasets")
+    conversations = builtin_conversations(4, seed=2)
+    rows = {
+        "image": [c.images[0] for c in conversations],
+        "messages": [c.messages for c in conversations],
+    }
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "messages": [
+                {
+                    "role": datasets.Value("string"),
+                    "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}],
+                }
+            ],
+        }
+    )
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "ds")
+    loaded = load_conversations(tmp_path / "ds", 4)
+    assert len(loaded) == 4 and all(len(c.images) == 1 for c in loaded)
+    result = convert(
+        native_checkpoints["llava_next"], tmp_path / "m", rope_dim=8, kv_rank=8, svd="md", calibration=tmp_path / "ds",
+        num_samples=4, progress=False,
+    )  # fmt: skip
+    assert result.report["calibration"]["tokens"]["image"] > 0

@@ -3,6 +3,7 @@
 
 import json
 import os
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -338,7 +339,7 @@ def convert(
         return_model: keep the converted model in the result.
     """
     started = time.perf_counter()
-    timings = {}
+    timings, memory = {}, {}
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(
@@ -389,6 +390,8 @@ def convert(
                 raise ValueError("The given statistics were collected on a model with a different number of layers.")
         _check_statistics(stats, svd if mla_stage == "mla" else "weight", modality_split)
         timings["calibration_s"] = time.perf_counter() - t
+        if torch.cuda.is_available() and str(device or "cuda").startswith("cuda"):
+            memory["peak_device_bytes_during_calibration"] = torch.cuda.max_memory_allocated()
 
     t = time.perf_counter()
     rope_pairs, rope_source, ranks = select_rope_pairs(
@@ -427,9 +430,11 @@ def convert(
         "kv_cache": kv_cache_size(mla_config, target_dtype).to_dict(),
         "layers": layer_reports,
         "timings_s": timings,
+        "memory": memory,
         "environment": environment(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    memory["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     if stats is not None:
         report["calibration"] = {
             "source": str(calibration) if statistics is None else "precomputed statistics",
