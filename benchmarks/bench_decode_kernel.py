@@ -1,0 +1,430 @@
+"""Microbenchmark of the absorbed MLA decode kernel (one decoder layer, one query token per sequence).
+
+Compares, per (model, latent width, batch, context):
+
+* ``triton``: :func:`hf_mla_vlm.kernels.mla_decode_triton` on the latent cache (``M = 2`` branches, Qwen-style
+  query biases, half image / half text tokens, bf16);
+* ``reference``: :func:`hf_mla_vlm.kernels.mla_decode_reference` (plain torch, float32 math), skipped where its
+  float32 intermediates would not fit the memory budget;
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` over the original model's *decompressed* GQA
+  cache (K, V of shape ``(B, N, T, 128)`` bf16, one query token, ``enable_gqa=True``), the best of the SDPA
+  backends that run.
+
+Effective bandwidth = bytes of cache actually read / median time. For the MLA rows the bytes are the latent and
+side rows of the valid tokens (``T * (L + N*R + 1) * 2`` per sequence); for SDPA they are the K and V rows
+(``T * N * 128 * 2 * 2``). Times are medians over CUDA-event-timed runs with L2 flushed before every run:
+
+* ``triton_us``: the launcher captured in a CUDA graph and replayed (GPU time of stage 1 + combine; this is how
+  decode runs under CUDA graphs / ``torch.compile``), ``triton_eager_us``: ``triton.testing.do_bench`` of the
+  plain Python call, which includes the launcher's host overhead wherever it exceeds the GPU time, and
+  ``triton_host_us``: host time of one call;
+* reference and SDPA: ``triton.testing.do_bench`` of the eager call.
+
+Regenerate the committed results on an H100::
+
+    PYTHONPATH=src python benchmarks/bench_decode_kernel.py --out-dir benchmarks/results --tag h100
+
+``--tune`` first sweeps tile configurations (``BLOCK_T``, warps, pipeline stages) and split counts of the Triton
+kernel on a few shapes and prints them; the launcher's defaults (``_default_config``, ``choose_num_splits``) were set
+from such a sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+from hf_mla_vlm.kernels import mla_decode_reference, mla_decode_triton
+
+
+MODELS: dict[str, dict[str, int]] = {
+    # query heads, kv heads, rope dims per kv head, original head dim
+    "qwen2.5-vl-7b": {"h": 28, "n": 4, "r": 32, "head_dim": 128},
+    "llama-3-8b": {"h": 32, "n": 8, "r": 32, "head_dim": 128},
+}
+LATENTS = (256, 512)
+BATCHES = (1, 16, 64)
+CONTEXTS = (8192, 32768)
+REFERENCE_MEMORY_BUDGET = 24e9  # bytes of float32 intermediates the torch reference may allocate
+
+
+def make_decode_inputs(
+    b: int, h: int, n: int, r: int, lat: int, t: int, device: torch.device, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, object]:
+    """Random decode inputs in the model's cache layout (half image, half text tokens, all keys valid).
+
+    Returns a dict with the ``mla_decode_*`` arguments plus ``keys`` ``(B, 1, T, L)`` and ``values``
+    ``(B, 1, T, N*R + 1)``."""
+    keys = torch.randn(b, 1, t, lat, device=device, dtype=dtype)
+    values = torch.randn(b, 1, t, n * r + 1, device=device, dtype=dtype)
+    values[..., -1] = (torch.rand(b, 1, t, device=device) < 0.5).to(dtype)
+    return {
+        "q_rope": torch.randn(b, h, r, device=device, dtype=dtype),
+        "q_latent": torch.randn(b, h, 2, lat, device=device, dtype=dtype) * (128 / lat) ** 0.5,
+        "q_bias": torch.randn(b, h, 2, device=device, dtype=torch.float32),
+        "latent": keys[:, 0],
+        "side": values[:, 0],
+        "key_mask": None,
+        "scale": 1.0 / math.sqrt(128),
+        "num_kv_heads": n,
+        "keys": keys,
+        "values": values,
+    }
+
+
+def _call_args(inp: dict[str, object]) -> tuple:
+    names = ("q_rope", "q_latent", "q_bias", "latent", "side", "key_mask", "scale", "num_kv_heads")
+    return tuple(inp[k] for k in names)
+
+
+def mla_bytes(b: int, t: int, lat: int, nr: int, elem: int = 2) -> int:
+    """Cache bytes the absorbed kernel must read: latent + side rows of all valid tokens."""
+    return b * t * (lat + nr + 1) * elem
+
+
+def bench_ms(fn: Callable[[], object], rep: int = 100, warmup: int = 25) -> float:
+    """Median milliseconds of ``fn`` with ``triton.testing.do_bench`` (L2 flushed before each call)."""
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def bench_graph_ms(fn: Callable[[], object], reps: int = 60) -> float:
+    """Median milliseconds of one CUDA-graph replay of ``fn`` (GPU time without host overhead), L2 flushed first."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    times = []
+    for _ in range(reps + 3):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        times.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in times[3:])
+
+
+def host_launch_us(fn: Callable[[], object], iters: int = 50) -> float:
+    """Host time of one call (what eager decode pays per layer on the CPU before the GPU starts)."""
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        best = min(best, (time.perf_counter() - start) / iters * 1e6)
+        torch.cuda.synchronize()
+    return best
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), rep=50)
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def bench_sdpa(b: int, h: int, n: int, t: int, head_dim: int, device: torch.device) -> dict[str, object]:
+    """Best SDPA backend on the decompressed GQA cache; returns times per backend and the best one."""
+    import warnings
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(b, h, 1, head_dim, device=device, dtype=torch.bfloat16)
+    k = torch.randn(b, n, t, head_dim, device=device, dtype=torch.bfloat16)
+    v = torch.randn(b, n, t, head_dim, device=device, dtype=torch.bfloat16)
+    f = torch.nn.functional.scaled_dot_product_attention
+    per_backend: dict[str, float | str] = {}
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
+    for name, backend in backends.items():
+
+        def run(backend: SDPBackend = backend) -> torch.Tensor:
+            with sdpa_kernel([backend]):
+                return f(q, k, v, enable_gqa=True)
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run()
+                torch.cuda.synchronize()
+                per_backend[name] = bench_ms(run, rep=50)
+        except Exception as exc:  # a backend that does not support the case
+            per_backend[name] = f"unsupported: {type(exc).__name__}"
+            torch.cuda.synchronize()
+    timed = {k: v for k, v in per_backend.items() if isinstance(v, float)}
+    best = min(timed, key=timed.get) if timed else None
+    nbytes = 2 * b * n * t * head_dim * 2
+    return {
+        "sdpa_backend": best,
+        "sdpa_us": timed[best] * 1e3 if best else None,
+        "sdpa_bytes": nbytes,
+        "sdpa_tbps": nbytes / (timed[best] * 1e-3) / 1e12 if best else None,
+        "sdpa_per_backend_ms": per_backend,
+    }
+
+
+def reference_memory(b: int, h: int, t: int, lat: int) -> float:
+    """Rough peak bytes of the float32 reference's intermediates."""
+    return 3 * b * t * lat * 4 + 8 * b * h * 2 * t * 4
+
+
+def bench_mla(
+    model: str, lat: int, b: int, t: int, device: torch.device, with_reference: bool, overrides: dict[str, int]
+) -> dict[str, object]:
+    """Triton kernel (and the torch reference) on one shape; the inputs are freed on return."""
+    from hf_mla_vlm.kernels.absorbed_decode import _default_config, _sm_count, choose_num_splits
+
+    cfg = MODELS[model]
+    h, n, r = cfg["h"], cfg["n"], cfg["r"]
+    inp = make_decode_inputs(b, h, n, r, lat, t, device)
+    args = _call_args(inp)
+    nbytes = mla_bytes(b, t, lat, n * r)
+    row: dict[str, object] = {"model": model, "h": h, "n": n, "r": r, "latent": lat, "batch": b, "context": t}
+    block_t, warps, stages = _default_config(lat, 2, 2, False)
+    block_t = overrides.get("block_t", block_t)
+    warps = overrides.get("num_warps", warps)
+    row.update(
+        mla_bytes=nbytes,
+        block_t=block_t,
+        num_warps=warps,
+        num_stages=overrides.get("num_stages", stages),
+        num_splits=choose_num_splits(b, t, _sm_count(device.index or 0), block_t, 2 if warps <= 4 else 1),
+    )
+
+    def kernel() -> object:
+        return mla_decode_triton(*args, **overrides)
+
+    out = kernel()
+    torch.cuda.synchronize()
+    ms = bench_graph_ms(kernel)
+    eager_ms = bench_ms(kernel)
+    row.update(
+        triton_us=ms * 1e3,
+        triton_tbps=nbytes / (ms * 1e-3) / 1e12,
+        triton_eager_us=eager_ms * 1e3,
+        triton_eager_tbps=nbytes / (eager_ms * 1e-3) / 1e12,
+        triton_host_us=host_launch_us(kernel),
+    )
+    if with_reference and reference_memory(b, h, t, lat) < REFERENCE_MEMORY_BUDGET:
+        ref = mla_decode_reference(*args)
+        row["max_rel_err_ctx"] = ((out[0] - ref[0]).abs().max() / ref[0].abs().max()).item()
+        row["max_abs_err_lse"] = (out[2] - ref[2]).abs().max().item()
+        ref = None
+        ms_ref = bench_ms(lambda: mla_decode_reference(*args), rep=20, warmup=5)
+        row.update(reference_us=ms_ref * 1e3, reference_tbps=nbytes / (ms_ref * 1e-3) / 1e12)
+    else:
+        row.update(reference_us=None, reference_tbps=None, reference_note="skipped (memory budget)")
+    return row
+
+
+def bench_row(
+    model: str, lat: int, b: int, t: int, device: torch.device, with_reference: bool, overrides: dict[str, int]
+) -> dict[str, object]:
+    row = bench_mla(model, lat, b, t, device, with_reference, overrides)
+    torch.cuda.empty_cache()
+    cfg = MODELS[model]
+    row.update(bench_sdpa(b, cfg["h"], cfg["n"], t, cfg["head_dim"], device))
+    torch.cuda.empty_cache()
+    return row
+
+
+def _fmt(x: object, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown_table(rows: list[dict[str, object]]) -> str:
+    head = (
+        "| model | L | B | T | MLA MB | triton µs (graph) | triton TB/s | triton eager µs | ref µs | ref TB/s | "
+        "SDPA GQA µs (backend) | SDPA TB/s | SDPA µs / triton µs |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for row in rows:
+        sd = row.get("sdpa_us")
+        speed = None if sd is None else sd / row["triton_us"]
+        lines.append(
+            f"| {row['model']} | {row['latent']} | {row['batch']} | {row['context']} | "
+            f"{row['mla_bytes'] / 1e6:.1f} | {row['triton_us']:.1f} | **{row['triton_tbps']:.2f}** | "
+            f"{row['triton_eager_us']:.1f} | {_fmt(row['reference_us'], '.0f')} | "
+            f"{_fmt(row['reference_tbps'], '.2f')} | "
+            f"{_fmt(sd, '.1f')} ({row.get('sdpa_backend')}) | {_fmt(row.get('sdpa_tbps'), '.2f')} | "
+            f"{_fmt(speed, '.2f')} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def run_benchmark(args: argparse.Namespace, overrides: dict[int, dict[str, int]] | None = None) -> None:
+    device = torch.device("cuda")
+    overrides = overrides or {}
+    meta = {
+        "device": torch.cuda.get_device_name(device),
+        "sm_count": torch.cuda.get_device_properties(device).multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "PYTHONPATH=src python " + " ".join(sys.argv),
+        "dtype": "bfloat16",
+        "modalities": "M=2 (half image, half text tokens, random order), Qwen-style query biases, no padding",
+        "timing": "median of CUDA-event-timed runs, L2 flushed before each; triton_us = CUDA-graph replay, "
+        "triton_eager_us / reference / SDPA = triton.testing.do_bench of the eager call",
+        "tile_overrides": {str(k): v for k, v in overrides.items()},
+    }
+    meta["copy_tbps"] = copy_bandwidth(device) / 1e12
+    print(f"# {meta['device']} torch {meta['torch']} triton {meta['triton']}: copy {meta['copy_tbps']:.2f} TB/s")
+    rows = []
+    models = [m for m in MODELS if not args.models or m in args.models]
+    for model in models:
+        for lat in args.latents:
+            for b in args.batches:
+                for t in args.contexts:
+                    row = bench_row(model, lat, b, t, device, not args.no_reference, overrides.get(lat, {}))
+                    rows.append(row)
+                    print(
+                        f"{model:14s} L{lat:<4d} B{b:<3d} T{t:<6d} triton {row['triton_us']:8.1f} us "
+                        f"{row['triton_tbps']:5.2f} TB/s (eager {row['triton_eager_us']:7.1f} us, host "
+                        f"{row['triton_host_us']:.0f} us, splits {row['num_splits']}) | "
+                        f"ref {_fmt(row['reference_us'], '8.0f')} us | sdpa {_fmt(row['sdpa_us'], '8.1f')} us "
+                        f"{_fmt(row['sdpa_tbps'], '.2f')} TB/s ({row['sdpa_backend']}) "
+                        f"err {_fmt(row.get('max_rel_err_ctx'), '.1e')}",
+                        flush=True,
+                    )
+    if args.out_dir:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"decode_kernel_{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        md = (
+            f"# Absorbed MLA decode kernel: {meta['device']}\n\n"
+            f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; measured device copy "
+            f"{meta['copy_tbps']:.2f} TB/s (read + write).\n\n"
+            f"Regenerate: `{meta['command']}`\n\n"
+            "One decoder layer, one query token per sequence, bf16 cache, M = 2 branches (half image / half text), "
+            "query biases on, all keys valid. MLA bytes = latent + side rows (`L + N*R + 1` elements per token); "
+            "SDPA reads the original model's decompressed GQA cache (`2 * N * 128` elements per token, best of the "
+            "flash / efficient / cuDNN backends). Medians with L2 flushed before every run; `triton µs (graph)` is "
+            "a CUDA-graph replay (GPU time), `triton eager µs` the plain Python call under "
+            "`triton.testing.do_bench` (host-bound at small sizes).\n\n" + markdown_table(rows)
+        )
+        (out / f"decode_kernel_{args.tag}.md").write_text(md)
+        print(f"wrote {out}/decode_kernel_{args.tag}.json and .md")
+
+
+TUNE_CONFIGS = {
+    # latent width -> candidate (block_t, num_warps, num_stages)
+    256: [(64, 8, 2), (32, 4, 3), (32, 4, 2), (32, 4, 4), (16, 4, 3)],
+    512: [(64, 8, 2), (32, 8, 3)],
+}
+
+
+def _tune_trial(
+    results: list[dict[str, object]], tag: str, call: tuple, ref: tuple, nbytes: int, kw: dict[str, object]
+) -> float:
+    """Time one launcher configuration (CUDA-graph replay), print it, append it to ``results``."""
+    tag = tag + " " + " ".join(f"{k}={v}" for k, v in kw.items())
+    try:
+        out = mla_decode_triton(*call, **kw)
+        torch.cuda.synchronize()
+    except Exception as exc:
+        print(f"{tag} FAILED {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        return float("inf")
+    err = ((out[0] - ref[0]).abs().max() / ref[0].abs().max()).item()
+    ms = bench_graph_ms(lambda: mla_decode_triton(*call, **kw), reps=30)
+    if not err < 5e-2:  # a wrong result never wins
+        print(f"{tag} WRONG RESULT (rel err {err:.2e})", flush=True)
+        ms = float("inf")
+    tbps = nbytes / (ms * 1e-3) / 1e12
+    results.append(dict(tag=tag, us=ms * 1e3, tbps=tbps, err=err))
+    print(f"{tag} {ms * 1e3:8.1f} us {tbps:5.2f} TB/s err {err:.1e}", flush=True)
+    return ms
+
+
+def run_tune(args: argparse.Namespace) -> dict[int, dict[str, int]]:
+    """Sweep tile configs (default splits), then split counts; returns the best tile config per latent width."""
+    device = torch.device("cuda")
+    shapes = [
+        # model, latent, batch, context, with a key mask, split counts to try
+        ("qwen2.5-vl-7b", 256, 16, 8192, False, ()),
+        ("qwen2.5-vl-7b", 256, 64, 8192, True, ()),
+        ("qwen2.5-vl-7b", 512, 16, 8192, False, ()),
+    ]
+    results: list[dict[str, object]] = []
+    best_per_lat: dict[int, tuple[float, dict[str, int]]] = {}
+    for model, lat, b, t, with_mask, split_list in shapes:
+        cfg = MODELS[model]
+        inp = make_decode_inputs(b, cfg["h"], cfg["n"], cfg["r"], lat, t, device)
+        if with_mask:
+            mask = torch.ones(b, t, dtype=torch.bool, device=device)
+            mask[:, : t // 8] = False  # left padding of 1/8 of the context
+            inp["key_mask"] = mask
+        call = _call_args(inp)
+        nbytes = mla_bytes(b, t, lat, cfg["n"] * cfg["r"])
+        ref = mla_decode_reference(*call)
+        tag = f"{model:14s} L{lat} B{b:<3d} T{t} mask{int(with_mask)}"
+        best = None
+        configs = TUNE_CONFIGS[lat] if b > 1 else TUNE_CONFIGS[lat][:3]
+        for bt, w, s in configs:  # phase 1: tile configs with the default split count
+            kw = dict(block_t=bt, num_warps=w, num_stages=s)
+            ms = _tune_trial(results, tag, call, ref, nbytes, kw)
+            if best is None or ms < best[0]:
+                best = (ms, kw)
+        if b == 16 and not with_mask:
+            best_per_lat[lat] = best
+        for splits in split_list:  # phase 2: split counts with the best tile config
+            _tune_trial(results, tag, call, ref, nbytes, dict(best[1], num_splits=splits))
+        print(f"==> best tile config {best}\n", flush=True)
+        inp = call = ref = None
+        torch.cuda.empty_cache()
+    if args.out_dir:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.out_dir) / "tune.json").write_text(json.dumps(results, indent=1))
+    return {lat: kw for lat, (_, kw) in best_per_lat.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", default=None, help="write decode_kernel_<tag>.json/.md here")
+    p.add_argument("--tag", default="h100")
+    p.add_argument("--models", nargs="*", default=None, choices=list(MODELS))
+    p.add_argument("--latents", nargs="*", type=int, default=list(LATENTS))
+    p.add_argument("--batches", nargs="*", type=int, default=list(BATCHES))
+    p.add_argument("--contexts", nargs="*", type=int, default=list(CONTEXTS))
+    p.add_argument("--no-reference", action="store_true", help="skip the torch reference")
+    p.add_argument("--tune", action="store_true", help="sweep tile configs / splits")
+    p.add_argument(
+        "--tune-then-bench", action="store_true", help="sweep, then benchmark with the best tile config per latent"
+    )
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA device")
+    if args.tune or args.tune_then_bench:
+        best = run_tune(args)
+        print(f"best tile configs: {best}", flush=True)
+        if args.tune_then_bench:
+            run_benchmark(args, best)
+    else:
+        run_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()

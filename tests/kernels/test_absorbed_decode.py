@@ -1,0 +1,544 @@
+"""Tests of the absorbed MLA decode reference (CPU) and the Triton decode kernel (interpreter on CPU, real on GPU).
+
+How the Triton tests run
+------------------------
+* ``test_reference_*``: plain torch on CPU, always run. The reference is checked against ordinary attention over
+  explicitly decompressed K/V (``mla_decode_decompressed_oracle``), which proves the absorbed formulation.
+* ``test_interpreter_case``: the Triton kernel in Triton's CPU interpreter. ``TRITON_INTERPRET=1`` must be set
+  before ``triton`` is imported, so these cases are skipped in a normal run and executed instead by
+  ``test_triton_kernel_in_interpreter``, which re-runs this file in a subprocess with the variable set. To run them
+  directly: ``TRITON_INTERPRET=1 pytest tests/kernels/test_absorbed_decode.py -k interpreter_case``.
+* ``@pytest.mark.gpu`` tests: the compiled kernel on CUDA (skipped without a GPU), e.g. on the device machine:
+  ``PYTHONPATH=src python -m pytest tests/kernels/test_absorbed_decode.py -m gpu``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from hf_mla_vlm.kernels import (
+    absorb_queries,
+    apply_value_up_projection,
+    mla_decode_decompressed_oracle,
+    mla_decode_reference,
+)
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+needs_interpreter = pytest.mark.skipif(
+    not (INTERPRET and HAS_TRITON),
+    reason="needs TRITON_INTERPRET=1 before triton is imported (run by test_triton_kernel_in_interpreter)",
+)
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON and not INTERPRET), reason="needs CUDA and Triton")
+
+
+@dataclass
+class DecodeCase:
+    """One random decode problem; the cache tensors keep the model's layout (``(B, 1, T_alloc, ...)``)."""
+
+    q_rope: torch.Tensor  # (B, H, R)
+    q_nope: torch.Tensor  # (B, H, D)
+    q_latent: torch.Tensor  # (B, H, M, L)
+    q_bias: torch.Tensor | None  # (B, H, M)
+    keys: torch.Tensor  # (B, 1, T_alloc, L)
+    values: torch.Tensor  # (B, 1, T_alloc, N*R + 1)
+    key_mask: torch.Tensor | None  # (B, T)
+    w_uk: torch.Tensor  # (M, N*D, L)
+    w_uv: torch.Tensor  # (M, N*V, L)
+    b_k: torch.Tensor | None  # (M, N*D)
+    b_v: torch.Tensor | None  # (M, N*V)
+    t: int
+    n: int
+    scale: float
+
+    @property
+    def latent(self) -> torch.Tensor:
+        return self.keys[:, 0, : self.t]
+
+    @property
+    def side(self) -> torch.Tensor:
+        return self.values[:, 0, : self.t]
+
+    def absorbed_args(self) -> tuple:
+        return (self.q_rope, self.q_latent, self.q_bias, self.latent, self.side, self.key_mask, self.scale, self.n)
+
+
+def make_case(
+    b: int = 2,
+    h: int = 4,
+    n: int = 2,
+    r: int = 4,
+    lat: int = 16,
+    t: int = 37,
+    m: int = 2,
+    *,
+    d: int = 8,
+    v: int = 8,
+    bias: bool = True,
+    mask: str = "random",
+    image_frac: float = 0.5,
+    poison: bool = True,
+    t_extra: int = 3,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> DecodeCase:
+    """Random case. ``mask``: ``none`` | ``random`` | ``left_pad`` (different valid lengths, left padded) |
+    ``tail`` (static cache: valid prefix of different lengths) | ``empty_row`` (random, last row fully masked).
+    ``poison`` writes NaN into masked rows and into the unused tail of the allocation."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int, s: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * s
+
+    t_alloc = t + t_extra
+    keys = rnd(b, 1, t_alloc, lat)
+    values = rnd(b, 1, t_alloc, n * r + 1)
+    values[..., -1] = (torch.rand(b, 1, t_alloc, generator=g) < image_frac).float()
+    key_mask = None
+    if mask != "none":
+        if mask in ("random", "empty_row"):
+            key_mask = torch.rand(b, t, generator=g) > 0.3
+            key_mask[:, 0] = True
+            if mask == "empty_row":
+                key_mask[-1] = False
+        else:
+            lengths = torch.randint(1, t + 1, (b,), generator=g)
+            lengths[0] = t
+            pos = torch.arange(t)
+            if mask == "left_pad":
+                key_mask = pos[None, :] >= (t - lengths)[:, None]
+            elif mask == "tail":
+                key_mask = pos[None, :] < lengths[:, None]
+            else:
+                raise ValueError(f"unknown mask kind {mask!r}")
+    if poison:
+        nan = float("nan")
+        keys[:, :, t:] = nan
+        values[:, :, t:] = nan
+        if key_mask is not None:
+            keys[:, 0, :t][~key_mask] = nan
+            values[:, 0, :t][~key_mask] = nan
+    w_uk = rnd(m, n * d, lat, s=lat**-0.5)
+    w_uv = rnd(m, n * v, lat, s=lat**-0.5)
+    b_k = rnd(m, n * d) if bias else None
+    b_v = rnd(m, n * v) if bias else None
+    q_rope = rnd(b, h, r)
+    q_nope = rnd(b, h, d)
+    q_latent, q_bias = absorb_queries(q_nope, w_uk, b_k, n)
+    scale = 1.0 / math.sqrt(r + d)
+
+    def dev(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.to(device)
+
+    def cast(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.to(device=device, dtype=dtype)
+
+    return DecodeCase(
+        q_rope=cast(q_rope),
+        q_nope=cast(q_nope),
+        q_latent=cast(q_latent),
+        q_bias=dev(q_bias),
+        keys=cast(keys),
+        values=cast(values),
+        key_mask=dev(key_mask),
+        w_uk=dev(w_uk),
+        w_uv=dev(w_uv),
+        b_k=dev(b_k),
+        b_v=dev(b_v),
+        t=t,
+        n=n,
+        scale=scale,
+    )
+
+
+def _assert_finite(*tensors: torch.Tensor) -> None:
+    for x in tensors:
+        assert not torch.isnan(x).any(), "NaN in output"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reference vs decompressed oracle (CPU)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "t,m,bias,mask",
+    [
+        (1, 1, False, "none"),
+        (1, 2, True, "none"),
+        (37, 1, False, "random"),
+        (37, 2, True, "random"),
+        (37, 2, True, "left_pad"),
+        (37, 2, False, "tail"),
+        (64, 2, True, "empty_row"),
+        (5, 1, True, "left_pad"),
+    ],
+)
+def test_reference_matches_decompressed_oracle(t: int, m: int, bias: bool, mask: str) -> None:
+    case = make_case(b=3, h=6, n=3, r=4, lat=12, t=t, m=m, bias=bias, mask=mask, d=5, v=7, seed=t + 10 * m)
+    ctx, p_sum, lse = mla_decode_reference(*case.absorbed_args())
+    out, lse_ref = mla_decode_decompressed_oracle(
+        case.q_rope, case.q_nope, case.latent, case.side, case.key_mask, case.scale, case.n,
+        case.w_uk, case.w_uv, case.b_k, case.b_v,
+    )  # fmt: skip
+    _assert_finite(ctx, p_sum, lse)
+    o = apply_value_up_projection(ctx, p_sum, case.w_uv, case.b_v, case.n)
+    torch.testing.assert_close(o.double(), out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-5, atol=1e-5)
+    valid = torch.ones(3, t, dtype=torch.bool) if case.key_mask is None else case.key_mask
+    has_key = valid.any(dim=1)
+    torch.testing.assert_close(p_sum.sum(-1)[has_key], torch.ones_like(p_sum.sum(-1)[has_key]))
+    assert (lse[~has_key] == float("-inf")).all()
+    assert (ctx[~has_key] == 0).all() and (p_sum[~has_key] == 0).all()
+
+
+def test_reference_empty_modality_segment() -> None:
+    """Text-only cache with M = 2: the image branch gets exactly zero mass and the result equals the M = 1 run."""
+    case = make_case(t=29, m=2, image_frac=0.0, mask="left_pad", seed=3)
+    ctx, p_sum, lse = mla_decode_reference(*case.absorbed_args())
+    assert (ctx[:, :, 1] == 0).all() and (p_sum[:, :, 1] == 0).all()
+    one = mla_decode_reference(
+        case.q_rope, case.q_latent[:, :, :1], case.q_bias[:, :, :1], case.latent, case.side, case.key_mask,
+        case.scale, case.n,
+    )  # fmt: skip
+    torch.testing.assert_close(ctx[:, :, :1], one[0])
+    torch.testing.assert_close(lse, one[2])
+    out, _ = mla_decode_decompressed_oracle(
+        case.q_rope, case.q_nope, case.latent, case.side, case.key_mask, case.scale, case.n,
+        case.w_uk, case.w_uv, case.b_k, case.b_v,
+    )  # fmt: skip
+    o = apply_value_up_projection(ctx, p_sum, case.w_uv, case.b_v, case.n)
+    torch.testing.assert_close(o.double(), out, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_ignores_poisoned_rows_and_matches_per_sequence_runs() -> None:
+    """Different valid lengths per sequence (NaN in the padding) == each sequence on its own unpadded cache."""
+    case = make_case(b=3, t=41, mask="left_pad", poison=True, seed=7)
+    ctx, p_sum, lse = mla_decode_reference(*case.absorbed_args())
+    _assert_finite(ctx, p_sum, lse)
+    for i in range(3):
+        keep = case.key_mask[i]
+        single = mla_decode_reference(
+            case.q_rope[i : i + 1], case.q_latent[i : i + 1], case.q_bias[i : i + 1],
+            case.latent[i : i + 1, keep], case.side[i : i + 1, keep], None, case.scale, case.n,
+        )  # fmt: skip
+        torch.testing.assert_close(ctx[i : i + 1], single[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p_sum[i : i + 1], single[1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lse[i : i + 1], single[2], rtol=1e-5, atol=1e-6)
+
+
+def test_reference_uses_token_modality_not_position() -> None:
+    """Swapping a token's flag moves its probability mass to the other branch's accumulator."""
+    case = make_case(b=1, t=9, mask="none", poison=False, seed=11)
+    case.values[0, 0, :, -1] = 0.0
+    case.values[0, 0, 4, -1] = 1.0
+    ctx, p_sum, _ = mla_decode_reference(*case.absorbed_args())
+    assert torch.all(p_sum[0, :, 1] > 0)
+    # only token 4 is an image token: every head's image-branch context is exactly p * c_4
+    torch.testing.assert_close(ctx[0, :, 1], p_sum[0, :, 1, None] * case.latent[0, 4][None, :])
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.update(q_rope=a["q_rope"][..., :-1]), "side must have shape"),
+        (lambda a: a.update(q_latent=a["q_latent"][:, :, :1].expand(-1, -1, 3, -1)), "M = 1 or 2"),
+        (lambda a: a.update(latent=a["latent"][..., :-1]), "latent must have shape"),
+        (lambda a: a.update(key_mask=a["key_mask"].float()), "bool"),
+        (lambda a: a.update(key_mask=a["key_mask"][:, :-1]), "key_mask must have shape"),
+        (lambda a: a.update(q_bias=a["q_bias"][:, :, :1]), "q_bias must have shape"),
+        (lambda a: a.update(num_kv_heads=3), "multiple of num_kv_heads"),
+        (lambda a: a.update(side=a["side"].double()), "share the cache dtype"),
+        (lambda a: a.update(latent=a["latent"][:, :0], side=a["side"][:, :0], key_mask=None), "T >= 1"),
+    ],
+)
+def test_reference_rejects_bad_inputs(mutate, match: str) -> None:
+    case = make_case(t=8)
+    args = dict(
+        q_rope=case.q_rope, q_latent=case.q_latent, q_bias=case.q_bias, latent=case.latent, side=case.side,
+        key_mask=case.key_mask, scale=case.scale, num_kv_heads=case.n,
+    )  # fmt: skip
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        mla_decode_reference(**args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernel in the CPU interpreter
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_kernel_in_interpreter() -> None:
+    """Run the ``interpreter_case`` tests of this file in a subprocess with ``TRITON_INTERPRET=1``."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-k", "interpreter_case", "-p", "no:cacheprovider"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"interpreter run failed:\n{out[-6000:]}"
+    assert " passed" in out and " failed" not in out, out[-3000:]
+
+
+_INTERP_CASES = [
+    # (t, m, r, lat, bias, mask, dtype, num_splits)
+    (1, 1, 4, 16, False, "none", torch.float32, None),
+    (1, 2, 4, 16, True, "random", torch.float32, 3),
+    (5, 2, 4, 16, True, "left_pad", torch.float32, None),
+    (5, 1, 4, 16, True, "tail", torch.float16, 2),
+    (37, 2, 4, 16, True, "random", torch.float32, None),
+    (37, 2, 4, 16, True, "random", torch.float32, 1),
+    (37, 2, 4, 16, True, "empty_row", torch.float32, 3),
+    (37, 1, 4, 16, False, "left_pad", torch.float32, 2),
+    (37, 2, 4, 16, False, "tail", torch.bfloat16, 3),
+    (37, 2, 3, 48, True, "random", torch.float32, 2),
+    (37, 1, 5, 20, True, "none", torch.float16, None),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("t,m,r,lat,bias,mask,dtype,num_splits", _INTERP_CASES)
+def test_interpreter_case(t, m, r, lat, bias, mask, dtype, num_splits) -> None:
+    from hf_mla_vlm.kernels.absorbed_decode import mla_decode_triton
+
+    case = make_case(b=2, h=4, n=2, r=r, lat=lat, t=t, m=m, bias=bias, mask=mask, dtype=dtype, seed=t + r)
+    ref = mla_decode_reference(*case.absorbed_args())
+    out = mla_decode_triton(*case.absorbed_args(), num_splits=num_splits)
+    _assert_finite(*out)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    for got, want, name in zip(out, ref, ("ctx", "p_sum", "lse")):
+        assert got.dtype == torch.float32 and got.shape == want.shape, name
+        torch.testing.assert_close(got, want, **tol, msg=lambda s, n=name: f"{n}: {s}")
+
+
+@needs_interpreter
+def test_interpreter_empty_modality_and_block_boundaries() -> None:
+    """Text-only cache with M = 2 (empty image segment); T spans several BLOCK_T tiles and splits."""
+    from hf_mla_vlm.kernels.absorbed_decode import mla_decode_triton
+
+    case = make_case(b=2, t=70, m=2, image_frac=0.0, mask="left_pad", seed=5)
+    ref = mla_decode_reference(*case.absorbed_args())
+    for splits, block_t in ((None, 16), (1, 32), (2, 16), (5, 16)):
+        out = mla_decode_triton(*case.absorbed_args(), num_splits=splits, block_t=block_t)
+        assert (out[0][:, :, 1] == 0).all() and (out[1][:, :, 1] == 0).all()
+        for got, want in zip(out, ref):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_interpreter
+def test_interpreter_rejects_bad_inputs() -> None:
+    from hf_mla_vlm.kernels.absorbed_decode import mla_decode_triton
+
+    case = make_case(t=8)
+    with pytest.raises(ValueError, match="num_splits"):
+        mla_decode_triton(*case.absorbed_args(), num_splits=0)
+    with pytest.raises(ValueError, match="contiguous in their last dim"):
+        args = list(case.absorbed_args())
+        args[3] = case.keys[:, 0, :8].transpose(1, 2).contiguous().transpose(1, 2)
+        mla_decode_triton(*args)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        args = list(case.absorbed_args())
+        args[3], args[4] = args[3].double(), args[4].double()
+        args[0], args[1] = args[0].double(), args[1].double()
+        mla_decode_triton(*args)
+
+
+@pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="checks the error raised outside the interpreter")
+def test_triton_launcher_rejects_cpu_tensors_without_interpreter() -> None:
+    from hf_mla_vlm.kernels.absorbed_decode import mla_decode_triton
+
+    case = make_case(t=8)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        mla_decode_triton(*case.absorbed_args())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------------------------
+
+# per-dtype tolerances: (ctx relative to max|ctx_ref|, p_sum absolute, lse absolute)
+_GPU_TOL = {
+    torch.float32: (1e-4, 1e-5, 1e-4),
+    torch.float16: (4e-3, 2e-3, 2e-3),
+    torch.bfloat16: (2e-2, 1e-2, 1e-2),
+}
+
+
+def _check_gpu(out, ref, dtype: torch.dtype) -> None:
+    ctx, p_sum, lse = out
+    ctx_r, p_sum_r, lse_r = ref
+    _assert_finite(ctx, p_sum, lse)
+    t_ctx, t_ps, t_lse = _GPU_TOL[dtype]
+    rel = (ctx - ctx_r).abs().max() / ctx_r.abs().max().clamp_min(1e-6)
+    assert rel <= t_ctx, f"ctx rel err {rel:.3g} > {t_ctx}"
+    assert (p_sum - p_sum_r).abs().max() <= t_ps
+    both_inf = (lse == float("-inf")) & (lse_r == float("-inf"))
+    assert torch.equal(lse == float("-inf"), lse_r == float("-inf")), "empty rows differ"
+    diff = (lse - lse_r)[~both_inf].abs()
+    assert diff.numel() == 0 or diff.max() <= t_lse, f"lse abs err {diff.max():.3g} > {t_lse}"
+
+
+_GPU_SHAPES = {
+    # name: (h, n, r, lat)
+    "qwen_l256": (28, 4, 32, 256),
+    "qwen_l512": (28, 4, 32, 512),
+    "llama_l256": (32, 8, 32, 256),
+    "llama_l512": (32, 8, 32, 512),
+    "odd": (12, 3, 24, 48),
+}
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", list(_GPU_SHAPES))
+@pytest.mark.parametrize(
+    "t,m,mask,bias",
+    [(1, 2, "none", True), (37, 1, "random", False), (1000, 2, "left_pad", True), (4099, 2, "tail", True)],
+)
+def test_gpu_kernel_matches_reference(shape: str, dtype: torch.dtype, t: int, m: int, mask: str, bias: bool) -> None:
+    from hf_mla_vlm.kernels import mla_decode_triton
+
+    h, n, r, lat = _GPU_SHAPES[shape]
+    case = make_case(
+        b=3, h=h, n=n, r=r, lat=lat, t=t, m=m, d=128 - r, v=128, bias=bias, mask=mask, dtype=dtype, device="cuda",
+        seed=t,
+    )  # fmt: skip
+    ref = mla_decode_reference(*case.absorbed_args())
+    out = mla_decode_triton(*case.absorbed_args())
+    _check_gpu(out, ref, dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 64, 10_000])
+@pytest.mark.parametrize("mask", ["empty_row", "left_pad"])
+def test_gpu_num_splits_and_empty_segments(num_splits: int, mask: str) -> None:
+    from hf_mla_vlm.kernels import mla_decode_triton
+
+    case = make_case(
+        b=4, h=28, n=4, r=32, lat=256, t=2053, m=2, d=96, v=128, mask=mask, image_frac=0.0, dtype=torch.bfloat16,
+        device="cuda", seed=num_splits,
+    )  # fmt: skip
+    ref = mla_decode_reference(*case.absorbed_args())
+    out = mla_decode_triton(*case.absorbed_args(), num_splits=num_splits)
+    _check_gpu(out, ref, torch.bfloat16)
+    assert (out[0][:, :, 1] == 0).all() and (out[1][:, :, 1] == 0).all()
+
+
+@gpu
+@needs_cuda
+def test_gpu_cuda_graph_replay_with_new_lengths() -> None:
+    """The launcher does no host sync: capture it once, then change the cache contents, the key mask (valid lengths)
+    and the queries in place and replay; every replay must match the reference."""
+    from hf_mla_vlm.kernels import mla_decode_triton
+
+    dtype = torch.bfloat16
+    case = make_case(
+        b=4, h=28, n=4, r=32, lat=256, t=3000, m=2, d=96, v=128, mask="tail", dtype=dtype, device="cuda", seed=1,
+        poison=False,
+    )  # fmt: skip
+    args = case.absorbed_args()
+    mla_decode_triton(*args)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = mla_decode_triton(*args)
+    for step in range(3):
+        fresh = make_case(
+            b=4, h=28, n=4, r=32, lat=256, t=3000, m=2, d=96, v=128, mask="tail", dtype=dtype, device="cuda",
+            seed=100 + step,
+        )  # fmt: skip
+        case.q_rope.copy_(fresh.q_rope)
+        case.q_latent.copy_(fresh.q_latent)
+        case.q_bias.copy_(fresh.q_bias)
+        case.keys.copy_(fresh.keys)
+        case.values.copy_(fresh.values)
+        case.key_mask.copy_(fresh.key_mask)
+        if step == 2:
+            case.key_mask[1] = False  # a sequence with nothing valid
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_gpu(static_out, mla_decode_reference(*args), dtype)
+
+
+@gpu
+@needs_cuda
+def test_gpu_runtime_length_does_not_recompile() -> None:
+    from hf_mla_vlm.kernels import mla_decode_triton
+    from hf_mla_vlm.kernels.absorbed_decode import _mla_decode_stage1
+
+    def n_compiled() -> int | None:
+        caches = getattr(_mla_decode_stage1, "device_caches", None)
+        if caches is None:
+            return None
+        return sum(len(entry[0]) for entry in caches.values())
+
+    case = make_case(h=28, n=4, r=32, lat=256, t=4000, m=2, d=96, v=128, dtype=torch.bfloat16, device="cuda")
+    args = list(case.absorbed_args())
+    mla_decode_triton(*args, num_splits=4)
+    before = n_compiled()
+    if before is None:
+        pytest.skip("this Triton version does not expose its kernel cache")
+    for t in (1001, 2048, 3999, 777):
+        args[3], args[4], args[5] = case.keys[:, 0, :t], case.values[:, 0, :t], case.key_mask[:, :t]
+        out = mla_decode_triton(*args, num_splits=4)
+        _check_gpu(out, mla_decode_reference(*args), torch.bfloat16)
+    assert n_compiled() == before
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    "block_t,num_warps,num_stages", [(64, 8, 3), (64, 8, 2), (32, 8, 3), (32, 8, 2), (32, 4, 2), (16, 8, 1)]
+)
+@pytest.mark.parametrize("lat", [256, 512])
+def test_gpu_tile_configs(block_t: int, num_warps: int, num_stages: int, lat: int) -> None:
+    """Every tile configuration the benchmark's tuner may pick computes the same function."""
+    from triton.runtime.errors import OutOfResources
+
+    from hf_mla_vlm.kernels import mla_decode_triton
+
+    case = make_case(
+        b=3, h=28, n=4, r=32, lat=lat, t=1531, m=2, d=96, v=128, mask="left_pad", dtype=torch.bfloat16,
+        device="cuda", seed=lat + block_t,
+    )  # fmt: skip
+    ref = mla_decode_reference(*case.absorbed_args())
+    for splits in (1, 3):
+        try:
+            out = mla_decode_triton(
+                *case.absorbed_args(), num_splits=splits, block_t=block_t, num_warps=num_warps, num_stages=num_stages
+            )
+        except OutOfResources:
+            pytest.skip("this explicit configuration does not fit in shared memory")
+        _check_gpu(out, ref, torch.bfloat16)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_choose_num_splits_fills_waves() -> None:
+    from hf_mla_vlm.kernels.absorbed_decode import choose_num_splits
+
+    assert choose_num_splits(64, 37, 132, 64) == 1
+    for b, t in ((16, 8192), (64, 8192), (16, 32768), (64, 32768)):
+        s = choose_num_splits(b, t, 132, 64)
+        programs = b * s
+        assert programs / (132 * -(-programs // 132)) > 0.9, (b, t, s)
+    assert choose_num_splits(1, 32768, 132, 64) > 32  # one sequence still spreads over many SMs
+    assert choose_num_splits(16, 8192, 132, 32, programs_per_sm=2) == 2 * choose_num_splits(16, 8192, 132, 32)
