@@ -10,7 +10,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 from .configuration.configuration_llava_mla import LlavaMLAConfig
 from .configuration.configuration_llava_next_mla import LlavaNextMLAConfig
 from .configuration.configuration_qwen2_5_vl_mla import Qwen2_5_VLMLAConfig
-from .modeling.mla_attention import MLAAttention
+from .kernels import is_triton_available
+from .modeling.mla_attention import MLAAttention, register_decode_kernel
 from .modeling.modeling_llava_mla import LlavaMLAForConditionalGeneration
 from .modeling.modeling_llava_next_mla import LlavaNextMLAForConditionalGeneration
 from .modeling.modeling_qwen2_5_vl_mla import Qwen2_5_VLMLAForConditionalGeneration
@@ -26,6 +27,11 @@ for _config, _model in (
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
     AutoModelForImageTextToText.register(_config, _model, exist_ok=True)
+
+if is_triton_available():  # absorbed decode on CUDA through the Triton kernel; the torch reference elsewhere
+    from .kernels.decode_op import mla_decode
+
+    register_decode_kernel("cuda", mla_decode)
 
 
 def __getattr__(name):

@@ -216,3 +216,19 @@ def test_models_are_registered_with_the_auto_classes(tmp_module, native_checkpoi
     _convert(native_checkpoints["qwen2_5_vl"], out, rope_dim=8, kv_rank=8)
     for auto in (AutoModelForImageTextToText, AutoModel):
         assert type(auto.from_pretrained(out)) is hf_mla_vlm.Qwen2_5_VLMLAForConditionalGeneration
+
+
+def test_absorbed_weights_follow_in_place_weight_updates(compressed, native_checkpoints):
+    model = copy.deepcopy(compressed["llava"])
+    _, processor = load_native(native_checkpoints["llava"])
+    inputs = mixed_batch(processor, "llava")
+    kwargs = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    before = model.generate(**inputs, **kwargs)  # fills the absorbed-weight cache
+    perturb_image_branch(model, std=0.2, seed=5)
+    with torch.no_grad():
+        for attn in model.mla_attention_modules():
+            attn.kv_b_proj["text"].weight.mul_(1.5)
+    after = model.generate(**inputs, **kwargs)
+    expected = _decompressed_copy(model).generate(**inputs, **kwargs)
+    assert relative_error(expected.logits[1], after.logits[1]) < 1e-5
+    assert relative_error(before.logits[1], after.logits[1]) > 1e-3

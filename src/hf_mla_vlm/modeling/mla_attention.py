@@ -40,12 +40,27 @@ Decode (one query token) is absorbed and reads only the cache:
 which equals the decompressed attention exactly (up to rounding).
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..kernels.reference import absorb_queries, apply_value_up_projection, mla_decode_reference
+
 
 MODALITIES = ("text", "image")
+
+# Absorbed-decode kernels by device type, with the contract of `mla_decode_reference`. The plain-torch reference
+# serves every device; `import hf_mla_vlm` registers its Triton kernel for "cuda" when Triton is available (the
+# remote-code bundle ships without it and stays on the reference).
+DECODE_KERNELS: dict[str, Callable] = {}
+
+
+def register_decode_kernel(device_type: str, kernel: Callable) -> None:
+    """Use `kernel` for absorbed single-token decode on `device_type` (e.g. "cuda")."""
+    DECODE_KERNELS[device_type] = kernel
+
 
 # q/k/v and o projection biases of the text models we convert, by text `model_type`; anything else reads
 # `config.attention_bias` (Llama, Mistral).
@@ -127,6 +142,7 @@ class MLAAttention(nn.Module):
         # than a buffer, so meta-device initialisation in `from_pretrained` cannot leave it unset.
         self._rope_dims = [kept_rope_dims(pairs, self.head_dim) for pairs in config.rope_pairs[layer_idx]]
         self._rope_index = None
+        self._absorbed_key, self._absorbed_cache = None, None  # see `_cached_absorbed_weights`
 
     def rope_index(self, device: torch.device) -> torch.Tensor:
         """`(N, R)` indices into the per-position `cos`/`sin` of the dims each kv head keeps."""
@@ -176,10 +192,8 @@ class MLAAttention(nn.Module):
         latent, side = latent.unsqueeze(1), side.unsqueeze(1)  # one "head" each
         if past_key_values is not None:
             latent, side = past_key_values.update(latent, side, self.layer_idx)
-        latent = latent[:, 0]  # (B, T, L)
+        latent, side = latent[:, 0], side[:, 0]  # (B, T, L), (B, T, N*R + 1)
         kv_len = latent.shape[1]
-        k_rope_all = side[:, 0, :, :-1].reshape(bsz, kv_len, n_kv, self.rope_dim).transpose(1, 2)
-        image_all = side[:, 0, :, -1] > 0.5  # (B, T)
 
         if (
             q_len == 1
@@ -188,9 +202,11 @@ class MLAAttention(nn.Module):
             and (attention_mask is None or isinstance(attention_mask, torch.Tensor))
         ):
             key_mask = self._decode_key_mask(attention_mask, past_key_values, bsz, kv_len, latent.device)
-            out = self._absorbed_decode(q_rope, q_nope, k_rope_all, latent, image_all, key_mask)
+            out = self._absorbed_decode(q_rope, q_nope, side, latent, key_mask)
             return self.o_proj(out.reshape(bsz, 1, -1)), None
 
+        k_rope_all = side[..., :-1].reshape(bsz, kv_len, n_kv, self.rope_dim).transpose(1, 2)
+        image_all = side[..., -1] > 0.5  # (B, T)
         k_nope, value = self._up_project(latent, image_all)
         key = torch.cat([k_rope_all, k_nope], dim=-1)
         return self._attend(query, key, value, attention_mask, bsz, q_len, **kwargs)
@@ -235,65 +251,66 @@ class MLAAttention(nn.Module):
         k_nope, value = kv.split([self.nope_dim, self.head_dim], dim=-1)
         return k_nope, value
 
-    def absorbed_weights(
-        self, branch: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """`W_uk (N, P, L)`, `W_uv (N, D, L)` and biases `b_k (N, P)`, `b_v (N, D)` of one modality branch."""
-        proj = self.kv_b_proj[branch]
-        weight = proj.weight.view(self.num_key_value_heads, self.nope_dim + self.head_dim, self.latent_dim)
-        w_uk, w_uv = weight.split([self.nope_dim, self.head_dim], dim=1)
-        if proj.bias is None:
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Up-projections of every branch stacked for the decode kernel: `W_uk (M, N*P, L)`, `W_uv (M, N*D, L)` and
+        biases `b_k (M, N*P)`, `b_v (M, N*D)` (branch 0 = text, 1 = image)."""
+        branches, n_kv, latent = len(self.branches), self.num_key_value_heads, self.latent_dim
+        weight = torch.stack([self.kv_b_proj[b].weight for b in self.branches])
+        weight = weight.view(branches, n_kv, self.nope_dim + self.head_dim, latent)
+        w_uk, w_uv = weight.split([self.nope_dim, self.head_dim], dim=2)
+        w_uk, w_uv = w_uk.reshape(branches, -1, latent), w_uv.reshape(branches, -1, latent)
+        if self.kv_b_proj["text"].bias is None:
             return w_uk, w_uv, None, None
-        b_k, b_v = proj.bias.view(self.num_key_value_heads, -1).split([self.nope_dim, self.head_dim], dim=-1)
-        return w_uk, w_uv, b_k, b_v
+        bias = torch.stack([self.kv_b_proj[b].bias for b in self.branches]).view(branches, n_kv, -1)
+        b_k, b_v = bias.split([self.nope_dim, self.head_dim], dim=2)
+        return w_uk, w_uv, b_k.reshape(branches, -1), b_v.reshape(branches, -1)
+
+    def _cached_absorbed_weights(self):
+        """`absorbed_weights()`, rebuilt only when a `kv_b_proj` parameter changed (in place or replaced): decode
+        steps reuse the stacked tensors instead of re-stacking them for every token."""
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return self.absorbed_weights()  # traced into the graph / keeps gradients
+        params = [p for b in self.branches for p in self.kv_b_proj[b].parameters()]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._absorbed_key != key:
+            with torch.no_grad():
+                self._absorbed_cache = self.absorbed_weights()
+            self._absorbed_key = key
+        return self._absorbed_cache
 
     def _decode_key_mask(self, attention_mask, past_key_values, bsz, kv_len, device) -> torch.Tensor | None:
-        """Additive float or boolean mask `(B, 1, 1, T)` over the cached keys for one query token."""
+        """Boolean `(B, T)` mask over the cached keys for one query token (True = attend), or None (all valid)."""
         if attention_mask is None:
             # No padding; a static cache still returns its unfilled rows, hide them by length (no host sync).
             seen = past_key_values.get_seq_length(self.layer_idx)
             if isinstance(seen, int) and seen >= kv_len:
                 return None
-            return (torch.arange(kv_len, device=device) < seen).view(1, 1, 1, kv_len)
+            return (torch.arange(kv_len, device=device) < seen).view(1, kv_len).expand(bsz, kv_len)
         if attention_mask.dim() == 2:  # (B, T) padding mask, 1 = keep
-            return attention_mask[:, None, None, :kv_len].bool()
-        return attention_mask[:, :, -1:, :kv_len]
+            return attention_mask[:, :kv_len].bool()
+        mask = attention_mask[:, 0, -1, :kv_len]  # (B, 1, q, T) -> the last query row
+        if mask.dtype == torch.bool:
+            return mask
+        return mask > torch.finfo(mask.dtype).min / 2  # additive float mask (eager)
 
-    def _absorbed_decode(self, q_rope, q_nope, k_rope, latent, is_image, key_mask) -> torch.Tensor:
-        """Absorbed attention for one query token. Shapes: q_* (B, H, 1, .), k_rope (B, N, T, R),
-        latent (B, T, L), is_image (B, T). Returns (B, H, D) head outputs before `o_proj`."""
-        bsz, n_kv, groups = q_rope.shape[0], self.num_key_value_heads, self.num_key_value_groups
-        q_rope = q_rope.reshape(bsz, n_kv, groups, self.rope_dim)
-        q_nope = q_nope.reshape(bsz, n_kv, groups, self.nope_dim)
-        scores = torch.einsum("bngr,bntr->bngt", q_rope, k_rope)
-        in_branch = {"text": ~is_image, "image": is_image} if len(self.branches) == 2 else {"text": None}
-        absorbed = {}
-        for branch in self.branches:
-            w_uk, w_uv, b_k, b_v = self.absorbed_weights(branch)
-            q_latent = torch.einsum("bngp,npl->bngl", q_nope, w_uk)
-            part = torch.einsum("bngl,btl->bngt", q_latent, latent)
-            if b_k is not None:
-                part = part + torch.einsum("bngp,np->bng", q_nope, b_k).unsqueeze(-1)
-            absorbed[branch] = (w_uv, b_v)
-            if in_branch[branch] is not None:
-                part = torch.where(in_branch[branch][:, None, None, :], part, torch.zeros_like(part))
-            scores = scores + part
-        scores = scores * self.scaling
-        if key_mask is not None:
-            if key_mask.dtype == torch.bool:
-                scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
-            else:
-                scores = scores + key_mask
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)  # (B, N, G, T)
-        out = None
-        for branch, (w_uv, b_v) in absorbed.items():
-            p = probs if in_branch[branch] is None else probs * in_branch[branch][:, None, None, :]
-            context = torch.einsum("bngt,btl->bngl", p, latent)
-            part = torch.einsum("bngl,ndl->bngd", context, w_uv)
-            if b_v is not None:
-                part = part + p.sum(-1, keepdim=True) * b_v[None, :, None, :]
-            out = part if out is None else out + part
-        return out.reshape(bsz, self.num_heads, self.head_dim)
+    def _absorbed_decode(self, q_rope, q_nope, side, latent, key_mask) -> torch.Tensor:
+        """Absorbed attention for one query token, reading only the cache. Shapes: q_* (B, H, 1, .),
+        side (B, T, N*R + 1), latent (B, T, L), key_mask (B, T) or None. Returns (B, H, D) before `o_proj`."""
+        w_uk, w_uv, b_k, b_v = self._cached_absorbed_weights()
+        q_latent, q_bias = absorb_queries(q_nope[:, :, 0], w_uk, b_k, self.num_key_value_heads)
+        kernel = DECODE_KERNELS.get(latent.device.type, mla_decode_reference)
+        context, p_sum, _ = kernel(
+            q_rope[:, :, 0].to(latent.dtype),
+            q_latent.to(latent.dtype),
+            None if q_bias is None else q_bias.float(),
+            latent,
+            side,
+            key_mask,
+            self.scaling,
+            self.num_key_value_heads,
+        )
+        out = apply_value_up_projection(context, p_sum, w_uv, b_v, self.num_key_value_heads)
+        return out.to(q_nope.dtype)
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):

@@ -17,7 +17,12 @@ from .mla_attention import MLAAttention
 
 
 # Files of the remote-code bundle that every architecture ships, beside its own configuration/modeling files.
-COMMON_REMOTE_FILES = ("configuration_mla_common.py", "mla_attention.py", "modeling_mla_common.py")
+COMMON_REMOTE_FILES = {
+    "configuration_mla_common.py": "configuration",
+    "mla_attention.py": "modeling",
+    "modeling_mla_common.py": "modeling",
+    "reference.py": "kernels",
+}
 AUTO_CLASSES = ("AutoModel", "AutoModelForImageTextToText")
 _RELATIVE_IMPORT = re.compile(r"^from \.+(?:\w+\.)*(\w+) import", flags=re.MULTILINE)
 
@@ -105,9 +110,11 @@ def remote_code_files(model) -> dict[str, Path]:
         f"{config_module}.py": config_dir / f"{config_module}.py",
         f"{model_module}.py": model_dir / f"{model_module}.py",
     }
-    for name in COMMON_REMOTE_FILES:
-        # In the package, configuration files live in `configuration/` and modeling files in `modeling/`.
-        files[name] = (config_dir if name.startswith("configuration") else model_dir) / name
+    # In the package the files live in `configuration/`, `modeling/` and `kernels/`; in a remote-code folder they
+    # are all siblings of the modeling file.
+    in_package = model_dir.name == "modeling" and (model_dir.parent / "kernels").is_dir()
+    for name, subdir in COMMON_REMOTE_FILES.items():
+        files[name] = (model_dir.parent / subdir if in_package else model_dir) / name
     return files
 
 

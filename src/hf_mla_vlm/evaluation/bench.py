@@ -1,0 +1,102 @@
+# Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
+"""Decode throughput and memory of a model at a given batch and context (GPU).
+
+The cache is filled to `context` tokens with random values (half image, half text tokens for MLA caches) instead of a
+prefill: decode speed and memory depend on the cache size, not its content, and a 32k-token prefill of a 7B model
+would cost minutes of GPU time per point. Decode steps are timed with CUDA events after warm-up.
+"""
+
+import time
+from typing import Literal
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+from ..conversion_scripts.report import cache_nbytes
+
+
+Mode = Literal["eager", "static-compile"]
+
+
+def _is_mla(model) -> bool:
+    return hasattr(model, "mla_attention_modules") and model.config.mla_stage == "mla"
+
+
+def cache_layer(model, batch: int, context: int, dtype: torch.dtype, device, generator) -> tuple:
+    """Random (keys, values) of one layer in the model's own cache layout."""
+    text = model.config.text_config
+    if _is_mla(model):
+        attn = model.mla_attention_modules()[0]
+        keys = torch.randn(batch, 1, context, attn.latent_dim, device=device, dtype=dtype, generator=generator)
+        side = attn.num_key_value_heads * attn.rope_dim + 1
+        values = torch.randn(batch, 1, context, side, device=device, dtype=dtype, generator=generator)
+        values[..., -1] = (torch.arange(context, device=device) < context // 2).to(dtype)  # image, then text
+        return keys, values
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    shape = (batch, text.num_key_value_heads, context, head_dim)
+    return torch.randn(shape, device=device, dtype=dtype, generator=generator), torch.randn(
+        shape, device=device, dtype=dtype, generator=generator
+    )
+
+
+@torch.no_grad()
+def bench_decode(model, batch: int, context: int, *, steps: int = 16, warmup: int = 3, mode: Mode = "eager") -> dict:
+    """Decode `steps` tokens per sequence after a cache of `context` tokens; returns tokens/s and memory."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    text = model.config.text_config
+    torch.cuda.empty_cache()
+    weights_bytes = torch.cuda.memory_allocated(device)
+    if mode == "eager":
+        cache = DynamicCache(config=text)
+    else:
+        cache = StaticCache(config=text, max_cache_len=context + warmup + steps)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for idx in range(text.num_hidden_layers):  # one layer of random rows at a time: the cache copies them
+        cache.update(*cache_layer(model, batch, context, dtype, device, generator), idx)
+    cache_bytes = cache_nbytes(cache)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)  # the peak of decoding, not of filling the cache
+    total = context + warmup + steps
+    columns = torch.arange(total, device=device)
+    token = torch.full((batch, 1), 7, dtype=torch.long, device=device)
+
+    def step(position: int):
+        pos = torch.full((batch, 1), position, dtype=torch.long, device=device)
+        if model.config.model_type.startswith("qwen2_5_vl"):
+            pos = pos.unsqueeze(0).expand(3, batch, 1)
+        # eager: the mask covers the cache and the new token; static: fixed width, unfilled rows masked
+        width = position + 1 if mode == "eager" else total
+        mask = (columns[:width] <= position).long().expand(batch, width)
+        return forward(input_ids=token, past_key_values=cache, attention_mask=mask, position_ids=pos)
+
+    forward = model if mode == "eager" else torch.compile(model, mode="reduce-overhead", fullgraph=False)
+    started = time.perf_counter()
+    for i in range(warmup):
+        step(context + i).logits.sum().item()
+    warmup_s = time.perf_counter() - started
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(steps):
+        logits = step(context + warmup + i).logits
+    end.record()
+    torch.cuda.synchronize(device)
+    seconds = start.elapsed_time(end) / 1000
+    assert torch.isfinite(logits.float()).all(), "non-finite logits"
+    peak = torch.cuda.max_memory_allocated(device)
+    return {
+        "mode": mode,
+        "batch": batch,
+        "context": context,
+        "steps": steps,
+        "tokens_per_s": batch * steps / seconds,
+        "ms_per_step": 1000 * seconds / steps,
+        "warmup_s": warmup_s,
+        "weights_bytes": weights_bytes,
+        "cache_bytes_measured": cache_bytes,
+        "peak_bytes": peak,
+        "peak_minus_weights_bytes": peak - weights_bytes,
+    }
+
+
+__all__ = ["bench_decode", "cache_layer"]
