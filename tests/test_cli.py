@@ -87,3 +87,9 @@ def test_evaluate_cli_writes_json(native_checkpoints, tmp_path, capsys):
     assert result["data"] == "builtin" and result["fidelity"]["positions"] > 0
     assert result["fidelity"]["kl"] < 1e-6 and result["fidelity"]["top1_agreement"] == 1.0  # full rank is exact
     assert result["perplexity"]["ppl"] == pytest.approx(result["reference_perplexity"]["ppl"], rel=1e-4)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only error")
+def test_bench_needs_a_gpu(native_checkpoints, capsys):
+    assert cli.main(["bench", str(native_checkpoints["llava"])]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

@@ -184,6 +184,47 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="GPU decode tokens/s and peak memory of a model (and of a reference)")
+    p.add_argument("model")
+    p.add_argument("--reference", default=None, help="the original checkpoint, measured in the same mode")
+    p.add_argument("--batch", type=int, nargs="+", default=[16])
+    p.add_argument("--context", type=int, nargs="+", default=[8192])
+    p.add_argument("--mode", choices=["eager", "static-compile"], default="eager")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--output", default=None)
+
+
+def _run_bench(args) -> int:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from .evaluation.bench import bench_decode
+
+    if not torch.cuda.is_available():
+        raise ValueError("hf-mla-vlm bench measures GPU decode and needs a CUDA device.")
+    rows = []
+    for name in [args.model] + ([args.reference] if args.reference else []):
+        model = AutoModelForImageTextToText.from_pretrained(
+            name, dtype=getattr(torch, args.dtype), device_map="cuda", trust_remote_code=True
+        ).eval()
+        for batch in args.batch:
+            for context in args.context:
+                row = {"model": name, "batch": batch, "context": context}
+                try:
+                    row.update(bench_decode(model, batch, context, steps=args.steps, mode=args.mode))
+                except torch.OutOfMemoryError as error:
+                    row["error"] = f"CUDA out of memory: {str(error).splitlines()[0][:200]}"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        del model
+        torch.cuda.empty_cache()
+    if args.output:
+        Path(args.output).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2))
+    return 0
+
+
 def _add_tiny(sub) -> None:
     p = sub.add_parser("tiny", help="write a tiny random native VLM checkpoint (offline, for trying things out)")
     p.add_argument("arch", choices=["llava", "llava_next", "qwen2_5_vl"])
@@ -230,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_push(sub)
     _add_evaluate(sub)
+    _add_bench(sub)
     _add_tiny(sub)
     _add_demo(sub)
     return parser
@@ -239,6 +281,7 @@ COMMANDS = {
     "convert": _run_convert,
     "push": _run_push,
     "evaluate": _run_evaluate,
+    "bench": _run_bench,
     "tiny": _run_tiny,
     "demo": _run_demo,
 }
