@@ -175,7 +175,6 @@ class MLAAttention(nn.Module):
             q_rope, cos_k.repeat_interleave(groups, dim=1), sin_k.repeat_interleave(groups, dim=1)
         )
         k_rope = apply_partial_rope(k_rope, cos_k, sin_k)
-        query = torch.cat([q_rope, q_nope], dim=-1)
 
         if self.stage == "partial_rope":
             k_nope = self.k_nope_proj(hidden_states).view(bsz, q_len, n_kv, self.nope_dim).transpose(1, 2)
@@ -183,6 +182,7 @@ class MLAAttention(nn.Module):
             key = torch.cat([k_rope, k_nope], dim=-1)
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, self.layer_idx)
+            query = torch.cat([q_rope, q_nope], dim=-1)
             return self._attend(query, key, value, attention_mask, bsz, q_len, **kwargs)
 
         is_image = self._image_mask(image_token_mask, bsz, q_len, hidden_states.device)
@@ -209,6 +209,7 @@ class MLAAttention(nn.Module):
         image_all = side[..., -1] > 0.5  # (B, T)
         k_nope, value = self._up_project(latent, image_all)
         key = torch.cat([k_rope_all, k_nope], dim=-1)
+        query = torch.cat([q_rope, q_nope], dim=-1)
         return self._attend(query, key, value, attention_mask, bsz, q_len, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
