@@ -448,8 +448,8 @@ def mla_decode_triton(
         stat = torch.empty(b, num_splits, h, device=device, dtype=f32)
     bias_arg = q_bias.contiguous() if q_bias is not None else q_latent
     if key_mask is not None:
-        mask_arg = key_mask.to(torch.uint8)  # a (B, T) byte copy: negligible next to the cache, works on any view
-        mask_strides = mask_arg.stride()
+        mask_arg = key_mask.view(torch.uint8)  # same strides as the caller's view: no recompile when T changes
+        mask_strides = key_mask.stride()
     else:
         mask_arg = latent
         mask_strides = (0, 0)
