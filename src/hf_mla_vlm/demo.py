@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from .configuration.configuration_mla_common import text_head_dim
 from .conversion_scripts.convert import convert
 from .conversion_scripts.report import cache_nbytes
 from .tiny_models import TinyArch, save_tiny_vlm, tiny_image, tiny_prompt
@@ -47,8 +48,7 @@ def run_demo(arch: TinyArch, workdir: Path, *, rope_dim: int = 8, kv_rank: int =
     processor = AutoProcessor.from_pretrained(native)
     inputs = _batch(processor, arch)
     reference = AutoModelForImageTextToText.from_pretrained(native, dtype=torch.float32).eval()
-    head_dim = reference.config.text_config.head_dim if arch != "qwen2_5_vl" else None
-    head_dim = head_dim or reference.config.text_config.hidden_size // reference.config.text_config.num_attention_heads
+    head_dim = text_head_dim(reference.config.text_config)
 
     summary = {"arch": arch, "native_checkpoint": str(native)}
     for name, (r, k) in {"full_rank": (head_dim, head_dim), "compressed": (rope_dim, kv_rank)}.items():

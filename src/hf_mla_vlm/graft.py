@@ -30,6 +30,8 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 from transformers.initialization import no_init_weights
 from transformers.utils import logging
 
+from .configuration.configuration_mla_common import text_head_dim
+
 
 logger = logging.get_logger(__name__)
 
@@ -147,7 +149,7 @@ def _build_config(arch: GraftArch, text_config, tokenizer):
         return LlavaNextConfig(image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, **common)
     if arch != "qwen2_5_vl":
         raise ValueError(f"Unknown architecture {arch!r}; choose one of {GRAFT_ARCHS}.")
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    head_dim = text_head_dim(text_config)
     if sum(QWEN_MROPE_SECTION) * 2 != head_dim:
         raise ValueError(f"mrope_section {QWEN_MROPE_SECTION} needs head_dim 64, got {head_dim}.")
     qwen_text = dict(

@@ -18,6 +18,7 @@ from transformers import AutoConfig
 from transformers.initialization import no_init_weights
 from transformers.utils import logging
 
+from ..configuration.configuration_mla_common import text_head_dim
 from .calibration import encode_conversations, load_conversations
 from .registry import ArchSpec, arch_spec
 from .report import environment, kv_cache_size, model_card
@@ -106,7 +107,7 @@ def select_rope_pairs(
 
     Returns the pairs, a label of where they came from, and the ranks when they were computed here."""
     text = config.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = text_head_dim(text)
     if rope_ranks is not None:
         ranks = load_rank_file(rope_ranks)
         expected = (text.num_hidden_layers, text.num_key_value_heads)

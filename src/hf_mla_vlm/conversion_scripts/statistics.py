@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..configuration.configuration_mla_common import text_head_dim
 from ..modeling.mla_attention import rotate_half
 from .calibration import TokenCounts
 from .rope_selection import mkl_pair_sensitivity, pair_norms
@@ -145,7 +146,7 @@ def collect_statistics(
     text_layers = model.get_submodule(text_layers_path)
     text = model.config.text_config
     n_q, n_kv = text.num_attention_heads, text.num_key_value_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_q
+    head_dim = text_head_dim(text)
     num_pairs, hidden = head_dim // 2, text.hidden_size
     rng = random.Random(seed)
     num_heldout = min(len(samples) - 1, max(1, math.floor(len(samples) * heldout_fraction))) if len(samples) > 1 else 0

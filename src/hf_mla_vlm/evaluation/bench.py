@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, StaticCache
 
+from ..configuration.configuration_mla_common import text_head_dim
 from ..conversion_scripts.report import cache_nbytes
 
 
@@ -32,7 +33,7 @@ def cache_layer(model, batch: int, context: int, dtype: torch.dtype, device, gen
         values = torch.randn(batch, 1, context, side, device=device, dtype=dtype, generator=generator)
         values[..., -1] = (torch.arange(context, device=device) < context // 2).to(dtype)  # image, then text
         return keys, values
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = text_head_dim(text)
     shape = (batch, text.num_key_value_heads, context, head_dim)
     return torch.randn(shape, device=device, dtype=dtype, generator=generator), torch.randn(
         shape, device=device, dtype=dtype, generator=generator
