@@ -138,6 +138,15 @@ def _load_smollm2_from_gguf(gguf_path: Path):
     return model.eval(), tokenizer
 
 
+def _fix_special_tokens(model, tokenizer) -> None:
+    """The GGUF tokenizer's special tokens depend on the Transformers version (5.17 reads eos = "<|im_start|>" and
+    no pad token): take eos from the model config and pad with it, as SmolLM2-Instruct's own tokenizer does."""
+    eos = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
+    tokenizer.eos_token = eos
+    tokenizer.pad_token = eos
+    model.config.pad_token_id = model.config.eos_token_id
+
+
 def _write_cache(model, tokenizer, folder: Path, stamp: dict) -> None:
     """Write the cache in a unique staging folder and rename it into place (safe against concurrent writers)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -196,10 +205,12 @@ def load_smollm2(
     if cache and not refresh and _cache_is_valid(folder, stamp):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        _fix_special_tokens(model, tokenizer)
         logger.info(f"Loaded SmolLM2-135M-Instruct from {folder} in {time.perf_counter() - started:.1f}s")
         return model, tokenizer
     logger.info(f"Dequantising {gguf_path} (first load; cached afterwards)")
     model, tokenizer = _load_smollm2_from_gguf(gguf_path)
+    _fix_special_tokens(model, tokenizer)
     if cache:
         _write_cache(model, tokenizer, folder, stamp)
         logger.info(f"Cached SmolLM2-135M-Instruct as safetensors in {folder}")

@@ -6,8 +6,9 @@ into the native Transformers VLM classes, next to a small random vision tower an
 whose text path is a real, trained network: conversion quality and perplexity measured on them mean something, and
 the text-only logits equal SmolLM2's exactly.
 
-- LLaVA / LLaVA-NeXT: the text config *is* SmolLM2's `LlamaConfig`; a CLIP vision tower (hidden 128, 2 layers,
-  56x56 images, 14x14 patches: 16 image tokens) and the usual two-layer projector.
+- LLaVA / LLaVA-NeXT: the text config *is* SmolLM2's `LlamaConfig`; a CLIP vision tower (by default hidden 128,
+  2 layers, 56x56 images, 14x14 patches: 16 image tokens; `VisionSpec` sets other sizes, as the trained towers of
+  `hf_mla_vlm.zoo` do) and the usual two-layer projector.
 - Qwen2.5-VL: a `Qwen2_5_VLTextConfig` with SmolLM2's sizes, `rope_theta` 1e5 and `mrope_section` [8, 12, 12]
   (head_dim 64). The q/k/v biases that Qwen2.5-VL always has are set to zero; for text-only inputs the t/h/w
   position ids are equal, so M-RoPE reduces to SmolLM2's 1-D RoPE. Vision: depth 2, hidden 128,
@@ -22,6 +23,7 @@ The chat template is SmolLM2's, extended to content lists with `{"type": "image"
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -49,8 +51,40 @@ REUSED_TOKENS: dict[str, str] = {
 SMOLLM2_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 IMAGE_SIZE = 56
 PATCH_SIZE = 14
-LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 QWEN_MROPE_SECTION = [8, 12, 12]
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """Size of the vision side of a grafted VLM (the defaults are the small random towers of the tests).
+
+    Args:
+        image_size: side of the CLIP tower's square input (LLaVA, LLaVA-NeXT: each anyres tile and the base view);
+            for Qwen2.5-VL the processor resizes every image to at most `qwen_max_pixels`.
+        hidden_size / num_layers / num_heads / intermediate_size: the vision transformer.
+        feature_layer: LLaVA's `vision_feature_layer` (`-2`, LLaVA-1.5's choice, leaves the last layer unused).
+        qwen_max_pixels / qwen_min_pixels: Qwen2.5-VL's pixel budget (the processor's `longest_edge` and
+            `shortest_edge`, in pixels).
+        qwen_full_attention_blocks: Qwen2.5-VL blocks with full attention (the others use windows of
+            `qwen_window_size` pixels).
+    """
+
+    image_size: int = IMAGE_SIZE
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int | None = None  # LLaVA: 4 x hidden, Qwen2.5-VL: 2 x hidden
+    feature_layer: int = -2
+    qwen_min_pixels: int = 56 * 56
+    qwen_max_pixels: int = 224 * 224
+    qwen_window_size: int = 56
+    qwen_full_attention_blocks: tuple[int, ...] = (1,)
+
+    @property
+    def pinpoints(self) -> list[list[int]]:
+        """LLaVA-NeXT's anyres grid: 1x2, 2x1 and 2x2 tiles of `image_size`."""
+        s = self.image_size
+        return [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
 
 
 def chat_template(arch: GraftArch) -> str:
@@ -110,7 +144,7 @@ def build_vlm_tokenizer(smollm2_tokenizer, arch: GraftArch) -> PreTrainedTokeniz
         bos_token=smollm2_tokenizer.bos_token,
         eos_token=smollm2_tokenizer.eos_token,
         unk_token=smollm2_tokenizer.unk_token,
-        pad_token=smollm2_tokenizer.pad_token,
+        pad_token=smollm2_tokenizer.eos_token,  # SmolLM2-Instruct pads with <|im_end|>; GGUF loaders disagree
         extra_special_tokens=extra,
         padding_side="left",
         chat_template=chat_template(arch),
@@ -125,28 +159,32 @@ def _token_id(tokenizer, token: str) -> int:
     return tokenizer.convert_tokens_to_ids(token)
 
 
-def _build_config(arch: GraftArch, text_config, tokenizer):
+def _build_config(arch: GraftArch, text_config, tokenizer, vision_spec: VisionSpec):
     from transformers import LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig
 
     text = text_config.to_dict()
     for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype"):
         text.pop(key, None)
+    text["pad_token_id"] = tokenizer.pad_token_id
     if arch in ("llava", "llava_next"):
+        v = vision_spec
         vision = dict(
-            model_type="clip_vision_model", hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=128,
+            model_type="clip_vision_model", hidden_size=v.hidden_size,
+            intermediate_size=v.intermediate_size or 4 * v.hidden_size, num_hidden_layers=v.num_layers,
+            num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=PATCH_SIZE,
+            projection_dim=v.hidden_size,
         )  # fmt: skip
         common = dict(
             text_config=text,
             vision_config=vision,
             image_token_index=_token_id(tokenizer, "<image>"),
-            vision_feature_layer=-2,
+            vision_feature_layer=v.feature_layer,
             vision_feature_select_strategy="default",
             tie_word_embeddings=text_config.tie_word_embeddings,
         )
         if arch == "llava":
-            return LlavaConfig(image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, **common)
-        return LlavaNextConfig(image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, **common)
+            return LlavaConfig(image_seq_length=(v.image_size // PATCH_SIZE) ** 2, **common)
+        return LlavaNextConfig(image_grid_pinpoints=v.pinpoints, **common)
     if arch != "qwen2_5_vl":
         raise ValueError(f"Unknown architecture {arch!r}; choose one of {GRAFT_ARCHS}.")
     head_dim = text_head_dim(text_config)
@@ -170,12 +208,15 @@ def _build_config(arch: GraftArch, text_config, tokenizer):
         },
         bos_token_id=text_config.bos_token_id,
         eos_token_id=text_config.eos_token_id,
-        pad_token_id=text_config.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=text_config.tie_word_embeddings,
     )
+    v = vision_spec
     vision = dict(
-        depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=text_config.hidden_size,
-        patch_size=PATCH_SIZE, spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+        depth=v.num_layers, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size or 2 * v.hidden_size,
+        num_heads=v.num_heads, out_hidden_size=text_config.hidden_size, patch_size=PATCH_SIZE, spatial_merge_size=2,
+        temporal_patch_size=2, window_size=v.qwen_window_size,
+        fullatt_block_indexes=list(v.qwen_full_attention_blocks),
     )  # fmt: skip
     return Qwen2_5_VLConfig(
         text_config=qwen_text,
@@ -188,7 +229,7 @@ def _build_config(arch: GraftArch, text_config, tokenizer):
     )
 
 
-def _build_processor(arch: GraftArch, tokenizer):
+def _build_processor(arch: GraftArch, tokenizer, vision_spec: VisionSpec):
     from transformers import (
         LlavaImageProcessorPil,
         LlavaNextImageProcessorPil,
@@ -201,7 +242,7 @@ def _build_processor(arch: GraftArch, tokenizer):
 
     template = chat_template(arch)
     if arch == "qwen2_5_vl":
-        size = {"shortest_edge": 56 * 56, "longest_edge": 224 * 224}
+        size = {"shortest_edge": vision_spec.qwen_min_pixels, "longest_edge": vision_spec.qwen_max_pixels}
         kwargs = dict(patch_size=PATCH_SIZE, merge_size=2, temporal_patch_size=2, size=size)
         return Qwen2_5_VLProcessor(
             image_processor=Qwen2VLImageProcessor(**kwargs),
@@ -213,10 +254,11 @@ def _build_processor(arch: GraftArch, tokenizer):
         tokenizer=tokenizer, patch_size=PATCH_SIZE, vision_feature_select_strategy="default", image_token="<image>",
         num_additional_image_tokens=1, chat_template=template,
     )  # fmt: skip
-    sizes = dict(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    side = vision_spec.image_size
+    sizes = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     if arch == "llava":
         return LlavaProcessor(image_processor=LlavaImageProcessorPil(**sizes), **common)
-    image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, **sizes)
+    image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=vision_spec.pinpoints, **sizes)
     return LlavaNextProcessor(image_processor=image_processor, **common)
 
 
@@ -242,6 +284,7 @@ def build_smollm2_vlm(
     vision_seed: int = 0,
     dtype: torch.dtype = torch.float32,
     smollm2: tuple | None = None,
+    vision_spec: VisionSpec | None = None,
 ):
     """A native Transformers VLM whose language model is SmolLM2-135M-Instruct, with a small random vision tower.
 
@@ -257,6 +300,7 @@ def build_smollm2_vlm(
         smollm2 (`tuple`, *optional*):
             `(model, tokenizer)` from `hf_mla_vlm.assets.load_smollm2()`, to avoid loading it again. Its weights
             are copied, not shared.
+        vision_spec (`VisionSpec`, *optional*): size of the vision tower and images (default: `VisionSpec()`).
 
     Returns:
         `tuple`: `(model, processor)`, the model in eval mode.
@@ -276,7 +320,8 @@ def build_smollm2_vlm(
         raise ValueError(f"Unknown architecture {arch!r}; choose one of {GRAFT_ARCHS}.")
     source_model, source_tokenizer = smollm2 if smollm2 is not None else load_smollm2()
     tokenizer = build_vlm_tokenizer(source_tokenizer, arch)
-    config = _build_config(arch, source_model.config, tokenizer)
+    vision_spec = vision_spec or VisionSpec()
+    config = _build_config(arch, source_model.config, tokenizer, vision_spec)
     model_class = {
         "llava": LlavaForConditionalGeneration,
         "llava_next": LlavaNextForConditionalGeneration,
@@ -299,11 +344,11 @@ def build_smollm2_vlm(
     model.generation_config = GenerationConfig(
         bos_token_id=source_model.config.bos_token_id,
         eos_token_id=source_model.config.eos_token_id,
-        pad_token_id=source_model.config.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model.config.name_or_path = f"smollm2-135m-{arch}"
     model.to(dtype)
-    return model.eval(), _build_processor(arch, tokenizer)
+    return model.eval(), _build_processor(arch, tokenizer, vision_spec)
 
 
 def save_smollm2_vlm(
@@ -339,6 +384,7 @@ def save_smollm2_vlm(
 __all__ = [
     "GRAFT_ARCHS",
     "REUSED_TOKENS",
+    "VisionSpec",
     "build_smollm2_vlm",
     "build_vlm_tokenizer",
     "chat_template",
