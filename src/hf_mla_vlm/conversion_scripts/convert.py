@@ -1,5 +1,8 @@
 # Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
-"""`convert(...)`: a native LLaVA / LLaVA-NeXT / Qwen2.5-VL checkpoint in, a converted MLA checkpoint folder out."""
+"""`convert(...)`: a native LLaVA / LLaVA-NeXT / Qwen2.5-VL checkpoint in, a converted MLA checkpoint folder out.
+
+The source may also be a (fine-tuned) stage-1 `partial_rope` checkpoint: stage 2 (`mla`) is then built from its
+weights, its rotary pairs and statistics collected on it (method.md 4, "Pipeline")."""
 
 import json
 import os
@@ -19,6 +22,7 @@ from transformers.initialization import no_init_weights
 from transformers.utils import logging
 
 from ..configuration.configuration_mla_common import text_head_dim
+from ..utils import staged_folder
 from .calibration import encode_conversations, load_conversations
 from .registry import ArchSpec, arch_spec
 from .report import environment, kv_cache_size, model_card
@@ -54,6 +58,10 @@ _NOT_COPIED_NAMES = {
     "README.md",
     ".gitattributes",
     "model.safetensors.index.json",
+    # A stage-1 source's own reports (conversion, `hf_mla_vlm.training` fine-tuning) and trainer state.
+    "mla_conversion_report.json",
+    "finetune_report.json",
+    "trainer_state.json",
 }
 REPORT_NAME = "mla_conversion_report.json"
 
@@ -137,8 +145,58 @@ def select_rope_pairs(
     return ranks_to_pairs(ranks, rope_dim, head_dim=head_dim), rope_strategy, ranks
 
 
+def source_stage(config, spec: ArchSpec) -> str:
+    """`native` for an original checkpoint's config, else the `mla_stage` of a converted one."""
+    return "native" if config.model_type == spec.source_model_type else config.mla_stage
+
+
+def check_stages(source, stage: str, mla_stage: str) -> None:
+    """Allowed conversions: native -> `partial_rope` or `mla`; `partial_rope` (stage 1) -> `mla`."""
+    if stage == "mla":
+        raise ValueError(
+            f"{source} is already an MLA checkpoint (mla_stage='mla'); convert the native checkpoint or a stage-1 "
+            "(partial_rope) one."
+        )
+    if stage == "partial_rope" and mla_stage != "mla":
+        raise ValueError(
+            f"{source} is a stage-1 (partial_rope) checkpoint; it converts to mla_stage='mla' only, not {mla_stage!r}."
+        )
+
+
+def stage1_rope_dim(
+    source_config,
+    rope_dim: int | None,
+    rope_strategy: str | None,
+    rope_ranks: str | os.PathLike | None,
+    rope_min_per_axis: dict[str, int] | None,
+) -> int:
+    """`rope_dim` of a stage-1 (`partial_rope`) source, after checking the rotary settings against it.
+
+    Its rotary pairs were trained in stage 1 and cannot be re-selected: `rope_dim` may be omitted or must equal the
+    source's, and a fixed rope strategy or a rank file is accepted only when it selects exactly the source's pairs."""
+    source_dim = source_config.rope_dim
+    if rope_dim is not None and rope_dim != source_dim:
+        raise ValueError(
+            f"rope_dim={rope_dim} differs from the stage-1 source's rope_dim={source_dim}: the rotary pairs are fixed "
+            f"by stage-1 training. Omit rope_dim (--rope-dim) or pass {source_dim}."
+        )
+    hint = "the rotary pairs of a stage-1 source cannot be re-selected after stage-1 training; omit it."
+    if rope_min_per_axis:
+        raise ValueError(f"rope_min_per_axis={rope_min_per_axis} was given, but {hint}")
+    if rope_strategy in CALIBRATED_STRATEGIES:
+        raise ValueError(f"rope_strategy={rope_strategy!r} was given, but {hint}")
+    if rope_strategy is not None or rope_ranks is not None:
+        pairs, label, _ = select_rope_pairs(source_config, source_dim, rope_strategy or "high", rope_ranks)
+        if pairs != source_config.rope_pairs:
+            raise ValueError(
+                f"The rope setting {label!r} selects other rotary pairs than those of the stage-1 source, and {hint}"
+            )
+    return source_dim
+
+
 def build_mla_config(source_config, spec: ArchSpec, **mla_settings):
-    """The MLA config of `spec` carrying every field of the native `source_config` plus `mla_settings`."""
+    """The MLA config of `spec` carrying every field of `source_config` plus `mla_settings` (a stage-1 source's
+    MLA fields, e.g. `rope_pairs`, carry over unless overridden)."""
     values = source_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         values.pop(key, None)
@@ -205,7 +263,8 @@ def convert_model(
     dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> tuple[torch.nn.Module, list[dict]]:
-    """Build the MLA model from an in-memory native model. Returns the model and per-layer reports."""
+    """Build the MLA model from an in-memory native or stage-1 (`partial_rope`) model. Returns the model and
+    per-layer reports."""
     state = source_model.state_dict()
     prefix = spec.text_layers
     new_state, layer_reports = {}, []
@@ -287,9 +346,9 @@ def convert(
     source: str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
-    rope_dim: int,
+    rope_dim: int | None = None,
     kv_rank: int,
-    rope_strategy: RopeStrategy = "high",
+    rope_strategy: RopeStrategy | None = None,
     rope_ranks: str | os.PathLike | None = None,
     rope_min_per_axis: dict[str, int] | None = None,
     svd: SvdMethod = "weight",
@@ -308,17 +367,25 @@ def convert(
     progress: bool = True,
     return_model: bool = False,
 ) -> ConversionResult:
-    """Convert a native VLM checkpoint to MLA and write a Hub-compatible folder.
+    """Convert a native VLM checkpoint (or a stage-1 `partial_rope` one) to MLA and write a Hub-compatible folder.
 
     Args:
-        source: native LLaVA / LLaVA-NeXT / Qwen2.5-VL checkpoint folder (or Hub id in the local cache).
+        source: native LLaVA / LLaVA-NeXT / Qwen2.5-VL checkpoint folder (or Hub id in the local cache), or a
+            (fine-tuned) stage-1 `partial_rope` checkpoint converted by hf-mla-vlm. A stage-1 source converts to
+            `mla_stage="mla"` only: its `q_proj`, `k_rope_proj`, `o_proj` and every non-attention weight are kept,
+            `[k_nope_proj; v_proj]` is factorised, calibration statistics are collected on it, and its rotary pairs
+            are kept (they cannot be re-selected after stage-1 training).
         output_dir: folder to write. It is assembled in a hidden sibling folder and renamed at the end, so an
             interrupted run never leaves a folder that looks complete.
-        rope_dim: rotary dims kept per head (even, at most head_dim).
+        rope_dim: rotary dims kept per head (even, at most head_dim). Required for a native source; for a stage-1
+            source it may be omitted (the source's is used) and must otherwise equal it.
         kv_rank: latent width per kv head (the cached latent has `num_kv_heads * kv_rank` elements).
         rope_strategy: which rotary pairs to keep: `high`, `low`, `uniform` (fixed), `2-norm` (MHA2MLA's query/key
-            norm product) or `mkl` (KL sensitivity, MHA2MLA-VLM); ignored when `rope_ranks` is given.
-        rope_ranks: rank file (official `.pth` format, or our `.safetensors` / `.json`).
+            norm product) or `mkl` (KL sensitivity, MHA2MLA-VLM); ignored when `rope_ranks` is given. Default: `high`
+            for a native source; for a stage-1 source leave it unset (a fixed strategy is accepted only when it
+            selects the source's pairs, `2-norm` / `mkl` are errors).
+        rope_ranks: rank file (official `.pth` format, or our `.safetensors` / `.json`); for a stage-1 source only
+            when it selects the source's pairs.
         rope_min_per_axis: M-RoPE only: minimum kept pairs per axis, e.g. `{"h": 2, "w": 2}`.
         svd: low-rank initialisation of `[W_k_nope; W_v]`: `weight` (plain SVD), `joint-act` (activation-aware, one
             covariance for both modalities) or `md` (activation-aware per modality).
@@ -327,10 +394,10 @@ def convert(
         num_samples: calibration conversations.
         image_folder: root of relative image paths in a calibration JSON.
         statistics: precomputed statistics (object or file from `CalibrationStatistics.save`), to reuse them across
-            settings; must come from the same source model.
+            settings; must come from the same source model (a stage-1 source needs statistics of that model).
         damping: relative diagonal damping of the activation covariances (`lambda = damping * tr(C) / d`).
         dtype: `auto` (the source's dtype), `float32`, `bfloat16` or `float16`.
-        mla_stage: `mla`, or `partial_rope` (stage-1 form for recovery fine-tuning).
+        mla_stage: `mla`, or `partial_rope` (stage-1 form for recovery fine-tuning; native sources only).
         modality_split: separate image/text projections.
         image_token_ids: token ids of the image branch (default: the architecture's image tokens).
         device: where calibration layers run (default: CUDA if available).
@@ -350,18 +417,22 @@ def convert(
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}.")
     if svd not in ("weight", "joint-act", "md"):
         raise ValueError(f"svd must be one of weight, joint-act, md; got {svd!r}.")
-    if rope_strategy not in FIXED_STRATEGIES + CALIBRATED_STRATEGIES:
+    if rope_strategy is not None and rope_strategy not in FIXED_STRATEGIES + CALIBRATED_STRATEGIES:
         raise ValueError(
             f"rope_strategy must be one of {FIXED_STRATEGIES + CALIBRATED_STRATEGIES}, got {rope_strategy!r}."
         )
     source_path, is_hub_id = resolve_source(source)
     source_config = AutoConfig.from_pretrained(source_path)
     spec = arch_spec(source_config.model_type)
-    if source_config.model_type != spec.source_model_type:
-        raise ValueError(f"{source} is already an MLA checkpoint ({source_config.model_type}); pass the native one.")
-    needs_stats = (rope_ranks is None and rope_strategy in CALIBRATED_STRATEGIES) or (
-        svd != "weight" and mla_stage == "mla"
-    )
+    stage = source_stage(source_config, spec)
+    check_stages(source, stage, mla_stage)
+    if stage == "partial_rope":
+        rope_dim = stage1_rope_dim(source_config, rope_dim, rope_strategy, rope_ranks, rope_min_per_axis)
+    elif rope_dim is None:
+        raise ValueError("rope_dim (--rope-dim) is required when converting a native checkpoint.")
+    rope_strategy = rope_strategy or "high"
+    selects_pairs = stage == "native" and rope_ranks is None and rope_strategy in CALIBRATED_STRATEGIES
+    needs_stats = selects_pairs or (svd != "weight" and mla_stage == "mla")
     # Validate the settings before any weight is read (default rotary pairs; the selected ones come later).
     mla_settings = dict(rope_dim=rope_dim, kv_rank=kv_rank, modality_split=modality_split, mla_stage=mla_stage)
     if image_token_ids is not None:
@@ -369,7 +440,7 @@ def convert(
     mla_config = build_mla_config(source_config, spec, **mla_settings)
 
     t = time.perf_counter()
-    source_class = getattr(transformers, spec.source_class)
+    source_class = getattr(transformers, spec.source_class) if stage == "native" else spec.mla_model_class
     source_model = source_class.from_pretrained(source_path, dtype=torch.float32).eval()
     source_dtype = getattr(source_config, "dtype", None) or getattr(source_config.text_config, "dtype", None)
     target_dtype = DTYPES[dtype] if dtype != "auto" else _as_dtype(source_dtype)
@@ -389,15 +460,23 @@ def convert(
             )
             if len(stats.layers) != source_config.text_config.num_hidden_layers:
                 raise ValueError("The given statistics were collected on a model with a different number of layers.")
+            if stats.settings.get("attention", "native") != stage:
+                raise ValueError(
+                    f"The given statistics were collected on a {stats.settings.get('attention', 'native')} model, but "
+                    f"the source is {stage}: collect them on the source model itself."
+                )
         _check_statistics(stats, svd if mla_stage == "mla" else "weight", modality_split)
         timings["calibration_s"] = time.perf_counter() - t
         if torch.cuda.is_available() and str(device or "cuda").startswith("cuda"):
             memory["peak_device_bytes_during_calibration"] = torch.cuda.max_memory_allocated()
 
     t = time.perf_counter()
-    rope_pairs, rope_source, ranks = select_rope_pairs(
-        source_config, rope_dim, rope_strategy, rope_ranks, stats, rope_min_per_axis
-    )
+    if stage == "native":
+        rope_pairs, rope_source, ranks = select_rope_pairs(
+            source_config, rope_dim, rope_strategy, rope_ranks, stats, rope_min_per_axis
+        )
+    else:  # trained with these pairs in stage 1
+        rope_pairs, rope_source, ranks = source_config.rope_pairs, "stage-1 source", None
     mla_config.rope_pairs = rope_pairs
     mla_config.validate_mla()
     timings["rope_selection_s"] = time.perf_counter() - t
@@ -414,6 +493,7 @@ def convert(
     settings = {
         "architecture": spec.source_model_type,
         "mla_stage": mla_stage,
+        "source_stage": stage,
         "rope_dim": rope_dim,
         "kv_rank": kv_rank,
         "latent_dim": mla_config.mla_latent_dim,
@@ -483,24 +563,23 @@ def write_checkpoint_atomically(
 ) -> None:
     """Write weights, config, remote code, processor files, card and report in a hidden sibling folder, then
     move it into place. A crash leaves only `.<name>.incomplete`, never a folder that looks complete."""
-    output_dir = output_dir.resolve()
-    staging = output_dir.parent / f".{output_dir.name}.incomplete"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
+    with staged_folder(output_dir) as staging:
         model.save_pretrained(staging)
         report["copied_from_source"] = copy_processor_files(source_path, staging)
         if ranks is not None:  # reusable with --rope-ranks
             save_rank_file(ranks, staging / RANKS_NAME, metadata={"strategy": report["settings"]["rope_strategy"]})
         (staging / "README.md").write_text(model_card(report))
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
-__all__ = ["ConversionResult", "build_mla_config", "convert", "convert_model", "resolve_source", "select_rope_pairs"]
+__all__ = [
+    "ConversionResult",
+    "build_mla_config",
+    "check_stages",
+    "convert",
+    "convert_model",
+    "resolve_source",
+    "select_rope_pairs",
+    "source_stage",
+    "stage1_rope_dim",
+]

@@ -1,5 +1,5 @@
 # Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
-"""Calibration statistics of a native VLM, collected layer by layer.
+"""Calibration statistics of a native VLM (or of a stage-1 `partial_rope` MLA model), collected layer by layer.
 
 The text decoder's layer-0 inputs are captured once (vision tower, projector and embeddings run on the device, then
 go back). Each decoder layer is then moved to the device alone, every calibration sample is streamed through it, and
@@ -10,6 +10,9 @@ and modality they accumulate, in float64 on CPU:
   measuring the approximation error on tokens the factorisation never saw);
 * the mean per-pair 2-norms of the pre-RoPE queries and keys (the S_2-norm scores of MHA2MLA);
 * the closed-form KL sensitivity of every rotary pair (S_MKL, method.md 2.3), on a random subset of query rows.
+
+On a converted (MLA) model the rotary pairs are fixed already: only the covariances are collected there, and the
+pair norms / MKL fields are NaN (`settings["attention"]` records which kind of attention was measured).
 
 Device memory therefore peaks at one decoder layer plus the activations of one sample; host memory holds the layer
 inputs of all samples and the statistics (four `d x d` float64 matrices per layer).
@@ -26,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..configuration.configuration_mla_common import text_head_dim
-from ..modeling.mla_attention import rotate_half
+from ..modeling.mla_attention import MLAAttention, rotate_half
 from .calibration import TokenCounts
 from .rope_selection import mkl_pair_sensitivity, pair_norms
 
@@ -87,8 +90,10 @@ def forward_pre_hook(module: torch.nn.Module, hook):
 def _to(value, device):
     if isinstance(value, torch.Tensor):
         return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
     return value
 
 
@@ -112,6 +117,11 @@ def capture_layer_inputs(model, text_layers, samples: Iterable[dict], device) ->
     return captured
 
 
+def attention_kind(attention: torch.nn.Module) -> str:
+    """`native` for an original attention, else the `mla_stage` of a converted [`MLAAttention`]."""
+    return attention.stage if isinstance(attention, MLAAttention) else "native"
+
+
 def _apply_full_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
@@ -129,10 +139,15 @@ def collect_statistics(
     seed: int = 0,
     progress: bool = True,
 ) -> CalibrationStatistics:
-    """Collect the per-layer statistics of a native (unconverted) VLM on encoded calibration samples.
+    """Collect the per-layer statistics of a VLM on encoded calibration samples.
+
+    The covariances of the attention inputs are collected for any model; the rotary statistics (pair norms, MKL)
+    only for a native one, whose rotary pairs are still to be selected (a converted attention has them fixed and has
+    no `k_proj`); on a converted model those fields are NaN.
 
     Args:
-        model: the native `...ForConditionalGeneration` model (any device; layers are moved one at a time).
+        model: the native `...ForConditionalGeneration` model, or a converted one (e.g. a stage-1 `partial_rope`
+            model, for stage 2's MD-SVD); any device, layers are moved one at a time.
         samples: batch-1 processor outputs (`encode_conversations`).
         image_token_ids: token ids of the image modality.
         text_layers_path: attribute path of the text decoder layers.
@@ -168,6 +183,7 @@ def collect_statistics(
     inputs = capture_layer_inputs(model, text_layers, samples, device)
     if offload:
         _move_non_layers(model, text_layers, original_device)
+    kind = attention_kind(text_layers[0].self_attn)
 
     stats = []
     for layer_idx, layer in enumerate(tqdm(text_layers, desc="Calibration statistics (layers)", disable=not progress)):
@@ -199,7 +215,7 @@ def collect_statistics(
                     target_tokens[modality] += xm.shape[0]
                 if not torch.isfinite(x).all():
                     raise ValueError(f"Layer {layer_idx}: non-finite attention inputs on calibration sample {i}.")
-                if i in heldout_ids:
+                if i in heldout_ids or kind != "native":
                     continue
                 xs = seen["x"].float()
                 q = attn.q_proj(xs).view(1, -1, n_q, head_dim).transpose(1, 2).float()  # (1, H, T, D)
@@ -234,9 +250,9 @@ def collect_statistics(
                 heldout=held,
                 tokens=tokens,
                 heldout_tokens=held_tokens,
-                q_pair_norm=q_norm / max(norm_tokens, 1),
-                k_pair_norm=k_norm / max(norm_tokens, 1),
-                mkl=mkl / max(mkl_rows, 1),
+                q_pair_norm=q_norm / norm_tokens if norm_tokens else torch.full_like(q_norm, math.nan),
+                k_pair_norm=k_norm / norm_tokens if norm_tokens else torch.full_like(k_norm, math.nan),
+                mkl=mkl / mkl_rows if mkl_rows else torch.full_like(mkl, math.nan),
             )
         )
     return CalibrationStatistics(
@@ -248,6 +264,7 @@ def collect_statistics(
             "heldout_fraction": heldout_fraction,
             "mkl_queries_per_sample": mkl_queries_per_sample,
             "seed": seed,
+            "attention": kind,
         },
     )
 
@@ -263,4 +280,4 @@ def _move_non_layers(model, text_layers, device) -> None:
                 module._buffers[name] = buffer.to(device)
 
 
-__all__ = ["CalibrationStatistics", "LayerStatistics", "capture_layer_inputs", "collect_statistics"]
+__all__ = ["CalibrationStatistics", "LayerStatistics", "attention_kind", "capture_layer_inputs", "collect_statistics"]

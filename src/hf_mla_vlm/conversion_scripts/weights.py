@@ -1,6 +1,10 @@
 # Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
 """Weight mapping from a native GQA/MHA attention to the converted MLA attention (method.md 1.2).
 
+The source of a layer is either the native attention (`q_proj`, `k_proj`, `v_proj`, `o_proj`) or the stage-1
+(`partial_rope`) attention of a converted model (`q_proj` already permuted, `k_rope_proj`, `k_nope_proj`, `v_proj`,
+`o_proj`). The `mla` stage is always built from the stage-1 layout, so both sources share one code path.
+
 Everything here is a pure function of tensors and the MLA config: no model, no I/O.
 """
 
@@ -42,16 +46,64 @@ def up_row_order(num_kv_heads: int, nope_dim: int, head_dim: int) -> list[int]:
     return order
 
 
+# Projections with a q/k/v bias (when the architecture has one), per source layout.
+_PROJECTIONS = {
+    "native": ("q_proj", "k_proj", "v_proj"),
+    "partial_rope": ("q_proj", "k_rope_proj", "k_nope_proj", "v_proj"),
+}
+
+
+def attention_source_stage(attention: Mapping[str, torch.Tensor]) -> str:
+    """`partial_rope` for the weights of a stage-1 attention (it has `k_nope_proj`), `native` otherwise."""
+    return "partial_rope" if "k_nope_proj.weight" in attention else "native"
+
+
+def attention_keys(text_config, stage: str) -> set[str]:
+    """Weight names of one attention of `text_config` in the `native` or `partial_rope` layout."""
+    qkv_bias, o_bias = attention_bias_layout(text_config)
+    names = _PROJECTIONS[stage]
+    keys = {f"{name}.weight" for name in names} | {"o_proj.weight"}
+    keys |= {f"{name}.bias" for name in names} if qkv_bias else set()
+    keys |= {"o_proj.bias"} if o_bias else set()
+    return keys
+
+
 def kv_source_matrix(
     attention: Mapping[str, torch.Tensor], config, layer_idx: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`W = [W_k_nope; W_v]` of one layer (and its bias), the matrix the low-rank initialisations factorise."""
-    _, nope = key_rows(config.rope_pairs[layer_idx], config.mla_head_dim)
-    weight = torch.cat([attention["k_proj.weight"][nope], attention["v_proj.weight"]], dim=0)
-    bias = None
-    if "k_proj.bias" in attention:
-        bias = torch.cat([attention["k_proj.bias"][nope], attention["v_proj.bias"]], dim=0)
+    """`W = [W_k_nope; W_v]` of one layer (and its bias), the matrix the low-rank initialisations factorise, from
+    native (`k_proj` NoPE rows, `v_proj`) or stage-1 (`k_nope_proj`, `v_proj`) weights."""
+    if attention_source_stage(attention) == "partial_rope":
+        k_weight, k_bias = attention["k_nope_proj.weight"], attention.get("k_nope_proj.bias")
+    else:
+        _, nope = key_rows(config.rope_pairs[layer_idx], config.mla_head_dim)
+        k_weight = attention["k_proj.weight"][nope]
+        k_bias = attention["k_proj.bias"][nope] if "k_proj.bias" in attention else None
+    weight = torch.cat([k_weight, attention["v_proj.weight"]], dim=0)
+    bias = None if k_bias is None else torch.cat([k_bias, attention["v_proj.bias"]], dim=0)
     return weight, bias
+
+
+def partial_rope_weights(attention: Mapping[str, torch.Tensor], config, layer_idx: int) -> dict[str, torch.Tensor]:
+    """Stage-1 weights of one layer from float native ones: `q_proj` rows permuted per head to `[rope | nope]`,
+    `k_proj` split into `k_rope_proj` / `k_nope_proj`, `v_proj` and `o_proj` unchanged."""
+    head_dim, pairs = config.mla_head_dim, config.rope_pairs[layer_idx]
+    rope_rows, nope_rows = key_rows(pairs, head_dim)
+    q_order = query_row_order(pairs, config.text_config.num_attention_heads, head_dim)
+    layout = (  # (stage-1 name, native name, rows taken; None = all, in order)
+        ("q_proj", "q_proj", q_order),
+        ("k_rope_proj", "k_proj", rope_rows),
+        ("k_nope_proj", "k_proj", nope_rows),
+        ("v_proj", "v_proj", None),
+        ("o_proj", "o_proj", None),
+    )
+    out = {}
+    for name, source, order in layout:
+        for kind in ("weight", "bias"):
+            if f"{source}.{kind}" in attention:
+                tensor = attention[f"{source}.{kind}"]
+                out[f"{name}.{kind}"] = tensor if order is None else tensor[order]
+    return out
 
 
 def convert_attention_weights(
@@ -63,7 +115,8 @@ def convert_attention_weights(
     """Converted weights of one layer's attention.
 
     Args:
-        attention: the native attention's weights, keys `q_proj.weight`, `k_proj.weight`, ... (biases if any).
+        attention: the native attention's weights (`q_proj.weight`, `k_proj.weight`, ...) or a stage-1 attention's
+            (`q_proj.weight`, `k_rope_proj.weight`, `k_nope_proj.weight`, ...; already permuted), biases if any.
         config: the target MLA config (`rope_pairs`, `rope_dim`, `kv_rank`, `mla_stage`, `modality_split`).
         layer_idx: decoder layer index.
         low_rank: factorisation of `[W_k_nope; W_v]` per modality branch (required for `mla_stage="mla"`).
@@ -72,44 +125,23 @@ def convert_attention_weights(
         The state dict of [`MLAAttention`] (keys relative to the attention module), in float32.
     """
     text = config.text_config
-    num_heads, num_kv = text.num_attention_heads, text.num_key_value_heads
-    head_dim, rope_dim = config.mla_head_dim, config.rope_dim
-    nope_dim = head_dim - rope_dim
-    pairs = config.rope_pairs[layer_idx]
-    qkv_bias, o_bias = attention_bias_layout(text)
-    expected = {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"}
-    expected |= {"q_proj.bias", "k_proj.bias", "v_proj.bias"} if qkv_bias else set()
-    expected |= {"o_proj.bias"} if o_bias else set()
+    num_kv, head_dim = text.num_key_value_heads, config.mla_head_dim
+    nope_dim = head_dim - config.rope_dim
+    stage = attention_source_stage(attention)
+    expected = attention_keys(text, stage)
     if set(attention) != expected:
         raise ValueError(
             f"Layer {layer_idx}: attention weights {sorted(attention)} do not match the expected {sorted(expected)}."
         )
     attention = {name: tensor.float() for name, tensor in attention.items()}
-    rope_rows, nope_rows = key_rows(pairs, head_dim)
-    q_order = query_row_order(pairs, num_heads, head_dim)
-
-    out = {
-        "q_proj.weight": attention["q_proj.weight"][q_order],
-        "k_rope_proj.weight": attention["k_proj.weight"][rope_rows],
-    }
-    if qkv_bias:
-        out["q_proj.bias"] = attention["q_proj.bias"][q_order]
-        out["k_rope_proj.bias"] = attention["k_proj.bias"][rope_rows]
-    out["o_proj.weight"] = attention["o_proj.weight"]
-    if o_bias:
-        out["o_proj.bias"] = attention["o_proj.bias"]
-
+    stage1 = attention if stage == "partial_rope" else partial_rope_weights(attention, config, layer_idx)
     if config.mla_stage == "partial_rope":
-        out["k_nope_proj.weight"] = attention["k_proj.weight"][nope_rows]
-        out["v_proj.weight"] = attention["v_proj.weight"]
-        if qkv_bias:
-            out["k_nope_proj.bias"] = attention["k_proj.bias"][nope_rows]
-            out["v_proj.bias"] = attention["v_proj.bias"]
-        return out
+        return stage1
 
     if low_rank is None:
         raise ValueError("mla_stage='mla' needs a low-rank initialisation (`low_rank`).")
-    weight, bias = kv_source_matrix(attention, config, layer_idx)
+    weight, bias = kv_source_matrix(stage1, config, layer_idx)
+    out = {name: tensor for name, tensor in stage1.items() if not name.startswith(("k_nope_proj.", "v_proj."))}
     order = up_row_order(num_kv, nope_dim, head_dim)
     latent = config.mla_latent_dim
     for branch in ("text", "image") if config.modality_split else ("text",):
@@ -128,9 +160,12 @@ def convert_attention_weights(
 
 __all__ = [
     "LowRankInit",
+    "attention_keys",
+    "attention_source_stage",
     "convert_attention_weights",
     "key_rows",
     "kv_source_matrix",
+    "partial_rope_weights",
     "query_row_order",
     "up_row_order",
 ]
