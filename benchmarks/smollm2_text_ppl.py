@@ -14,7 +14,6 @@ Regenerate (CPU, about 40 minutes on 2 cores):
 import argparse
 import itertools
 import json
-import random
 import sys
 import time
 from datetime import datetime, timezone
@@ -25,7 +24,12 @@ from transformers import AutoProcessor
 
 import hf_mla_vlm  # noqa: F401
 from hf_mla_vlm.assets import wikipedia_split
-from hf_mla_vlm.conversion_scripts.calibration import Conversation, builtin_conversations, encode_conversations
+from hf_mla_vlm.conversion_scripts.calibration import (
+    Conversation,
+    builtin_conversations,
+    encode_conversations,
+    wikipedia_conversations,
+)
 from hf_mla_vlm.conversion_scripts.convert import build_mla_config, convert_model, select_rope_pairs
 from hf_mla_vlm.conversion_scripts.registry import arch_spec
 from hf_mla_vlm.conversion_scripts.report import environment, kv_cache_size
@@ -41,17 +45,7 @@ SVDS = ("weight", "joint-act", "md")
 def calibration_set(num_samples: int, seed: int) -> list[Conversation]:
     """Half synthetic image conversations, half Wikipedia paragraphs from the calibration split."""
     images = builtin_conversations(num_samples - num_samples // 2, seed=seed)
-    texts = wikipedia_split("calibration")
-    random.Random(seed).shuffle(texts)
-    prose = [
-        Conversation(
-            [
-                {"role": "user", "content": [{"type": "text", "text": "Write an encyclopedia paragraph."}]},
-                {"role": "assistant", "content": [{"type": "text", "text": text[:1500]}]},
-            ]
-        )
-        for text in texts[: num_samples // 2]
-    ]
+    prose = wikipedia_conversations(num_samples // 2, seed=seed)
     return images + prose
 
 
