@@ -67,8 +67,11 @@ class MLAModelMixin:
                 )
             return image_token_mask.bool()
         if input_ids is not None:
-            ids = torch.tensor(self.config.image_token_ids, dtype=input_ids.dtype, device=input_ids.device)
-            return torch.isin(input_ids, ids)
+            # Comparisons with Python ints: no id tensor is built and copied to the device at every decode step.
+            mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            for token_id in self.config.image_token_ids:
+                mask |= input_ids == token_id
+            return mask
         if self.config.mla_stage == "mla" and self.config.modality_split:
             raise ValueError(
                 "This MLA model routes image and text tokens through different projections and cannot tell them "
