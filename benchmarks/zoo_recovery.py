@@ -25,11 +25,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 import hf_mla_vlm  # noqa: F401
 from hf_mla_vlm.assets import wikipedia_split
 from hf_mla_vlm.conversion_scripts.calibration import encode_conversations
-from hf_mla_vlm.conversion_scripts.convert import convert
+from hf_mla_vlm.conversion_scripts.convert import build_mla_config, convert
+from hf_mla_vlm.conversion_scripts.registry import arch_spec
 from hf_mla_vlm.conversion_scripts.report import environment
 from hf_mla_vlm.conversion_scripts.statistics import collect_statistics
 from hf_mla_vlm.evaluation import load_model_and_processor
@@ -47,14 +49,11 @@ def score(path: Path, samples, texts, args) -> dict:
     return {"accuracy": vqa["accuracy"], "per_type": vqa["per_type"], "ppl": ppl["ppl"]}
 
 
-def statistics_of(path: Path, args):
+def statistics_of(path: Path, image_token_ids: list[int], args):
     """Calibration statistics of the checkpoint at `path` (native or stage 1), on the zoo calibration set."""
     model, processor = load_model_and_processor(path, device="cpu")
     encoded = list(encode_conversations(processor, calibration_conversations(args.model, args.calibration, args.seed)))
-    ids = getattr(model.config, "image_token_ids", None) or [
-        getattr(model.config, "image_token_id", None) or model.config.image_token_index
-    ]
-    return collect_statistics(model, encoded, list(ids), device=args.device, progress=False)
+    return collect_statistics(model, encoded, image_token_ids, device=args.device, progress=False)
 
 
 def tune(source: Path, out: Path, stage: int, steps: int, lr: float, args) -> dict:
@@ -90,7 +89,10 @@ def run(args) -> dict:
     native = save_zoo_model(args.model, work / "native")
     routes: dict[str, dict] = {"original": {"before": score(native, samples, texts, args)}}
     print(f"[{args.model}] original {routes['original']}", flush=True)
-    stats = statistics_of(native, args)
+    config = AutoConfig.from_pretrained(native)
+    mla_defaults = build_mla_config(config, arch_spec(config.model_type))
+    image_token_ids = mla_defaults.image_token_ids  # the image branch's ids, as `convert` routes them
+    stats = statistics_of(native, image_token_ids, args)
     setting = dict(rope_dim=args.rope_dim, kv_rank=args.kv_rank, progress=False, overwrite=True)
 
     for route in args.routes:
@@ -109,7 +111,7 @@ def run(args) -> dict:
             entry["stage1_before"] = score(stage1, samples, texts, args)
             entry["stage1"] = tune(stage1, work / "stage1-ft", 1, args.stage1_steps, args.stage1_lr, args)
             entry["stage1_after"] = score(work / "stage1-ft", samples, texts, args)
-            stage1_stats = statistics_of(work / "stage1-ft", args)
+            stage1_stats = statistics_of(work / "stage1-ft", image_token_ids, args)
             mla = work / "stage1-mla"
             report = convert(work / "stage1-ft", mla, svd="md", statistics=stage1_stats, **setting).report
             entry["kv_cache"] = report["kv_cache"]

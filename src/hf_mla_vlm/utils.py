@@ -2,9 +2,27 @@
 """Small shared helpers."""
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+
+
+def to_device(value, device, non_blocking: bool = False):
+    """`value` with every tensor moved to `device`, through mappings, lists and tuples (other values as they are)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=non_blocking)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device, non_blocking) for v in value)
+    if isinstance(value, Mapping):  # dicts and processor outputs (`BatchFeature`): a plain dict comes back
+        return {k: to_device(v, device, non_blocking) for k, v in value.items()}
+    return value
+
+
+def as_tokenizer(tokenizer_or_processor):
+    """A processor's tokenizer, or the tokenizer itself."""
+    return getattr(tokenizer_or_processor, "tokenizer", None) or tokenizer_or_processor
 
 
 @contextmanager
@@ -26,4 +44,4 @@ def staged_folder(output_dir: str | Path) -> Iterator[Path]:
         raise
 
 
-__all__ = ["staged_folder"]
+__all__ = ["as_tokenizer", "staged_folder", "to_device"]

@@ -30,6 +30,7 @@ from transformers.utils import logging
 
 from ..configuration.configuration_mla_common import text_head_dim
 from ..modeling.mla_attention import MLAAttention, rotate_half
+from ..utils import to_device
 from .calibration import TokenCounts
 from .rope_selection import mkl_pair_sensitivity, pair_norms
 
@@ -87,16 +88,6 @@ def forward_pre_hook(module: torch.nn.Module, hook):
         handle.remove()
 
 
-def _to(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
 @torch.no_grad()
 def capture_layer_inputs(model, text_layers, samples: Iterable[dict], device) -> list[tuple[torch.Tensor, dict]]:
     """Run every sample up to the first text decoder layer and keep its inputs (on CPU)."""
@@ -105,13 +96,13 @@ def capture_layer_inputs(model, text_layers, samples: Iterable[dict], device) ->
     def grab(module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         keep = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
-        captured.append((hidden.cpu(), _to(keep, "cpu")))
+        captured.append((hidden.cpu(), to_device(keep, "cpu")))
         raise _StopForward
 
     with forward_pre_hook(text_layers[0], grab):
         for sample in samples:
             try:
-                model(**_to(sample, device), use_cache=False)
+                model(**to_device(sample, device), use_cache=False)
             except _StopForward:
                 pass
     return captured
@@ -204,7 +195,7 @@ def collect_statistics(
 
         with forward_pre_hook(attn, read_attention_input):
             for i, (hidden_states, kwargs) in enumerate(inputs):
-                out = layer(hidden_states.to(device), **_to(kwargs, device))
+                out = layer(hidden_states.to(device), **to_device(kwargs, device))
                 inputs[i] = ((out[0] if isinstance(out, tuple) else out).cpu(), kwargs)
                 x = seen["x"][0].double().cpu()  # (T, d)
                 valid, is_image = valid_masks[i], image_masks[i]

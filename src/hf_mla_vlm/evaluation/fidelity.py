@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..utils import to_device
 from .perplexity import model_device
 
 
@@ -26,10 +27,6 @@ BUILTIN_TEXT_PROMPTS: tuple[tuple[str, str], ...] = (
     ("Who wrote Romeo and Juliet?", "Romeo and Juliet was written by William Shakespeare."),
     ("Translate 'good morning' into French.", "Good morning in French is 'bonjour'."),
 )  # fmt: skip
-
-
-def _move(batch: Mapping, device: torch.device) -> dict:
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def builtin_text_batches(processor) -> list[dict]:
@@ -93,8 +90,8 @@ def next_token_fidelity(
     reference_device, model_device_ = model_device(reference), model_device(model)
     kl_sum, kl_max, agree, positions, num_batches = 0.0, 0.0, 0, 0, 0
     for batch in tqdm(batches, desc="Fidelity", disable=not progress, leave=False):
-        ref_logits = reference(**_move(batch, reference_device), use_cache=False).logits
-        logits = model(**_move(batch, model_device_), use_cache=False).logits
+        ref_logits = reference(**to_device(batch, reference_device), use_cache=False).logits
+        logits = model(**to_device(batch, model_device_), use_cache=False).logits
         if ref_logits.shape != logits.shape:
             raise ValueError(f"Logit shapes differ: reference {tuple(ref_logits.shape)}, model {tuple(logits.shape)}.")
         ref_logp = F.log_softmax(ref_logits.float(), dim=-1)

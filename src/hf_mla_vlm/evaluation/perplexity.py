@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..utils import as_tokenizer
+
 
 logger = logging.get_logger(__name__)
 
@@ -18,11 +20,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
-
-
-def _as_tokenizer(tokenizer_or_processor):
-    """A processor's tokenizer, or the tokenizer itself."""
-    return getattr(tokenizer_or_processor, "tokenizer", None) or tokenizer_or_processor
 
 
 def token_stream(tokenizer, texts: Sequence[str], max_tokens: int | None = None) -> list[int]:
@@ -37,7 +34,7 @@ def token_stream(tokenizer, texts: Sequence[str], max_tokens: int | None = None)
     Returns:
         `list[int]`: the ids.
     """
-    tokenizer = _as_tokenizer(tokenizer)
+    tokenizer = as_tokenizer(tokenizer)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("The tokenizer has no EOS token; it is needed to separate the texts.")

@@ -7,15 +7,14 @@ the scenes for a processor (`generate_split(..., image_size=vqa_image_size(proce
 """
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..zoo.vqa_data import INSTRUCTION, QTYPES, VQASample, score_answer
-from .fidelity import _move
+from ..utils import as_tokenizer, to_device
+from ..zoo.vqa_data import INSTRUCTION, VQASample, per_type_accuracy, score_answer
 from .perplexity import model_device
 
 
@@ -99,10 +98,6 @@ def vqa_image_size(processor) -> int:
     )
 
 
-def _tokenizer(processor):
-    return getattr(processor, "tokenizer", None) or processor
-
-
 @torch.no_grad()
 def vqa_accuracy(
     model: torch.nn.Module,
@@ -141,7 +136,7 @@ def vqa_accuracy(
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"Need batch_size >= 1 and max_new_tokens >= 1, got {batch_size} and {max_new_tokens}.")
-    tokenizer = _tokenizer(processor)
+    tokenizer = as_tokenizer(processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = model_device(model)
     predictions: list[dict] = []
@@ -156,7 +151,7 @@ def vqa_accuracy(
         ]
         images = [sample.image for sample in chunk]
         batch = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
-        batch = _move(batch, device)
+        batch = to_device(batch, device)
         output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         for sample, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
@@ -169,14 +164,8 @@ def vqa_accuracy(
                     "correct": score_answer(text, sample.answer),
                 }
             )
-    tally = Counter(p["qtype"] for p in predictions)
-    order = [qtype for qtype in QTYPES if qtype in tally] + sorted(set(tally) - set(QTYPES))
-    counts = {qtype: tally[qtype] for qtype in order}
-    correct = {qtype: sum(p["correct"] for p in predictions if p["qtype"] == qtype) for qtype in counts}
     result = {
-        "accuracy": sum(correct.values()) / len(predictions) if predictions else math.nan,
-        "per_type": {qtype: correct[qtype] / n for qtype, n in counts.items()},
-        "counts": counts,
+        **per_type_accuracy(samples, [p["correct"] for p in predictions]),
         "num_samples": len(predictions),
     }
     if return_predictions:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_mla_vlm.conversion_scripts.calibration import Conversation
+from hf_mla_vlm.utils import as_tokenizer
 
 
 IGNORE_INDEX = -100
@@ -34,10 +35,6 @@ def _count_images(messages: Sequence[dict]) -> int:
         if isinstance(content, list):
             count += sum(1 for item in content if isinstance(item, dict) and item.get("type") == "image")
     return count
-
-
-def _tokenizer(processor):
-    return getattr(processor, "tokenizer", processor)
 
 
 def _process(processor, text: str, images: Sequence) -> dict:
@@ -72,7 +69,7 @@ def assistant_spans(processor, conversation: Conversation) -> tuple[dict, list[t
     full_text = processor.apply_chat_template(messages, tokenize=False)
     encoded = _process(processor, full_text, conversation.images)
     ids = encoded["input_ids"][0].tolist()
-    tokenizer = _tokenizer(processor)
+    tokenizer = as_tokenizer(processor)
     spans, cursor = [], 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -134,7 +131,7 @@ class ChatCollator:
             rows.append((encoded, spans))
         if not rows:
             raise ValueError(f"Every conversation of the batch is longer than max_length={self.max_length}.")
-        pad_id = _tokenizer(self.processor).pad_token_id
+        pad_id = as_tokenizer(self.processor).pad_token_id
         if pad_id is None:
             raise ValueError("The tokenizer has no pad token.")
         length = max(encoded["input_ids"].shape[1] for encoded, _ in rows)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from hf_mla_vlm.training.data import IGNORE_INDEX, ChatCollator
+from hf_mla_vlm.utils import to_device
 from hf_mla_vlm.zoo.models import (
     build_zoo_model,
     is_vision_parameter,
@@ -32,7 +33,7 @@ from hf_mla_vlm.zoo.models import (
     save_vision_weights,
     zoo_spec,
 )
-from hf_mla_vlm.zoo.vqa_data import generate_split
+from hf_mla_vlm.zoo.vqa_data import generate_split, per_type_accuracy
 
 
 logger = logging.get_logger(__name__)
@@ -55,16 +56,12 @@ class VQAStream(IterableDataset):
             index += 1
 
 
-def _move(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def teacher_forced_correct(model, batches, device: torch.device, autocast: bool) -> list[bool]:
     """Per sample: is every labelled token the argmax (would greedy decoding give exactly the answer and stop)?"""
     correct = []
     for batch in batches:
-        batch = _move(batch, device)
+        batch = to_device(batch, device)
         labels = batch.pop("labels")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(**batch).logits
@@ -72,18 +69,6 @@ def teacher_forced_correct(model, batches, device: torch.device, autocast: bool)
         target = labels[:, 1:]
         correct.extend(((predicted == target) | (target == IGNORE_INDEX)).all(-1).tolist())
     return correct
-
-
-def per_type_accuracy(samples, correct: list[bool]) -> dict:
-    """`{"accuracy": overall, "per_type": {qtype: accuracy}, "counts": {qtype: n}}`."""
-    per_type: dict[str, list[bool]] = {}
-    for sample, ok in zip(samples, correct, strict=True):
-        per_type.setdefault(sample.qtype, []).append(ok)
-    return {
-        "accuracy": sum(correct) / max(len(correct), 1),
-        "per_type": {q: sum(v) / len(v) for q, v in sorted(per_type.items())},
-        "counts": {q: len(v) for q, v in sorted(per_type.items())},
-    }
 
 
 class BudgetedCosine:
@@ -189,7 +174,7 @@ def train_vision(
     step, tokens, running = 0, 0, []
     bar = tqdm(total=steps, desc=f"zoo {name}", disable=not progress)
     while step < steps:
-        batch = _move(next(data), device)
+        batch = to_device(next(data), device, non_blocking=True)
         tokens += int(batch["attention_mask"].sum())
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
             loss = model(**batch).loss

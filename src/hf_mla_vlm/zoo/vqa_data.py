@@ -26,6 +26,7 @@ questions and answers cannot drift apart.
 """
 
 import hashlib
+import math
 import random
 import re
 import string
@@ -391,6 +392,21 @@ def score_answer(predicted_text: str, answer: str) -> bool:
     return _normalize(predicted_text) != "" and _normalize(predicted_text) == _normalize(answer)
 
 
+def per_type_accuracy(samples: Sequence[VQASample], correct: Sequence[bool]) -> dict:
+    """Accuracy overall and per question type of scored samples: `{"accuracy", "per_type", "counts"}`, the types in
+    `QTYPES` order (types without samples left out; the accuracy of zero samples is `nan`)."""
+    if len(samples) != len(correct):
+        raise ValueError(f"{len(samples)} samples but {len(correct)} scores.")
+    tally = Counter(sample.qtype for sample in samples)
+    order = [qtype for qtype in QTYPES if qtype in tally] + sorted(set(tally) - set(QTYPES))
+    right = Counter(sample.qtype for sample, ok in zip(samples, correct) if ok)
+    return {
+        "accuracy": sum(map(bool, correct)) / len(correct) if correct else math.nan,
+        "per_type": {qtype: right[qtype] / tally[qtype] for qtype in order},
+        "counts": {qtype: tally[qtype] for qtype in order},
+    }
+
+
 __all__ = [
     "ANSWERS",
     "COLORS",
@@ -409,6 +425,7 @@ __all__ = [
     "encode_for_training",
     "generate_split",
     "make_question",
+    "per_type_accuracy",
     "position_name",
     "random_scene",
     "relation_holds",
