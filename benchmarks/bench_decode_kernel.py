@@ -60,16 +60,37 @@ CONTEXTS = (8192, 32768)
 REFERENCE_MEMORY_BUDGET = 24e9  # bytes of float32 intermediates the torch reference may allocate
 
 
+LAYOUTS = ("runs", "random")
+RUN_LENGTH = 1024  # tokens per image / text run in the "runs" layout (a Qwen2.5-VL image is 256-1280+ tokens)
+
+
 def make_decode_inputs(
-    b: int, h: int, n: int, r: int, lat: int, t: int, device: torch.device, dtype: torch.dtype = torch.bfloat16
+    b: int,
+    h: int,
+    n: int,
+    r: int,
+    lat: int,
+    t: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    layout: str = "runs",
 ) -> dict[str, object]:
     """Random decode inputs in the model's cache layout (half image, half text tokens, all keys valid).
+
+    ``layout="runs"``: image and text tokens alternate in runs of ``RUN_LENGTH`` tokens (how images sit in a real
+    cache); ``"random"``: each token's modality is drawn independently (every kernel tile mixes both, the worst
+    case).
 
     Returns a dict with the ``mla_decode_*`` arguments plus ``keys`` ``(B, 1, T, L)`` and ``values``
     ``(B, 1, T, N*R + 1)``."""
     keys = torch.randn(b, 1, t, lat, device=device, dtype=dtype)
     values = torch.randn(b, 1, t, n * r + 1, device=device, dtype=dtype)
-    values[..., -1] = (torch.rand(b, 1, t, device=device) < 0.5).to(dtype)
+    if layout == "random":
+        values[..., n * r] = (torch.rand(b, 1, t, device=device) < 0.5).to(dtype)
+    elif layout == "runs":
+        values[..., n * r] = ((torch.arange(t, device=device) // RUN_LENGTH) % 2 == 0).to(dtype)
+    else:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     return {
         "q_rope": torch.randn(b, h, r, device=device, dtype=dtype),
         "q_latent": torch.randn(b, h, 2, lat, device=device, dtype=dtype) * (128 / lat) ** 0.5,
@@ -190,17 +211,26 @@ def reference_memory(b: int, h: int, t: int, lat: int) -> float:
 
 
 def bench_mla(
-    model: str, lat: int, b: int, t: int, device: torch.device, with_reference: bool, overrides: dict[str, int]
+    model: str,
+    lat: int,
+    b: int,
+    t: int,
+    device: torch.device,
+    with_reference: bool,
+    overrides: dict[str, int],
+    layout: str = "runs",
 ) -> dict[str, object]:
     """Triton kernel (and the torch reference) on one shape; the inputs are freed on return."""
     from hf_mla_vlm.kernels.absorbed_decode import _default_config, _sm_count, choose_num_splits
 
     cfg = MODELS[model]
     h, n, r = cfg["h"], cfg["n"], cfg["r"]
-    inp = make_decode_inputs(b, h, n, r, lat, t, device)
+    inp = make_decode_inputs(b, h, n, r, lat, t, device, layout=layout)
     args = _call_args(inp)
     nbytes = mla_bytes(b, t, lat, n * r)
-    row: dict[str, object] = {"model": model, "h": h, "n": n, "r": r, "latent": lat, "batch": b, "context": t}
+    row: dict[str, object] = {
+        "model": model, "h": h, "n": n, "r": r, "latent": lat, "batch": b, "context": t, "layout": layout,
+    }  # fmt: skip
     block_t, warps, stages = _default_config(lat, 2, 2, False)
     block_t = overrides.get("block_t", block_t)
     warps = overrides.get("num_warps", warps)
@@ -239,9 +269,16 @@ def bench_mla(
 
 
 def bench_row(
-    model: str, lat: int, b: int, t: int, device: torch.device, with_reference: bool, overrides: dict[str, int]
+    model: str,
+    lat: int,
+    b: int,
+    t: int,
+    device: torch.device,
+    with_reference: bool,
+    overrides: dict[str, int],
+    layout: str = "runs",
 ) -> dict[str, object]:
-    row = bench_mla(model, lat, b, t, device, with_reference, overrides)
+    row = bench_mla(model, lat, b, t, device, with_reference, overrides, layout)
     torch.cuda.empty_cache()
     cfg = MODELS[model]
     row.update(bench_sdpa(b, cfg["h"], cfg["n"], t, cfg["head_dim"], device))
@@ -274,6 +311,21 @@ def markdown_table(rows: list[dict[str, object]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def results_markdown(meta: dict[str, object], rows: list[dict[str, object]]) -> str:
+    """The results page: header with the environment and method, then the table."""
+    return (
+        f"# Absorbed MLA decode kernel: {meta['device']}\n\n"
+        f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; measured device copy "
+        f"{meta['copy_tbps']:.2f} TB/s (read + write).\n\n"
+        f"Regenerate: `{meta['command']}`\n\n"
+        f"One decoder layer, one query token per sequence, bf16 cache, {meta['modalities']}, all keys valid. MLA "
+        "bytes = latent + side rows (`L + N*R + 1` elements per token); SDPA reads the original model's decompressed "
+        "GQA cache (`2 * N * 128` elements per token, best of the flash / efficient / cuDNN backends). Medians, L2 "
+        "flushed before every run; `triton µs (graph)` is a CUDA-graph replay (GPU time), `triton eager µs` the plain "
+        "Python call under `triton.testing.do_bench` (host-bound at small sizes).\n\n" + markdown_table(rows)
+    )
+
+
 def run_benchmark(args: argparse.Namespace, overrides: dict[int, dict[str, int]] | None = None) -> None:
     device = torch.device("cuda")
     overrides = overrides or {}
@@ -286,7 +338,9 @@ def run_benchmark(args: argparse.Namespace, overrides: dict[int, dict[str, int]]
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "PYTHONPATH=src python " + " ".join(sys.argv),
         "dtype": "bfloat16",
-        "modalities": "M=2 (half image, half text tokens, random order), Qwen-style query biases, no padding",
+        "modalities": "M = 2 branches, half image / half text tokens "
+        + (f"in alternating runs of {RUN_LENGTH}" if args.layout == "runs" else "drawn independently per token")
+        + ", Qwen-style query biases, no padding",
         "timing": "median of CUDA-event-timed runs, L2 flushed before each; triton_us = CUDA-graph replay, "
         "triton_eager_us / reference / SDPA = triton.testing.do_bench of the eager call",
         "tile_overrides": {str(k): v for k, v in overrides.items()},
@@ -299,7 +353,9 @@ def run_benchmark(args: argparse.Namespace, overrides: dict[int, dict[str, int]]
         for lat in args.latents:
             for b in args.batches:
                 for t in args.contexts:
-                    row = bench_row(model, lat, b, t, device, not args.no_reference, overrides.get(lat, {}))
+                    row = bench_row(
+                        model, lat, b, t, device, not args.no_reference, overrides.get(lat, {}), args.layout
+                    )  # fmt: skip
                     rows.append(row)
                     print(
                         f"{model:14s} L{lat:<4d} B{b:<3d} T{t:<6d} triton {row['triton_us']:8.1f} us "
@@ -314,27 +370,17 @@ def run_benchmark(args: argparse.Namespace, overrides: dict[int, dict[str, int]]
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"decode_kernel_{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        md = (
-            f"# Absorbed MLA decode kernel: {meta['device']}\n\n"
-            f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; measured device copy "
-            f"{meta['copy_tbps']:.2f} TB/s (read + write).\n\n"
-            f"Regenerate: `{meta['command']}`\n\n"
-            "One decoder layer, one query token per sequence, bf16 cache, M = 2 branches (half image / half text), "
-            "query biases on, all keys valid. MLA bytes = latent + side rows (`L + N*R + 1` elements per token); "
-            "SDPA reads the original model's decompressed GQA cache (`2 * N * 128` elements per token, best of the "
-            "flash / efficient / cuDNN backends). Medians with L2 flushed before every run; `triton µs (graph)` is "
-            "a CUDA-graph replay (GPU time), `triton eager µs` the plain Python call under "
-            "`triton.testing.do_bench` (host-bound at small sizes).\n\n" + markdown_table(rows)
-        )
-        (out / f"decode_kernel_{args.tag}.md").write_text(md)
+        (out / f"decode_kernel_{args.tag}.md").write_text(results_markdown(meta, rows))
         print(f"wrote {out}/decode_kernel_{args.tag}.json and .md")
 
 
 TUNE_CONFIGS = {
     # latent width -> candidate (block_t, num_warps, num_stages)
-    256: [(64, 8, 2), (32, 4, 3), (32, 4, 2), (32, 4, 4), (16, 4, 3)],
-    512: [(64, 8, 2), (32, 8, 3)],
+    256: [(64, 8, 2), (32, 4, 3), (32, 4, 2), (64, 4, 2), (64, 4, 3), (32, 8, 3), (16, 4, 3)],
+    512: [(64, 8, 2), (32, 8, 3), (32, 8, 2), (16, 8, 2), (32, 4, 2), (64, 4, 2)],
 }
+# (variant, mask_in_load) pairs tried; mask_in_load only matters with a key mask
+TUNE_VARIANTS = [("heads", False), ("rows", False), ("heads", True), ("rows", True)]
 
 
 def _tune_trial(
@@ -359,40 +405,44 @@ def _tune_trial(
     return ms
 
 
-def run_tune(args: argparse.Namespace) -> dict[int, dict[str, int]]:
-    """Sweep tile configs (default splits), then split counts; returns the best tile config per latent width."""
+def run_tune(args: argparse.Namespace) -> dict[int, dict[str, object]]:
+    """Sweep tile configs x kernel variants, then split counts; returns the best launcher options per latent width
+    (on the unmasked batch-16 shape)."""
     device = torch.device("cuda")
     shapes = [
         # model, latent, batch, context, with a key mask, split counts to try
-        ("qwen2.5-vl-7b", 256, 16, 8192, False, ()),
+        ("qwen2.5-vl-7b", 256, 16, 8192, False, (8, 12, 16, 24, 32)),
+        ("qwen2.5-vl-7b", 256, 16, 8192, True, ()),
         ("qwen2.5-vl-7b", 256, 64, 8192, True, ()),
-        ("qwen2.5-vl-7b", 512, 16, 8192, False, ()),
+        ("qwen2.5-vl-7b", 512, 16, 8192, False, (8, 16)),
     ]
     results: list[dict[str, object]] = []
-    best_per_lat: dict[int, tuple[float, dict[str, int]]] = {}
+    best_per_lat: dict[int, tuple[float, dict[str, object]]] = {}
     for model, lat, b, t, with_mask, split_list in shapes:
         cfg = MODELS[model]
-        inp = make_decode_inputs(b, cfg["h"], cfg["n"], cfg["r"], lat, t, device)
+        nbytes = mla_bytes(b, t, lat, cfg["n"] * cfg["r"])
+        inp = make_decode_inputs(b, cfg["h"], cfg["n"], cfg["r"], lat, t, device, layout=args.layout)
         if with_mask:
             mask = torch.ones(b, t, dtype=torch.bool, device=device)
             mask[:, : t // 8] = False  # left padding of 1/8 of the context
             inp["key_mask"] = mask
         call = _call_args(inp)
-        nbytes = mla_bytes(b, t, lat, cfg["n"] * cfg["r"])
         ref = mla_decode_reference(*call)
         tag = f"{model:14s} L{lat} B{b:<3d} T{t} mask{int(with_mask)}"
         best = None
-        configs = TUNE_CONFIGS[lat] if b > 1 else TUNE_CONFIGS[lat][:3]
-        for bt, w, s in configs:  # phase 1: tile configs with the default split count
-            kw = dict(block_t=bt, num_warps=w, num_stages=s)
-            ms = _tune_trial(results, tag, call, ref, nbytes, kw)
-            if best is None or ms < best[0]:
-                best = (ms, kw)
+        for bt, w, st in TUNE_CONFIGS[lat]:
+            for variant, in_load in TUNE_VARIANTS:
+                if in_load and not with_mask:
+                    continue
+                kw = dict(block_t=bt, num_warps=w, num_stages=st, variant=variant, mask_in_load=in_load)
+                ms = _tune_trial(results, tag, call, ref, nbytes, kw)
+                if best is None or ms < best[0]:
+                    best = (ms, kw)
+        for splits in split_list:  # split counts with the best configuration
+            _tune_trial(results, tag, call, ref, nbytes, dict(best[1], num_splits=splits))
         if b == 16 and not with_mask:
             best_per_lat[lat] = best
-        for splits in split_list:  # phase 2: split counts with the best tile config
-            _tune_trial(results, tag, call, ref, nbytes, dict(best[1], num_splits=splits))
-        print(f"==> best tile config {best}\n", flush=True)
+        print(f"==> best {best}\n", flush=True)
         inp = call = ref = None
         torch.cuda.empty_cache()
     if args.out_dir:
@@ -404,17 +454,23 @@ def run_tune(args: argparse.Namespace) -> dict[int, dict[str, int]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=None, help="write decode_kernel_<tag>.json/.md here")
+    p.add_argument("--markdown-from", default=None, help="only rewrite the .md page of this results JSON")
     p.add_argument("--tag", default="h100")
     p.add_argument("--models", nargs="*", default=None, choices=list(MODELS))
     p.add_argument("--latents", nargs="*", type=int, default=list(LATENTS))
     p.add_argument("--batches", nargs="*", type=int, default=list(BATCHES))
     p.add_argument("--contexts", nargs="*", type=int, default=list(CONTEXTS))
     p.add_argument("--no-reference", action="store_true", help="skip the torch reference")
+    p.add_argument("--layout", choices=LAYOUTS, default="runs", help="image/text token layout of the cache")
     p.add_argument("--tune", action="store_true", help="sweep tile configs / splits")
     p.add_argument(
         "--tune-then-bench", action="store_true", help="sweep, then benchmark with the best tile config per latent"
     )
     args = p.parse_args()
+    if args.markdown_from:
+        data = json.loads(Path(args.markdown_from).read_text())
+        Path(args.markdown_from).with_suffix(".md").write_text(results_markdown(data["meta"], data["rows"]))
+        return
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA device")
     if args.tune or args.tune_then_bench:

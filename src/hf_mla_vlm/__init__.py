@@ -29,9 +29,9 @@ for _config, _model in (
     AutoModelForImageTextToText.register(_config, _model, exist_ok=True)
 
 if is_triton_available():  # absorbed decode on CUDA through the Triton kernel; the torch reference elsewhere
-    from .kernels.decode_op import mla_decode
+    from .kernels.decode_op import mla_decode_dispatch
 
-    register_decode_kernel("cuda", mla_decode)
+    register_decode_kernel("cuda", mla_decode_dispatch)
 
 
 def __getattr__(name):

@@ -4,10 +4,10 @@ How the Triton tests run
 ------------------------
 * ``test_reference_*``: plain torch on CPU, always run. The reference is checked against ordinary attention over
   explicitly decompressed K/V (``mla_decode_decompressed_oracle``), which proves the absorbed formulation.
-* ``test_interpreter_case``: the Triton kernel in Triton's CPU interpreter. ``TRITON_INTERPRET=1`` must be set
+* ``test_interpreter_*``: the Triton kernel in Triton's CPU interpreter. ``TRITON_INTERPRET=1`` must be set
   before ``triton`` is imported, so these cases are skipped in a normal run and executed instead by
   ``test_triton_kernel_in_interpreter``, which re-runs this file in a subprocess with the variable set. To run them
-  directly: ``TRITON_INTERPRET=1 pytest tests/kernels/test_absorbed_decode.py -k interpreter_case``.
+  directly: ``TRITON_INTERPRET=1 pytest tests/kernels/test_absorbed_decode.py -k test_interpreter_``.
 * ``@pytest.mark.gpu`` tests: the compiled kernel on CUDA (skipped without a GPU), e.g. on the device machine:
   ``PYTHONPATH=src python -m pytest tests/kernels/test_absorbed_decode.py -m gpu``.
 """
@@ -88,6 +88,7 @@ def make_case(
     bias: bool = True,
     mask: str = "random",
     image_frac: float = 0.5,
+    layout: str = "random",
     poison: bool = True,
     t_extra: int = 3,
     dtype: torch.dtype = torch.float32,
@@ -96,6 +97,9 @@ def make_case(
 ) -> DecodeCase:
     """Random case. ``mask``: ``none`` | ``random`` | ``left_pad`` (different valid lengths, left padded) |
     ``tail`` (static cache: valid prefix of different lengths) | ``empty_row`` (random, last row fully masked).
+    ``layout``: ``random`` (each token is an image token with probability ``image_frac``) | ``runs`` (modality in
+    contiguous runs of 1 to 40 tokens, as images sit in a real cache: kernel tiles are image-only, text-only or
+    mixed).
     ``poison`` writes NaN into masked rows and into the unused tail of the allocation."""
     g = torch.Generator().manual_seed(seed)
 
@@ -105,7 +109,17 @@ def make_case(
     t_alloc = t + t_extra
     keys = rnd(b, 1, t_alloc, lat)
     values = rnd(b, 1, t_alloc, n * r + 1)
-    values[..., -1] = (torch.rand(b, 1, t_alloc, generator=g) < image_frac).float()
+    if layout == "random":
+        values[..., n * r] = (torch.rand(b, 1, t_alloc, generator=g) < image_frac).float()
+    elif layout == "runs":
+        for row in range(b):
+            pos, image = 0, bool(torch.rand(1, generator=g) < image_frac)
+            while pos < t_alloc:
+                run = int(torch.randint(1, 41, (1,), generator=g))
+                values[row, 0, pos : pos + run, n * r] = float(image)
+                pos, image = pos + run, not image
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
     key_mask = None
     if mask != "none":
         if mask in ("random", "empty_row"):
@@ -253,7 +267,8 @@ def test_reference_uses_token_modality_not_position() -> None:
 @pytest.mark.parametrize(
     "mutate,match",
     [
-        (lambda a: a.update(q_rope=a["q_rope"][..., :-1]), "side must have shape"),
+        (lambda a: a.update(q_rope=torch.cat([a["q_rope"], a["q_rope"][..., :1]], -1)), "side must have shape"),
+        (lambda a: a.update(side=a["side"][..., :-1]), "side must have shape"),
         (lambda a: a.update(q_latent=a["q_latent"][:, :, :1].expand(-1, -1, 3, -1)), "M = 1 or 2"),
         (lambda a: a.update(latent=a["latent"][..., :-1]), "latent must have shape"),
         (lambda a: a.update(key_mask=a["key_mask"].float()), "bool"),
@@ -283,10 +298,10 @@ def test_reference_rejects_bad_inputs(mutate, match: str) -> None:
 @pytest.mark.skipif(INTERPRET, reason="already inside the interpreter run")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernel_in_interpreter() -> None:
-    """Run the ``interpreter_case`` tests of this file in a subprocess with ``TRITON_INTERPRET=1``."""
+    """Run the ``test_interpreter_*`` tests of this file in a subprocess with ``TRITON_INTERPRET=1``."""
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-k", "interpreter_case", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-k", "test_interpreter_", "-p", "no:cacheprovider"],
         env=env,
         capture_output=True,
         text=True,
@@ -338,6 +353,41 @@ def test_interpreter_empty_modality_and_block_boundaries() -> None:
     for splits, block_t in ((None, 16), (1, 32), (2, 16), (5, 16)):
         out = mla_decode_triton(*case.absorbed_args(), num_splits=splits, block_t=block_t)
         assert (out[0][:, :, 1] == 0).all() and (out[1][:, :, 1] == 0).all()
+        for got, want in zip(out, ref):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_interpreter
+def test_interpreter_modality_runs() -> None:
+    """Modality in runs, so tiles are image-only, text-only and mixed."""
+    from hf_mla_vlm.kernels.absorbed_decode import mla_decode_triton
+
+    case = make_case(b=3, t=150, m=2, layout="runs", mask="left_pad", seed=17)
+    ref = mla_decode_reference(*case.absorbed_args())
+    for splits in (1, 4, 9):
+        out = mla_decode_triton(*case.absorbed_args(), num_splits=splits, block_t=16)
+        _assert_finite(*out)
+        for got, want in zip(out, ref):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_interpreter
+def test_interpreter_strided_queries() -> None:
+    """q_latent / q_bias may be views with any (B, H) strides (the model slices both out of one matmul result)."""
+    from hf_mla_vlm.kernels.absorbed_decode import mla_decode_triton
+
+    case = make_case(b=2, h=4, n=2, lat=16, t=40, m=2, mask="left_pad", seed=23)
+    b, h, m, lat = case.q_latent.shape
+    packed = torch.cat([case.q_latent.reshape(b, h, m * lat), case.q_bias], dim=-1)  # (B, H, M*L + M)
+    packed = torch.cat([packed, torch.full_like(packed[..., :3], float("nan"))], dim=-1)  # unused NaN columns
+    q_latent = packed[..., : m * lat].view(b, h, m, lat)
+    q_bias = packed[..., m * lat : m * lat + m]
+    assert not q_latent.is_contiguous() and not q_bias.is_contiguous()
+    args = list(case.absorbed_args())
+    args[1], args[2] = q_latent, q_bias
+    ref = mla_decode_reference(*case.absorbed_args())
+    for splits in (1, 3):
+        out = mla_decode_triton(*args, num_splits=splits)
         for got, want in zip(out, ref):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -428,6 +478,24 @@ def test_gpu_kernel_matches_reference(shape: str, dtype: torch.dtype, t: int, m:
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("num_splits", [None, 1, 9])
+@pytest.mark.parametrize("shape", ["qwen_l256", "qwen_l512", "llama_l256", "odd"])
+def test_gpu_modality_runs(shape: str, num_splits: int | None) -> None:
+    """Image/text runs (pure and mixed tiles, chunks without one branch), NaN in the padding, different lengths."""
+    from hf_mla_vlm.kernels import mla_decode_triton
+
+    h, n, r, lat = _GPU_SHAPES[shape]
+    case = make_case(
+        b=3, h=h, n=n, r=r, lat=lat, t=4099, m=2, d=128 - r, v=128, layout="runs", mask="left_pad",
+        dtype=torch.bfloat16, device="cuda", seed=lat,
+    )  # fmt: skip
+    ref = mla_decode_reference(*case.absorbed_args())
+    out = mla_decode_triton(*case.absorbed_args(), num_splits=num_splits)
+    _check_gpu(out, ref, torch.bfloat16)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64, 10_000])
 @pytest.mark.parametrize("mask", ["empty_row", "left_pad"])
 def test_gpu_num_splits_and_empty_segments(num_splits: int, mask: str) -> None:
@@ -499,6 +567,12 @@ def test_gpu_runtime_length_does_not_recompile() -> None:
         pytest.skip("this Triton version does not expose its kernel cache")
     for t in (1001, 2048, 3999, 777):
         args[3], args[4], args[5] = case.keys[:, 0, :t], case.values[:, 0, :t], case.key_mask[:, :t]
+        out = mla_decode_triton(*args, num_splits=4)
+        _check_gpu(out, mla_decode_reference(*args), torch.bfloat16)
+    # a DynamicCache holds fresh contiguous tensors whose batch strides (T * (N*R + 1), T) change with T
+    for t in (1001, 1008, 1009, 1024):
+        args[3], args[4] = case.keys[:, 0, :t].contiguous(), case.values[:, 0, :t].contiguous()
+        args[5] = case.key_mask[:, :t].contiguous()
         out = mla_decode_triton(*args, num_splits=4)
         _check_gpu(out, mla_decode_reference(*args), torch.bfloat16)
     assert n_compiled() == before

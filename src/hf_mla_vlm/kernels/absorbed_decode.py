@@ -1,27 +1,30 @@
 """Triton split-K decode kernel for converted (absorbed) MLA attention with modality-specific branches.
 
 One program handles **all query heads** of one sequence over one contiguous chunk of cached tokens: every latent
-tile ``(BLOCK_T, L)`` is read from HBM once and shared by the ``H`` heads (MQA over the latent). The per-kv-head
-rope keys are handled as one ``(BLOCK_H, N*R)`` block-diagonal query (row ``h`` holds ``q_rope[h]`` in the
-columns of its kv group ``h // G``, zeros elsewhere) against the ``(BLOCK_T, N*R)`` rope tile, so the rope part
-is a single tensor-core dot as well. With two branches (``M == 2``) both absorbed queries are dotted with the
-tile, the per-token modality flag selects the score, and the probabilities go to one of two accumulators.
+tile ``(BLOCK_T, L)`` is read from HBM once and shared by the ``H`` heads (MQA over the latent). The program holds
+one query row per (branch, head), ``M * BLOCK_H`` rows: row ``m * BLOCK_H + h`` is head ``h``'s absorbed query of
+branch ``m``. Each row runs its own online softmax over the tokens of its branch (the other branch's tokens get
+``-inf``), so the latent scores of all rows are a single tensor-core dot with the tile and the probabilities a
+single dot back; the per-kv-head rope keys are one ``(rows, N*R)`` block-diagonal query (a row holds ``q_rope[h]``
+in the columns of its kv group ``h // G``, zeros elsewhere) against the ``(BLOCK_T, N*R)`` rope tile. The two
+branches of a head are two softmax segments, merged with the log-sum-exp rule like the split-K chunks.
 
-Stage 1 (``_mla_decode_stage1``): grid ``(B, num_splits)``; online softmax in base 2 with fp32 accumulation.
-With one split it writes the final outputs directly; otherwise it writes un-normalised partial accumulators and
-the running max, and stage 2 (``_mla_decode_combine``, grid ``(B, H)``) merges them with the log-sum-exp rule.
+Stage 1 (``_mla_decode_stage1``): grid ``(B, num_splits)``; base-2 online softmax with fp32 accumulation. With one
+split it merges the branches and writes the final outputs; otherwise it writes un-normalised per-branch partial
+accumulators and running maxima (a branch without keys in the chunk leaves its row unwritten), and stage 2
+(``_mla_decode_combine``, grid ``(B, H)``) merges chunks and branches.
 
 Everything the launcher decides depends on shapes only (``B``, ``T``, the SM count), never on tensor values, so
 it does not synchronise with the host and can be captured in a CUDA graph. ``T`` is a run-time kernel argument
-(no recompilation per length). Masked and out-of-range keys are removed with ``tl.where`` (never multiplied by
-zero), so NaN or inf stored in unused cache rows cannot leak.
+(no recompilation per length). Masked and out-of-range cache rows are never loaded (the loads zero-fill them) and
+their scores are ``-inf``, so NaN or inf stored in unused cache rows cannot leak.
 
-Performance notes (H100, Triton 3.6; ``benchmarks/results/decode_kernel_h100.md``): the fp32 accumulators of the two
-branches (``2 x 32 x L``) and the absorbed queries live in registers, so at most two 4-warp programs (``M * L <=
-512``) or one 8-warp program (wider) fit on an SM; ``choose_num_splits`` sizes the grid to whole waves of those.
-The side rows (``N*R + 1`` elements, an odd stride) cannot be loaded with 16-byte vectors. A tokens-x-heads tile
-orientation that would let Hopper's wgmma take the dots was tried and dropped: Triton 3.6 produced wrong results
-and illegal memory accesses for some of its configurations.
+Performance notes (H100, Triton 3.6; ``benchmarks/results/decode_kernel_h100.md``): the fp32 accumulator
+(``M * BLOCK_H x L``) and the absorbed queries live in registers, so at most two 4-warp programs (``M * L <= 512``)
+or one 8-warp program (wider) fit on an SM; ``choose_num_splits`` sizes the grid to whole waves of those. Tried
+and dropped (measured slower): one row per head with two accumulators selected per token, skipping the absent
+branch's dots per tile with run-time branches, zeroing masked rows with ``tl.where`` after position-masked loads,
+padding the side rows to 16-byte alignment.
 
 Shapes (see :mod:`hf_mla_vlm.kernels.reference` for the maths):
 
@@ -29,8 +32,8 @@ Shapes (see :mod:`hf_mla_vlm.kernels.reference` for the maths):
 tensor          shape                  notes
 ==============  =====================  =============================================================
 ``q_rope``      ``(B, H, R)``          same dtype as ``q_latent`` (made contiguous: small)
-``q_latent``    ``(B, H, M, L)``       cast to the cache dtype for the tensor-core dots (made contiguous)
-``q_bias``      ``(B, H, M)`` or None  any float dtype (made contiguous)
+``q_latent``    ``(B, H, M, L)``       cast to the cache dtype for the dots; any (B, H) strides, (M, L) packed
+``q_bias``      ``(B, H, M)`` or None  any float dtype; any (B, H) strides, last dim contiguous
 ``latent``      ``(B, T, L)``          ``keys[:, 0]``; last dim contiguous
 ``side``        ``(B, T, N*R + 1)``    ``values[:, 0]``; last dim contiguous
 ``key_mask``    ``(B, T)`` bool/None   any strides
@@ -46,13 +49,14 @@ import contextlib
 import functools
 import math
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .reference import validate_decode_inputs
+from .reference import mla_decode_reference, validate_decode_inputs
 
 
 __all__ = ["choose_num_splits", "mla_decode_triton"]
@@ -61,7 +65,9 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
-@triton.jit(do_not_specialize=["T", "tokens_per_split"])
+# Triton specialises integer arguments on divisibility by 16: the batch strides of a growing DynamicCache (side rows
+# of N*R + 1 elements, the key mask) would flip that property as T grows and recompile the kernel mid-generation
+@triton.jit(do_not_specialize=["T", "tokens_per_split", "stride_s_b", "stride_km_b"])
 def _mla_decode_stage1(
     q_rope_ptr,
     q_lat_ptr,
@@ -75,6 +81,10 @@ def _mla_decode_stage1(
     T,
     tokens_per_split,
     qk_scale,
+    stride_q_b,
+    stride_q_h,
+    stride_qb_b,
+    stride_qb_h,
     stride_c_b,
     stride_c_t,
     stride_s_b,
@@ -98,138 +108,111 @@ def _mla_decode_stage1(
     UPCAST_DOTS: tl.constexpr,
     STATIC_CHUNK: tl.constexpr,
 ):
-    """Attend all heads of sequence ``program_id(0)`` to token chunk ``program_id(1)`` (grid ``(B, S)``).
+    """Like ``_mla_decode_stage1``, with one query row per (branch, head): row ``m * BLOCK_H + h``.
 
-    The queries are contiguous: ``q_rope`` ``(B, H, R)``, ``q_lat`` ``(B, H, M, L)``, ``q_bias`` ``(B, H, M)``.
-    Outputs (contiguous): ``acc`` ``(B, S, H, M, L)``, ``psum`` ``(B, S, H, M)``, ``stat`` ``(B, S, H)``. With
-    ``SINGLE_SPLIT`` (``S == 1``) they receive the final ``ctx``, ``p_sum`` and the natural-log ``lse``; otherwise
-    the un-normalised accumulators, the un-normalised per-branch probability sums and the running max of the base-2
-    scores (``-inf`` for a chunk without valid keys).
+    Each row runs its own online softmax over the tokens of its branch only (the other branch's tokens are masked
+    with ``-inf``), so the scores of all ``M * H`` rows are one dot with the latent tile and the probabilities one
+    dot back; the branches of a head are merged with the log-sum-exp rule at the end (here with one split,
+    otherwise in the combine kernel, which then gets per-branch maxima ``stat`` ``(B, S, H, M)``).
     """
-    pid_b = tl.program_id(0).to(tl.int64)  # batch offsets of large caches overflow int32
+    pid_b = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
-    if UPCAST_DOTS:  # Triton's CPU interpreter computes bf16 dots wrongly: run them in fp32 there
+    if UPCAST_DOTS:
         cdtype = tl.float32
     else:
         cdtype = latent_ptr.dtype.element_ty
+    BLOCK_R: tl.constexpr = M * BLOCK_H
 
-    offs_h = tl.arange(0, BLOCK_H)
+    offs_r = tl.arange(0, BLOCK_R)
+    h_r = offs_r % BLOCK_H
+    m_r = offs_r // BLOCK_H
     offs_l = tl.arange(0, BLOCK_L)
     offs_c = tl.arange(0, BLOCK_NR)
     offs_tt = tl.arange(0, BLOCK_T)
-    h_ok = offs_h < H
+    r_ok = h_r < H
     l_ok = offs_l < L
     c_ok = offs_c < NR
-    hl_mask = h_ok[:, None] & l_ok[None, :]
 
-    # block-diagonal rope query (BLOCK_H, BLOCK_NR): row h holds q_rope[h] in the columns of kv group h // G
-    grp_c = offs_c // R
-    qr_mask = h_ok[:, None] & c_ok[None, :] & (grp_c[None, :] == (offs_h // G)[:, None])
-    qr_ptrs = q_rope_ptr + pid_b * (H * R) + offs_h[:, None] * R + (offs_c % R)[None, :]
-    qr = tl.load(qr_ptrs, mask=qr_mask, other=0.0).to(cdtype)
-    ql_ptrs = q_lat_ptr + pid_b * (H * M * L) + offs_h[:, None] * (M * L) + offs_l[None, :]
-    ql0 = tl.load(ql_ptrs, mask=hl_mask, other=0.0).to(cdtype)  # (BLOCK_H, BLOCK_L)
-    if M == 2:
-        ql1 = tl.load(ql_ptrs + L, mask=hl_mask, other=0.0).to(cdtype)
+    qr_mask = r_ok[:, None] & c_ok[None, :] & ((offs_c // R)[None, :] == (h_r // G)[:, None])
+    qr = tl.load(q_rope_ptr + pid_b * (H * R) + h_r[:, None] * R + (offs_c % R)[None, :], mask=qr_mask, other=0.0)
+    qr = qr.to(cdtype)
+    ql_ptrs = q_lat_ptr + pid_b * stride_q_b + h_r[:, None] * stride_q_h + m_r[:, None] * L + offs_l[None, :]
+    ql = tl.load(ql_ptrs, mask=r_ok[:, None] & l_ok[None, :], other=0.0).to(cdtype)
     if HAS_BIAS:
-        qb_ptrs = q_bias_ptr + pid_b * (H * M) + offs_h * M
-        bias0 = tl.load(qb_ptrs, mask=h_ok, other=0.0).to(tl.float32) * qk_scale
-        if M == 2:
-            bias1 = tl.load(qb_ptrs + 1, mask=h_ok, other=0.0).to(tl.float32) * qk_scale
+        qb_ptrs = q_bias_ptr + pid_b * stride_qb_b + h_r * stride_qb_h + m_r
+        bias = tl.load(qb_ptrs, mask=r_ok, other=0.0).to(tl.float32) * qk_scale
 
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    ps0 = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_H, BLOCK_L], dtype=tl.float32)
-    if M == 2:
-        ps1 = tl.zeros([BLOCK_H], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK_H, BLOCK_L], dtype=tl.float32)
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_L], dtype=tl.float32)
 
     t_start = pid_s * tokens_per_split
     t_end = tl.minimum(t_start + tokens_per_split, T)
     c_base = latent_ptr + pid_b * stride_c_b + offs_l[None, :]
     s_base = side_ptr + pid_b * stride_s_b
-    # the trip count is the same for every chunk (the last one masks its tail). STATIC_CHUNK > 0 (interpreter only)
-    # makes it a compile-time constant: Triton 3.6's interpreter cannot use a run-time scalar (nor any assigned
-    # variable) as a loop bound under numpy >= 2.4, hence the inline expression
     for t0 in range(0, STATIC_CHUNK if STATIC_CHUNK > 0 else tokens_per_split, BLOCK_T):
         offs_t = t_start + t0 + offs_tt
         t_ok = offs_t < t_end
-        # the tile loads are masked by position only (so that Triton pipelines them); padding rows are zeroed with
-        # tl.where below, so garbage (NaN) stored there never reaches a dot
-        c = tl.load(c_base + offs_t[:, None] * stride_c_t, mask=t_ok[:, None] & l_ok[None, :], other=0.0)
-        kr = tl.load(
-            s_base + offs_t[:, None] * stride_s_t + offs_c[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0
-        )
-        if M == 2:
-            flag = tl.load(s_base + offs_t * stride_s_t + NR, mask=t_ok, other=0.0)
-            is_img = flag.to(tl.float32) > 0.5
         if HAS_MASK:
             km = tl.load(mask_ptr + pid_b * stride_km_b + offs_t * stride_km_t, mask=t_ok, other=0)
             valid = t_ok & (km != 0)
-            c = tl.where(valid[:, None], c, 0.0)
-            kr = tl.where(valid[:, None], kr, 0.0)
         else:
             valid = t_ok
+        # masked and out-of-range rows are never read (the loads zero-fill them), so whatever is stored there (NaN
+        # included) cannot reach a dot; the scores of those keys are set to -inf below
+        c = tl.load(c_base + offs_t[:, None] * stride_c_t, mask=valid[:, None] & l_ok[None, :], other=0.0)
+        kr = tl.load(
+            s_base + offs_t[:, None] * stride_s_t + offs_c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0
+        )
         c = c.to(cdtype)
         kr = kr.to(cdtype)
-
-        # scores (BLOCK_H, BLOCK_T) in base 2: rope part + the token's branch latent part + the branch bias
         scores = tl.dot(qr, tl.trans(kr), input_precision=DOT_PRECISION)
-        s_lat0 = tl.dot(ql0, tl.trans(c), input_precision=DOT_PRECISION)
-        if M == 2:
-            s_lat1 = tl.dot(ql1, tl.trans(c), input_precision=DOT_PRECISION)
-            scores += tl.where(is_img[None, :], s_lat1, s_lat0)
-        else:
-            scores += s_lat0
+        scores = tl.dot(ql, tl.trans(c), scores, input_precision=DOT_PRECISION)
         scores = scores * qk_scale
         if HAS_BIAS:
-            if M == 2:
-                scores += tl.where(is_img[None, :], bias1[:, None], bias0[:, None])
-            else:
-                scores += bias0[:, None]
-        scores = tl.where(valid[None, :], scores, float("-inf"))
+            scores += bias[:, None]
+        if M == 2:
+            flag = tl.load(s_base + offs_t * stride_s_t + NR, mask=valid, other=0.0)
+            is_img = (flag.to(tl.float32) > 0.5).to(tl.int32)
+            keep = valid[None, :] & (is_img[None, :] == m_r[:, None])
+        else:
+            keep = valid[None, :]
+        scores = tl.where(keep, scores, float("-inf"))
 
-        # online softmax; m_ref = 0 while no key was valid (avoids -inf - -inf)
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(scores - m_ref[:, None])
-        if M == 2:
-            p1 = tl.where(is_img[None, :], p, 0.0)
-            p0 = tl.where(is_img[None, :], 0.0, p)
-            ps1 = ps1 * alpha + tl.sum(p1, axis=1)
-            acc1 = acc1 * alpha[:, None] + tl.dot(p1.to(cdtype), c, input_precision=DOT_PRECISION)
-        else:
-            p0 = p
-        ps0 = ps0 * alpha + tl.sum(p0, axis=1)
-        acc0 = acc0 * alpha[:, None] + tl.dot(p0.to(cdtype), c, input_precision=DOT_PRECISION)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(cdtype), c, input_precision=DOT_PRECISION)
         m_i = m_new
 
     row = pid_b * n_splits + pid_s  # row of the (B, S) output grid
-    acc_ptrs = acc_ptr + row * (H * M * L) + offs_h[:, None] * (M * L) + offs_l[None, :]
-    ps_ptrs = psum_ptr + row * (H * M) + offs_h * M
-    st_ptrs = stat_ptr + row * H + offs_h
+    out_row = (row * H + h_r) * M + m_r  # (b, s, h, m) row of acc / psum / stat
+    rl_mask = r_ok[:, None] & l_ok[None, :]
     if SINGLE_SPLIT:
-        denom = ps0
-        if M == 2:
-            denom += ps1
+        # merge the M rows of each head: weights w = 2^(m_branch - m_head), denominator sum_m w * l
+        m2 = tl.reshape(m_i, (M, BLOCK_H))
+        g = tl.max(m2, axis=0)
+        g_ref = tl.where(g == float("-inf"), 0.0, g)
+        w2 = tl.where(m2 == float("-inf"), 0.0, tl.exp2(m2 - g_ref[None, :]))
+        denom = tl.sum(tl.reshape(l_i, (M, BLOCK_H)) * w2, axis=0)
         has_key = denom > 0.0
         inv = tl.where(has_key, 1.0 / tl.where(has_key, denom, 1.0), 0.0)
-        acc0 = acc0 * inv[:, None]
-        ps0 = ps0 * inv
-        if M == 2:
-            acc1 = acc1 * inv[:, None]
-            ps1 = ps1 * inv
-        stat = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, denom, 1.0))) * 0.6931471805599453, float("-inf"))
+        f = tl.reshape(w2 * inv[None, :], (BLOCK_R,))
+        tl.store(acc_ptr + out_row[:, None] * L + offs_l[None, :], acc * f[:, None], mask=rl_mask)
+        tl.store(psum_ptr + out_row, l_i * f, mask=r_ok)
+        offs_h = tl.arange(0, BLOCK_H)
+        lse = tl.where(has_key, (g_ref + tl.log2(tl.where(has_key, denom, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(stat_ptr + row * H + offs_h, lse, mask=offs_h < H)
     else:
-        stat = m_i
-    tl.store(acc_ptrs, acc0, mask=hl_mask)
-    tl.store(ps_ptrs, ps0, mask=h_ok)
-    if M == 2:
-        tl.store(acc_ptrs + L, acc1, mask=hl_mask)
-        tl.store(ps_ptrs + 1, ps1, mask=h_ok)
-    tl.store(st_ptrs, stat, mask=h_ok)
+        # a branch without keys in this chunk (images come in long runs) leaves its accumulator row unwritten: the
+        # combine kernel never reads it (its weight is 0)
+        has_row = r_ok & (m_i > float("-inf"))
+        tl.store(acc_ptr + out_row[:, None] * L + offs_l[None, :], acc, mask=has_row[:, None] & l_ok[None, :])
+        tl.store(psum_ptr + out_row, l_i, mask=r_ok)
+        tl.store(stat_ptr + out_row, m_i, mask=r_ok)
 
 
 @triton.jit
@@ -242,53 +225,66 @@ def _mla_decode_combine(
     lse_ptr,
     S,
     H: tl.constexpr,
-    ML: tl.constexpr,
+    L: tl.constexpr,
     M: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    BLOCK_ML: tl.constexpr,
+    BLOCK_L: tl.constexpr,
     BLOCK_M: tl.constexpr,
     STATIC_S: tl.constexpr,
 ):
-    """Merge the ``S`` partial results of head ``program_id(1)`` of sequence ``program_id(0)``.
-
-    Inputs are stage 1's contiguous partials ``acc`` ``(B, S, H, M*L)``, ``psum`` ``(B, S, H, M)`` and ``stat``
-    ``(B, S, H)`` (base-2 running max); outputs are contiguous ``ctx`` ``(B, H, M*L)``, ``p_sum`` ``(B, H, M)``
-    and ``lse`` ``(B, H)``.
-    """
+    """Merge the ``S`` x ``M`` partial rows of head ``program_id(1)`` of sequence ``program_id(0)``: inputs
+    ``acc`` ``(B, S, H, M, L)``, ``psum`` and ``stat`` ``(B, S, H, M)`` (base-2 running max per branch)."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
-    offs_x = tl.arange(0, BLOCK_ML)
     offs_m = tl.arange(0, BLOCK_M)
-    x_ok = offs_x < ML
+    offs_l = tl.arange(0, BLOCK_L)
     m_ok = offs_m < M
-    row = pid_b * S * H + pid_h  # (b, s=0, h) in units of rows of (B, S, H)
-
-    maxes = tl.load(stat_ptr + row + offs_s * H, mask=offs_s < S, other=float("-inf"))
-    g_max = tl.max(maxes, axis=0)
+    l_ok = offs_l < L
+    base = (pid_b * S * H + pid_h) * M  # (b, s=0, h, m=0)
+    maxes = tl.load(
+        stat_ptr + base + offs_s[:, None] * (H * M) + offs_m[None, :],
+        mask=(offs_s < S)[:, None] & m_ok[None, :],
+        other=float("-inf"),
+    )
+    g_max = tl.max(tl.max(maxes, axis=1), axis=0)
     g_ref = tl.where(g_max == float("-inf"), 0.0, g_max)
-    acc = tl.zeros([BLOCK_ML], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_L], dtype=tl.float32)
     ps = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for s in range(0, STATIC_S if STATIC_S > 0 else S):  # STATIC_S: interpreter only, see STATIC_CHUNK
-        r = row + s * H
-        m_s = tl.load(stat_ptr + r)
+    for s in range(0, STATIC_S if STATIC_S > 0 else S):
+        r = base + s * (H * M) + offs_m
+        m_s = tl.load(stat_ptr + r, mask=m_ok, other=float("-inf"))
         w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - g_ref))
-        a = tl.load(acc_ptr + r * ML + offs_x, mask=x_ok, other=0.0)
-        acc += tl.where(w > 0.0, a * w, 0.0)
-        pv = tl.load(psum_ptr + r * M + offs_m, mask=m_ok, other=0.0)
+        used = m_ok & (w > 0.0)  # rows stage 1 left unwritten have weight 0
+        a = tl.load(acc_ptr + r[:, None] * L + offs_l[None, :], mask=used[:, None] & l_ok[None, :], other=0.0)
+        acc += a * w[:, None]
+        pv = tl.load(psum_ptr + r, mask=m_ok, other=0.0)
         ps += tl.where(w > 0.0, pv * w, 0.0)
     denom = tl.sum(ps, axis=0)
     has_key = denom > 0.0
     inv = tl.where(has_key, 1.0 / tl.where(has_key, denom, 1.0), 0.0)
-    out_row = pid_b * H + pid_h
-    tl.store(ctx_ptr + out_row * ML + offs_x, acc * inv, mask=x_ok)
-    tl.store(p_sum_ptr + out_row * M + offs_m, ps * inv, mask=m_ok)
+    out = (pid_b * H + pid_h) * M + offs_m
+    tl.store(ctx_ptr + out[:, None] * L + offs_l[None, :], acc * inv, mask=m_ok[:, None] & l_ok[None, :])
+    tl.store(p_sum_ptr + out, ps * inv, mask=m_ok)
     lse = tl.where(has_key, (g_ref + tl.log2(tl.where(has_key, denom, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(lse_ptr + out_row, lse)
+    tl.store(lse_ptr + pid_b * H + pid_h, lse)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_INTERPRETING = _interpreting()  # Triton reads the variable once, at import, too
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(x: int) -> int:
+    """Smallest power of two >= x (x >= 1); plain Python, unlike triton.next_power_of_2 (slow on the host)."""
+    return 1 << (x - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=16)
@@ -319,11 +315,12 @@ def choose_num_splits(
             f"({programs_per_sm}) must be positive"
         )
     slots = sm_count * programs_per_sm
-    max_splits = max(1, min(triton.cdiv(num_tokens, max(min_tokens_per_split, block_t)), 256))
+    # plain integer maths: this runs on every decode step (triton.cdiv is a slow constexpr function on the host)
+    max_splits = max(1, min(-(-num_tokens // max(min_tokens_per_split, block_t)), 256))
     best, best_eff = 1, -1.0
     for splits in range(1, max_splits + 1):
         programs = batch * splits
-        waves = triton.cdiv(programs, slots)
+        waves = -(-programs // slots)
         if waves > max_waves and splits > 1:
             break
         eff = programs / (slots * waves)
@@ -333,23 +330,24 @@ def choose_num_splits(
 
 
 def _default_config(lat: int, m: int, elem_size: int, has_mask: bool) -> tuple[int, int, int]:
-    """``(BLOCK_T, num_warps, num_stages)`` by the size of the accumulators, as tuned on an H100 (Triton 3.6).
+    """``(BLOCK_T, num_warps, num_stages)`` by the size of the accumulator, as tuned on an H100 (Triton 3.6).
 
-    Up to 512 accumulator columns (``M * L``, e.g. two branches of 256) a 4-warp program with 32-token tiles lets
-    two programs share an SM, which hides latency better than one 8-warp program; wider accumulators need 8 warps.
-    The key mask's ``tl.where`` costs a staging buffer in shared memory, hence the smaller tile with a mask at
-    ``L = 512``. If a configuration still does not fit, the launcher retries it with fewer stages / a smaller tile.
+    Up to 512 accumulator columns per head (``M * L``, e.g. two branches of 256) a 4-warp program with 32-token tiles
+    lets two programs share an SM, which hides latency better than one 8-warp program; wider accumulators need 8
+    warps and 64-token tiles. If a configuration does not fit, the launcher retries it with fewer stages / a
+    smaller tile.
     """
-    acc_cols = m * max(16, triton.next_power_of_2(lat))
+    acc_cols = m * max(16, _pow2(lat))
     if elem_size >= 4:
         return 16, (4 if acc_cols <= 256 else 8), 2
     if acc_cols <= 512:
-        return 32, 4, 3
-    return (32, 8, 2) if has_mask else (64, 8, 2)
+        return 32, 4, (2 if has_mask else 3)
+    return 64, 8, 2
 
 
 # (cache dtype, L, M, N*R, has_mask, BLOCK_T, num_warps, num_stages) -> (BLOCK_T, num_stages) that fit in smem
 _CONFIG_THAT_FITS: dict[tuple, tuple[int, int]] = {}
+_NO_FIT: set[tuple] = set()  # configurations that fit at no tile size: served by the torch reference
 
 
 def mla_decode_triton(
@@ -395,13 +393,12 @@ def mla_decode_triton(
     """
     b, h, n, r, lat, t, m = validate_decode_inputs(q_rope, q_latent, q_bias, latent, side, key_mask, num_kv_heads)
     device = latent.device
-    if device.type != "cuda" and not _interpreting():
+    if device.type != "cuda" and not _INTERPRETING:
         raise ValueError(
             f"mla_decode_triton needs CUDA tensors (got {device}); use mla_decode_reference on CPU, or set "
             "TRITON_INTERPRET=1 before importing triton to run the kernel in the Triton interpreter"
         )
-    supported = (torch.float16, torch.bfloat16, torch.float32)
-    if latent.dtype not in supported or q_latent.dtype not in supported:
+    if latent.dtype not in _SUPPORTED_DTYPES or q_latent.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(
             f"cache and queries must be float16, bfloat16 or float32, got {latent.dtype}/{q_latent.dtype}"
         )
@@ -430,12 +427,13 @@ def mla_decode_triton(
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     # chunk = whole tiles; drop splits that would start past the end (their count depends only on T)
-    tokens_per_split = triton.cdiv(triton.cdiv(t, num_splits), block_t) * block_t
-    num_splits = triton.cdiv(t, tokens_per_split)
+    tokens_per_split = _cdiv(_cdiv(t, num_splits), block_t) * block_t
+    num_splits = _cdiv(t, tokens_per_split)
     single = num_splits == 1
 
     q_rope = q_rope.contiguous()
-    q_latent = q_latent.contiguous()
+    if q_latent.stride(3) != 1 or q_latent.stride(2) != lat:  # (B, H) strides are free, (M, L) must be packed
+        q_latent = q_latent.contiguous()
     f32 = torch.float32
     ctx = torch.empty(b, h, m, lat, device=device, dtype=f32)
     p_sum = torch.empty(b, h, m, device=device, dtype=f32)
@@ -445,20 +443,25 @@ def mla_decode_triton(
     else:
         acc = torch.empty(b, num_splits, h, m, lat, device=device, dtype=f32)
         psum = torch.empty(b, num_splits, h, m, device=device, dtype=f32)
-        stat = torch.empty(b, num_splits, h, device=device, dtype=f32)
-    bias_arg = q_bias.contiguous() if q_bias is not None else q_latent
+        stat = torch.empty(b, num_splits, h, m, device=device, dtype=f32)
+    if q_bias is not None and q_bias.stride(2) != 1:
+        q_bias = q_bias.contiguous()
+    bias_arg = q_bias if q_bias is not None else q_latent
     if key_mask is not None:
         mask_arg = key_mask.view(torch.uint8)  # same strides as the caller's view: no recompile when T changes
         mask_strides = key_mask.stride()
     else:
         mask_arg = latent
         mask_strides = (0, 0)
-    upcast = _interpreting() and latent.dtype == torch.bfloat16
+    upcast = _INTERPRETING and latent.dtype == torch.bfloat16
     precision = "ieee" if latent.dtype == torch.float32 or upcast else "tf32"
 
     fit_key = (latent.dtype, lat, m, nr, key_mask is not None, block_t, num_warps, num_stages)
+    if fit_key in _NO_FIT:
+        return mla_decode_reference(q_rope, q_latent, q_bias, latent, side, key_mask, scale, n)
     tile_t, stages = _CONFIG_THAT_FITS.get(fit_key, (block_t, num_stages))
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    switch = device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device()
+    with torch.cuda.device(device) if switch else contextlib.nullcontext():
         while True:
             try:
                 _mla_decode_stage1[(b, num_splits)](
@@ -474,6 +477,10 @@ def mla_decode_triton(
                     t,
                     tokens_per_split,
                     float(scale) * _LOG2E,
+                    q_latent.stride(0),
+                    q_latent.stride(1),
+                    bias_arg.stride(0),
+                    bias_arg.stride(1),
                     latent.stride(0),
                     latent.stride(1),
                     side.stride(0),
@@ -485,23 +492,31 @@ def mla_decode_triton(
                     NR=nr,
                     L=lat,
                     M=m,
-                    BLOCK_H=max(16, triton.next_power_of_2(h)),
+                    BLOCK_H=max(16, _pow2(h)),
                     BLOCK_T=tile_t,
-                    BLOCK_NR=max(16, triton.next_power_of_2(nr)),
-                    BLOCK_L=max(16, triton.next_power_of_2(lat)),
+                    BLOCK_NR=max(16, _pow2(nr)),
+                    BLOCK_L=max(16, _pow2(lat)),
                     HAS_MASK=key_mask is not None,
                     HAS_BIAS=q_bias is not None,
                     SINGLE_SPLIT=single,
                     DOT_PRECISION=precision,
                     UPCAST_DOTS=upcast,
-                    STATIC_CHUNK=tokens_per_split if _interpreting() else 0,
+                    STATIC_CHUNK=tokens_per_split if _INTERPRETING else 0,
                     num_warps=num_warps,
                     num_stages=stages,
                 )
                 break
             except OutOfResources:  # raised on the host before launching: retry with fewer stages / a smaller tile
-                if tile_given or (stages <= 1 and tile_t <= 16):
+                if tile_given:
                     raise
+                if stages <= 1 and tile_t <= 16:  # e.g. float32 caches with M * L > 512: no tile fits in smem
+                    _NO_FIT.add(fit_key)
+                    warnings.warn(
+                        f"the Triton MLA decode kernel does not fit in shared memory for a {latent.dtype} cache with "
+                        f"M={m}, L={lat}; using the torch reference for these shapes",
+                        stacklevel=2,
+                    )
+                    return mla_decode_reference(q_rope, q_latent, q_bias, latent, side, key_mask, scale, n)
                 if stages > 1:
                     stages -= 1
                 else:
@@ -517,12 +532,12 @@ def mla_decode_triton(
                 lse,
                 num_splits,
                 H=h,
-                ML=m * lat,
+                L=lat,
                 M=m,
-                BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-                BLOCK_ML=triton.next_power_of_2(m * lat),
+                BLOCK_S=max(2, _pow2(num_splits)),
+                BLOCK_L=max(16, _pow2(lat)),
                 BLOCK_M=2,
-                STATIC_S=num_splits if _interpreting() else 0,
+                STATIC_S=num_splits if _INTERPRETING else 0,
                 num_warps=4,
             )
     return ctx, p_sum, lse

@@ -1,8 +1,10 @@
 # Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
-"""The Triton absorbed-decode kernel as a `torch.library` custom op.
+"""The Triton absorbed-decode kernel as a `torch.library` custom op, and the entry point the model registers.
 
 `torch.compile` treats the op as opaque (its fake implementation gives the output shapes), so the compiled decode
-graph, CUDA graphs included, calls the Triton launcher instead of tracing through it.
+graph, CUDA graphs included, calls the Triton launcher instead of tracing through it. In eager mode
+`mla_decode_dispatch` calls the launcher directly: the custom-op dispatcher costs host time on every layer and
+step, and eager decode is bound by host time.
 """
 
 from typing import Optional
@@ -38,4 +40,20 @@ def _(q_rope, q_latent, q_bias, latent, side, key_mask, scale, num_kv_heads):
     )
 
 
-__all__ = ["mla_decode"]
+def mla_decode_dispatch(
+    q_rope: torch.Tensor,
+    q_latent: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    latent: torch.Tensor,
+    side: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scale: float,
+    num_kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The custom op while `torch.compile` traces, the Triton launcher itself otherwise (same contract)."""
+    if torch.compiler.is_compiling():
+        return mla_decode(q_rope, q_latent, q_bias, latent, side, key_mask, scale, num_kv_heads)
+    return mla_decode_triton(q_rope, q_latent, q_bias, latent, side, key_mask, scale, num_kv_heads)
+
+
+__all__ = ["mla_decode", "mla_decode_dispatch"]

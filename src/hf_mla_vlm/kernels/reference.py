@@ -56,11 +56,6 @@ __all__ = [
 ]
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 def validate_decode_inputs(
     q_rope: torch.Tensor,
     q_latent: torch.Tensor,
@@ -72,68 +67,79 @@ def validate_decode_inputs(
 ) -> tuple[int, int, int, int, int, int, int]:
     """Check the shapes, dtypes and devices of the decode inputs (metadata only: never synchronises).
 
+    Runs on every decode step and layer, so the error messages are only formatted when a check fails.
+
     Returns:
         ``(B, H, N, R, L, T, M)``.
 
     Raises:
         ValueError: with a message naming the offending argument and the expected layout.
     """
-    for name, t in (("q_rope", q_rope), ("q_latent", q_latent), ("latent", latent), ("side", side)):
-        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check(t.is_floating_point(), f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    _check(q_rope.dim() == 3, f"q_rope must have shape (B, H, R), got {tuple(q_rope.shape)}")
-    _check(q_latent.dim() == 4, f"q_latent must have shape (B, H, M, L), got {tuple(q_latent.shape)}")
-    _check(latent.dim() == 3, f"latent must have shape (B, T, L) (pass keys[:, 0]), got {tuple(latent.shape)}")
-    _check(side.dim() == 3, f"side must have shape (B, T, N*R + 1) (pass values[:, 0]), got {tuple(side.shape)}")
+    for name, x in (("q_rope", q_rope), ("q_latent", q_latent), ("latent", latent), ("side", side)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if q_rope.dim() != 3:
+        raise ValueError(f"q_rope must have shape (B, H, R), got {tuple(q_rope.shape)}")
+    if q_latent.dim() != 4:
+        raise ValueError(f"q_latent must have shape (B, H, M, L), got {tuple(q_latent.shape)}")
+    if latent.dim() != 3:
+        raise ValueError(f"latent must have shape (B, T, L) (pass keys[:, 0]), got {tuple(latent.shape)}")
+    if side.dim() != 3:
+        raise ValueError(f"side must have shape (B, T, N*R + 1) (pass values[:, 0]), got {tuple(side.shape)}")
     b, h, r = q_rope.shape
     _, _, m, lat = q_latent.shape
-    _check(
-        isinstance(num_kv_heads, int) and num_kv_heads > 0,
-        f"num_kv_heads must be a positive int, got {num_kv_heads!r}",
-    )
+    if not isinstance(num_kv_heads, int) or num_kv_heads <= 0:
+        raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
     n = num_kv_heads
-    _check(b > 0 and h > 0 and r > 0, f"q_rope must have non-empty dims, got {tuple(q_rope.shape)}")
-    _check(h % n == 0, f"the number of query heads ({h}) must be a multiple of num_kv_heads ({n})")
-    _check(
-        q_latent.shape[:2] == (b, h),
-        f"q_latent leading dims {tuple(q_latent.shape[:2])} must match q_rope's (B, H) = {(b, h)}",
-    )
-    _check(m in (1, 2), f"q_latent must have M = 1 or 2 modality branches (dim 2), got {m}")
-    _check(lat > 0, "q_latent's latent width (dim 3) must be positive")
-    _check(
-        latent.shape[0] == b and latent.shape[2] == lat,
-        f"latent must have shape (B={b}, T, L={lat}), got {tuple(latent.shape)}",
-    )
+    if b <= 0 or h <= 0 or r <= 0:
+        raise ValueError(f"q_rope must have non-empty dims, got {tuple(q_rope.shape)}")
+    if h % n:
+        raise ValueError(f"the number of query heads ({h}) must be a multiple of num_kv_heads ({n})")
+    if q_latent.shape[:2] != (b, h):
+        raise ValueError(f"q_latent leading dims {tuple(q_latent.shape[:2])} must match q_rope's (B, H) = {(b, h)}")
+    if m not in (1, 2):
+        raise ValueError(f"q_latent must have M = 1 or 2 modality branches (dim 2), got {m}")
+    if lat <= 0:
+        raise ValueError("q_latent's latent width (dim 3) must be positive")
+    if latent.shape[0] != b or latent.shape[2] != lat:
+        raise ValueError(f"latent must have shape (B={b}, T, L={lat}), got {tuple(latent.shape)}")
     t = latent.shape[1]
-    _check(t > 0, "the cache view must hold at least one token (T >= 1)")
-    _check(
-        tuple(side.shape) == (b, t, n * r + 1),
-        f"side must have shape (B, T, N*R + 1) = {(b, t, n * r + 1)} (rope keys of {n} kv heads x {r} dims, then "
-        f"the modality flag), got {tuple(side.shape)}",
-    )
-    _check(side.dtype == latent.dtype, f"side ({side.dtype}) and latent ({latent.dtype}) must share the cache dtype")
-    _check(
-        q_rope.dtype == q_latent.dtype,
-        f"q_rope ({q_rope.dtype}) and q_latent ({q_latent.dtype}) must have the same dtype",
-    )
-    devices = {q_rope.device, q_latent.device, latent.device, side.device}
+    if t <= 0:
+        raise ValueError("the cache view must hold at least one token (T >= 1)")
+    if side.shape != (b, t, n * r + 1):
+        raise ValueError(
+            f"side must have shape (B, T, N*R + 1) = {(b, t, n * r + 1)} (rope keys of {n} kv heads x {r} dims, then "
+            f"the modality flag), got {tuple(side.shape)}"
+        )
+    if side.dtype != latent.dtype:
+        raise ValueError(f"side ({side.dtype}) and latent ({latent.dtype}) must share the cache dtype")
+    if q_rope.dtype != q_latent.dtype:
+        raise ValueError(f"q_rope ({q_rope.dtype}) and q_latent ({q_latent.dtype}) must have the same dtype")
+    device = latent.device
+    same_device = q_rope.device == device and q_latent.device == device and side.device == device
     if q_bias is not None:
-        _check(isinstance(q_bias, torch.Tensor), f"q_bias must be a tensor or None, got {type(q_bias).__name__}")
-        _check(
-            tuple(q_bias.shape) == (b, h, m),
-            f"q_bias must have shape (B, H, M) = {(b, h, m)}, got {tuple(q_bias.shape)}",
-        )
-        _check(q_bias.is_floating_point(), f"q_bias must be floating point, got {q_bias.dtype}")
-        devices.add(q_bias.device)
+        if not isinstance(q_bias, torch.Tensor):
+            raise ValueError(f"q_bias must be a tensor or None, got {type(q_bias).__name__}")
+        if q_bias.shape != (b, h, m):
+            raise ValueError(f"q_bias must have shape (B, H, M) = {(b, h, m)}, got {tuple(q_bias.shape)}")
+        if not q_bias.is_floating_point():
+            raise ValueError(f"q_bias must be floating point, got {q_bias.dtype}")
+        same_device = same_device and q_bias.device == device
     if key_mask is not None:
-        _check(isinstance(key_mask, torch.Tensor), f"key_mask must be a tensor or None, got {type(key_mask).__name__}")
-        _check(key_mask.dtype == torch.bool, f"key_mask must be a bool tensor (True = attend), got {key_mask.dtype}")
-        _check(
-            tuple(key_mask.shape) == (b, t),
-            f"key_mask must have shape (B, T) = {(b, t)} matching the cache view, got {tuple(key_mask.shape)}",
-        )
-        devices.add(key_mask.device)
-    _check(len(devices) == 1, f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
+        if not isinstance(key_mask, torch.Tensor):
+            raise ValueError(f"key_mask must be a tensor or None, got {type(key_mask).__name__}")
+        if key_mask.dtype != torch.bool:
+            raise ValueError(f"key_mask must be a bool tensor (True = attend), got {key_mask.dtype}")
+        if key_mask.shape != (b, t):
+            raise ValueError(
+                f"key_mask must have shape (B, T) = {(b, t)} matching the cache view, got {tuple(key_mask.shape)}"
+            )
+        same_device = same_device and key_mask.device == device
+    if not same_device:
+        tensors = [q_rope, q_latent, latent, side] + [x for x in (q_bias, key_mask) if x is not None]
+        raise ValueError(f"all inputs must be on one device, got {sorted({str(x.device) for x in tensors})}")
     return b, h, n, r, lat, t, m
 
 

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..kernels.reference import absorb_queries, apply_value_up_projection, mla_decode_reference
+from ..kernels.reference import mla_decode_reference
 
 
 MODALITIES = ("text", "image")
@@ -142,7 +142,7 @@ class MLAAttention(nn.Module):
         # than a buffer, so meta-device initialisation in `from_pretrained` cannot leave it unset.
         self._rope_dims = [kept_rope_dims(pairs, self.head_dim) for pairs in config.rope_pairs[layer_idx]]
         self._rope_index = None
-        self._absorbed_key, self._absorbed_cache = None, None  # see `_cached_absorbed_weights`
+        self._decode_key, self._decode_cache = None, None  # see `_cached_decode_weights`
 
     def rope_index(self, device: torch.device) -> torch.Tensor:
         """`(N, R)` indices into the per-position `cos`/`sin` of the dims each kv head keeps."""
@@ -171,9 +171,10 @@ class MLAAttention(nn.Module):
         rope_index = self.rope_index(cos.device)
         cos_k = cos[..., rope_index].transpose(1, 2)  # (B, N, S, R)
         sin_k = sin[..., rope_index].transpose(1, 2)
+        # the query heads of a kv group share its rotary dims: rotate them as (B, N, G, S, R) against (B, N, 1, S, R)
         q_rope = apply_partial_rope(
-            q_rope, cos_k.repeat_interleave(groups, dim=1), sin_k.repeat_interleave(groups, dim=1)
-        )
+            q_rope.view(bsz, n_kv, groups, q_len, self.rope_dim), cos_k.unsqueeze(2), sin_k.unsqueeze(2)
+        ).view(bsz, self.num_heads, q_len, self.rope_dim)
         k_rope = apply_partial_rope(k_rope, cos_k, sin_k)
 
         if self.stage == "partial_rope":
@@ -266,18 +267,35 @@ class MLAAttention(nn.Module):
         b_k, b_v = bias.split([self.nope_dim, self.head_dim], dim=2)
         return w_uk, w_uv, b_k.reshape(branches, -1), b_v.reshape(branches, -1)
 
-    def _cached_absorbed_weights(self):
-        """`absorbed_weights()`, rebuilt only when a `kv_b_proj` parameter changed (in place or replaced): decode
-        steps reuse the stacked tensors instead of re-stacking them for every token."""
+    def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The up-projections in the layout of the absorbed decode, per kv head `n`:
+
+        * `w_k (N, P, M*L [+ M])`: `[W_uk^{0,n}^T | W_uk^{1,n}^T | b_k^{0,n} b_k^{1,n}]`, so one batched matmul of
+          the no-rope queries gives the absorbed queries of every branch and their key-bias scores;
+        * `w_v (N, M*L, D)` (float32, like the kernel's output) and `b_v (N, M, D)` (float32) or None.
+        """
+        w_uk, w_uv, b_k, b_v = self.absorbed_weights()
+        m, n, lat = len(self.branches), self.num_key_value_heads, self.latent_dim
+        p, d = self.nope_dim, self.head_dim
+        w_k = w_uk.view(m, n, p, lat).permute(1, 2, 0, 3).reshape(n, p, m * lat)
+        if b_k is not None:
+            w_k = torch.cat([w_k, b_k.view(m, n, p).permute(1, 2, 0)], dim=-1)
+        w_v = w_uv.view(m, n, d, lat).permute(1, 0, 3, 2).reshape(n, m * lat, d).float().contiguous()
+        b_v = None if b_v is None else b_v.view(m, n, d).transpose(0, 1).float().contiguous()
+        return w_k.contiguous(), w_v, b_v
+
+    def _cached_decode_weights(self):
+        """`decode_weights()`, rebuilt only when a `kv_b_proj` parameter changed (in place or replaced): decode
+        steps reuse the rearranged tensors instead of rebuilding them for every token."""
         if torch.compiler.is_compiling() or torch.is_grad_enabled():
-            return self.absorbed_weights()  # traced into the graph / keeps gradients
+            return self.decode_weights()  # traced into the graph / keeps gradients
         params = [p for b in self.branches for p in self.kv_b_proj[b].parameters()]
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._absorbed_key != key:
+        if self._decode_key != key:
             with torch.no_grad():
-                self._absorbed_cache = self.absorbed_weights()
-            self._absorbed_key = key
-        return self._absorbed_cache
+                self._decode_cache = self.decode_weights()
+            self._decode_key = key
+        return self._decode_cache
 
     def _decode_key_mask(self, attention_mask, past_key_values, bsz, kv_len, device) -> torch.Tensor | None:
         """Boolean `(B, T)` mask over the cached keys for one query token (True = attend), or None (all valid)."""
@@ -296,22 +314,37 @@ class MLAAttention(nn.Module):
 
     def _absorbed_decode(self, q_rope, q_nope, side, latent, key_mask) -> torch.Tensor:
         """Absorbed attention for one query token, reading only the cache. Shapes: q_* (B, H, 1, .),
-        side (B, T, N*R + 1), latent (B, T, L), key_mask (B, T) or None. Returns (B, H, D) before `o_proj`."""
-        w_uk, w_uv, b_k, b_v = self._cached_absorbed_weights()
-        q_latent, q_bias = absorb_queries(q_nope[:, :, 0], w_uk, b_k, self.num_key_value_heads)
+        side (B, T, N*R + 1), latent (B, T, L), key_mask (B, T) or None. Returns (B, H, D) before `o_proj`.
+
+        Eager decode is bound by host time, so the up-projections are two batched matmuls over the kv heads (see
+        `decode_weights`) and the kernel reads the absorbed queries and biases as views of the first one."""
+        w_k, w_v, b_v = self._cached_decode_weights()
+        bsz, heads = q_nope.shape[:2]
+        n, groups = self.num_key_value_heads, self.num_key_value_groups
+        branches, lat = len(self.branches), self.latent_dim
+        q_grouped = q_nope[:, :, 0].reshape(bsz, n, groups, -1).transpose(0, 1).reshape(n, bsz * groups, -1)
+        absorbed = torch.bmm(q_grouped.to(w_k.dtype), w_k)  # (N, B*G, M*L [+ M])
+        absorbed = absorbed.view(n, bsz, groups, -1).transpose(0, 1).reshape(bsz, heads, -1)
+        q_latent = absorbed[..., : branches * lat].view(bsz, heads, branches, lat)
+        q_bias = absorbed[..., branches * lat :] if absorbed.shape[-1] > branches * lat else None
         kernel = DECODE_KERNELS.get(latent.device.type, mla_decode_reference)
         context, p_sum, _ = kernel(
             q_rope[:, :, 0].to(latent.dtype),
             q_latent.to(latent.dtype),
-            None if q_bias is None else q_bias.float(),
+            q_bias,
             latent,
             side,
             key_mask,
             self.scaling,
-            self.num_key_value_heads,
+            n,
         )
-        out = apply_value_up_projection(context, p_sum, w_uv, b_v, self.num_key_value_heads)
-        return out.to(q_nope.dtype)
+        context = context.view(bsz, n, groups, branches * lat).transpose(0, 1).reshape(n, bsz * groups, -1)
+        if b_v is None:
+            out = torch.bmm(context, w_v)
+        else:
+            p_sum = p_sum.view(bsz, n, groups, branches).transpose(0, 1).reshape(n, bsz * groups, branches)
+            out = torch.baddbmm(torch.bmm(p_sum, b_v), context, w_v)
+        return out.view(n, bsz, groups, -1).transpose(0, 1).reshape(bsz, heads, -1).to(q_nope.dtype)
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
