@@ -270,11 +270,7 @@ def _mla_decode_combine(
     tl.store(lse_ptr + pid_b * H + pid_h, lse)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-_INTERPRETING = _interpreting()  # Triton reads the variable once, at import, too
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # Triton reads it once, at import, too
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 

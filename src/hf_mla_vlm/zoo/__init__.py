@@ -1,59 +1,8 @@
 # Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
 """Datasets and tasks for training and evaluating converted models (procedural VQA)."""
 
-from hf_mla_vlm.zoo.vqa_data import (
-    ANSWERS,
-    COLORS,
-    INSTRUCTION,
-    NUMBER_WORDS,
-    POSITIONS,
-    QTYPES,
-    RELATIONS,
-    SHAPES,
-    SPLIT_SHARES,
-    SPLITS,
-    SceneObject,
-    VQASample,
-    answer_distribution,
-    answer_question,
-    encode_for_training,
-    generate_split,
-    make_question,
-    per_type_accuracy,
-    position_name,
-    random_scene,
-    relation_holds,
-    render_scene,
-    scene_key,
-    scene_split,
-    score_answer,
-)
+from . import vqa_data
+from .vqa_data import *  # noqa: F403 (the public names of vqa_data, listed once in its __all__)
 
 
-__all__ = [
-    "ANSWERS",
-    "COLORS",
-    "INSTRUCTION",
-    "NUMBER_WORDS",
-    "POSITIONS",
-    "QTYPES",
-    "RELATIONS",
-    "SHAPES",
-    "SPLITS",
-    "SPLIT_SHARES",
-    "SceneObject",
-    "VQASample",
-    "answer_distribution",
-    "answer_question",
-    "encode_for_training",
-    "generate_split",
-    "make_question",
-    "per_type_accuracy",
-    "position_name",
-    "random_scene",
-    "relation_holds",
-    "render_scene",
-    "scene_key",
-    "scene_split",
-    "score_answer",
-]
+__all__ = list(vqa_data.__all__)
