@@ -2,7 +2,8 @@
 
 Random bf16 weights (the text decoder has the real 7B shapes: 28 layers, hidden 3584, 28 query / 4 kv heads,
 head_dim 128; the vision tower is shrunk to one block because decode never runs it). The converted model keeps
-rope_dim 32 per head and kv_rank 64 (latent 256 + rope keys 4 x 32 = 128 + 1 flag per token and layer). Caches are
+rope_dim 32 per head and kv_rank 64 (latent 256 + rope keys 4 x 32 = 128 + 1 flag + 7 padding elements per token
+and layer: side rows start on 16-byte boundaries, see `side_row_width`). Caches are
 filled to the context length with random values (see `hf_mla_vlm.evaluation.bench`), then decode steps are timed with
 CUDA events, in the same runtime mode for both models: eager with a DynamicCache, and a StaticCache with
 `torch.compile(mode="reduce-overhead")` (CUDA graphs).
@@ -10,6 +11,12 @@ CUDA events, in the same runtime mode for both models: eager with a DynamicCache
 Regenerate on the GPU machine:
 
     PYTHONPATH=src python benchmarks/bench_decode_e2e.py --out benchmarks/results/decode_h100.json
+
+or in two commands that each fit a time limit, then joined:
+
+    PYTHONPATH=src python benchmarks/bench_decode_e2e.py --models mla --out /tmp/e2e_mla.json
+    PYTHONPATH=src python benchmarks/bench_decode_e2e.py --models original --out /tmp/e2e_original.json
+    python benchmarks/bench_decode_e2e.py --merge /tmp/e2e_*.json --out benchmarks/results/decode_h100.json
 """
 
 import argparse
@@ -54,6 +61,15 @@ def build(kind: str):
     return model.eval()
 
 
+def merge_results(parts: list[str], out: Path) -> None:
+    """Join the rows of runs made as separate commands (e.g. `--models mla`, then `--models original`)."""
+    runs = [json.loads(Path(p).read_text()) for p in parts]
+    result = dict(runs[0], rows=[row for run in runs for row in run["rows"]])
+    result["runs"] = [{k: run[k] for k in ("command", "date", "device", "environment")} for run in runs]
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/decode_h100.json")
@@ -61,7 +77,12 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["eager", "static-compile"])
     parser.add_argument("--compile-points", nargs="+", default=["16x32768"], help="points also run with compile")
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--models", nargs="+", default=["mla", "original"], choices=["mla", "original"])
+    parser.add_argument("--merge", nargs="+", default=None, help="only join the rows of these result files into --out")
     args = parser.parse_args()
+    if args.merge:
+        merge_results(args.merge, Path(args.out))
+        return
     rows = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +95,7 @@ def main() -> None:
         "environment": {**environment(), "cuda": torch.version.cuda},
         "rows": rows,
     }
-    for kind in ("mla", "original"):
+    for kind in args.models:
         model = build(kind)
         size = kv_cache_size(model.config) if kind == "mla" else None
         per_token = (size.converted if kind == "mla" else 2 * 4 * 128) * 28 * 2  # bytes per token, all layers

@@ -47,6 +47,7 @@ import triton
 import triton.testing
 
 from hf_mla_vlm.kernels import mla_decode_reference, mla_decode_triton
+from hf_mla_vlm.modeling.mla_attention import side_row_width
 
 
 MODELS: dict[str, dict[str, int]] = {
@@ -74,6 +75,7 @@ def make_decode_inputs(
     device: torch.device,
     dtype: torch.dtype = torch.bfloat16,
     layout: str = "runs",
+    padded: bool = True,
 ) -> dict[str, object]:
     """Random decode inputs in the model's cache layout (half image, half text tokens, all keys valid).
 
@@ -82,9 +84,11 @@ def make_decode_inputs(
     case).
 
     Returns a dict with the ``mla_decode_*`` arguments plus ``keys`` ``(B, 1, T, L)`` and ``values``
-    ``(B, 1, T, N*R + 1)``."""
+    ``(B, 1, T, side_row_width(N, R))`` (``side`` is the ``N*R + 1`` view the model passes)."""
     keys = torch.randn(b, 1, t, lat, device=device, dtype=dtype)
-    values = torch.randn(b, 1, t, n * r + 1, device=device, dtype=dtype)
+    width = side_row_width(n, r) if padded else n * r + 1  # padded = the model's cache layout (aligned rows)
+    values = torch.zeros(b, 1, t, width, device=device, dtype=dtype)
+    values[..., : n * r] = torch.randn(b, 1, t, n * r, device=device, dtype=dtype)
     if layout == "random":
         values[..., n * r] = (torch.rand(b, 1, t, device=device) < 0.5).to(dtype)
     elif layout == "runs":
@@ -96,7 +100,7 @@ def make_decode_inputs(
         "q_latent": torch.randn(b, h, 2, lat, device=device, dtype=dtype) * (128 / lat) ** 0.5,
         "q_bias": torch.randn(b, h, 2, device=device, dtype=torch.float32),
         "latent": keys[:, 0],
-        "side": values[:, 0],
+        "side": values[:, 0, :, : n * r + 1],
         "key_mask": None,
         "scale": 1.0 / math.sqrt(128),
         "num_kv_heads": n,
@@ -111,7 +115,8 @@ def _call_args(inp: dict[str, object]) -> tuple:
 
 
 def mla_bytes(b: int, t: int, lat: int, nr: int, elem: int = 2) -> int:
-    """Cache bytes the absorbed kernel must read: latent + side rows of all valid tokens."""
+    """Cache bytes the absorbed kernel must read: latent, rope keys and flag of all valid tokens (the side rows'
+    padding is not counted, though whole 32-byte sectors of it are fetched)."""
     return b * t * (lat + nr + 1) * elem
 
 
@@ -138,6 +143,26 @@ def bench_graph_ms(fn: Callable[[], object], reps: int = 60) -> float:
         times.append((start, end))
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in times[3:])
+
+
+def kernel_times_us(fn: Callable[[], object], reps: int = 20) -> dict[str, float]:
+    """Median GPU time per kernel of one call (torch.profiler, L2 flushed before each call): e.g. stage 1 vs the
+    combine of the split-K kernel. Keys are the kernel names with a leading underscore stripped."""
+    from torch.profiler import ProfilerActivity, profile
+
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            flush.zero_()
+            fn()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and "mla_decode" in event.name:
+            per_kernel.setdefault(event.name.lstrip("_"), []).append(event.time_range.elapsed_us())
+    return {name: statistics.median(times) for name, times in per_kernel.items()}
 
 
 def host_launch_us(fn: Callable[[], object], iters: int = 50) -> float:
@@ -219,19 +244,21 @@ def bench_mla(
     with_reference: bool,
     overrides: dict[str, int],
     layout: str = "runs",
+    padded: bool = True,
 ) -> dict[str, object]:
     """Triton kernel (and the torch reference) on one shape; the inputs are freed on return."""
-    from hf_mla_vlm.kernels.absorbed_decode import _default_config, _sm_count, choose_num_splits
+    from hf_mla_vlm.kernels.absorbed_decode import _default_config, _row_alignment, _sm_count, choose_num_splits
 
     cfg = MODELS[model]
     h, n, r = cfg["h"], cfg["n"], cfg["r"]
-    inp = make_decode_inputs(b, h, n, r, lat, t, device, layout=layout)
+    inp = make_decode_inputs(b, h, n, r, lat, t, device, layout=layout, padded=padded)
     args = _call_args(inp)
     nbytes = mla_bytes(b, t, lat, n * r)
     row: dict[str, object] = {
         "model": model, "h": h, "n": n, "r": r, "latent": lat, "batch": b, "context": t, "layout": layout,
+        "side_row": inp["values"].shape[-1],
     }  # fmt: skip
-    block_t, warps, stages = _default_config(lat, 2, 2, False)
+    block_t, warps, stages = _default_config(lat, 2, 2, False, _row_alignment(inp["side"]) > 1)
     block_t = overrides.get("block_t", block_t)
     warps = overrides.get("num_warps", warps)
     row.update(
@@ -255,6 +282,7 @@ def bench_mla(
         triton_eager_us=eager_ms * 1e3,
         triton_eager_tbps=nbytes / (eager_ms * 1e-3) / 1e12,
         triton_host_us=host_launch_us(kernel),
+        triton_kernel_us=kernel_times_us(kernel),
     )
     if with_reference and reference_memory(b, h, t, lat) < REFERENCE_MEMORY_BUDGET:
         ref = mla_decode_reference(*args)
@@ -277,8 +305,9 @@ def bench_row(
     with_reference: bool,
     overrides: dict[str, int],
     layout: str = "runs",
+    padded: bool = True,
 ) -> dict[str, object]:
-    row = bench_mla(model, lat, b, t, device, with_reference, overrides, layout)
+    row = bench_mla(model, lat, b, t, device, with_reference, overrides, layout, padded)
     torch.cuda.empty_cache()
     cfg = MODELS[model]
     row.update(bench_sdpa(b, cfg["h"], cfg["n"], t, cfg["head_dim"], device))
@@ -292,17 +321,20 @@ def _fmt(x: object, spec: str) -> str:
 
 def markdown_table(rows: list[dict[str, object]]) -> str:
     head = (
-        "| model | L | B | T | MLA MB | triton µs (graph) | triton TB/s | triton eager µs | ref µs | ref TB/s | "
-        "SDPA GQA µs (backend) | SDPA TB/s | SDPA µs / triton µs |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| model | L | B | T | MLA MB | splits | triton µs (graph) | stage 1 + combine µs | triton TB/s | "
+        "triton eager µs | ref µs | ref TB/s | SDPA GQA µs (backend) | SDPA TB/s | SDPA µs / triton µs |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for row in rows:
         sd = row.get("sdpa_us")
         speed = None if sd is None else sd / row["triton_us"]
+        kernels = row.get("triton_kernel_us") or {}
+        parts = " + ".join(f"{kernels[k]:.1f}" for k in ("mla_decode_stage1", "mla_decode_combine") if k in kernels)
         lines.append(
             f"| {row['model']} | {row['latent']} | {row['batch']} | {row['context']} | "
-            f"{row['mla_bytes'] / 1e6:.1f} | {row['triton_us']:.1f} | **{row['triton_tbps']:.2f}** | "
+            f"{row['mla_bytes'] / 1e6:.1f} | {row['num_splits']} | {row['triton_us']:.1f} | {parts or '-'} | "
+            f"**{row['triton_tbps']:.2f}** | "
             f"{row['triton_eager_us']:.1f} | {_fmt(row['reference_us'], '.0f')} | "
             f"{_fmt(row['reference_tbps'], '.2f')} | "
             f"{_fmt(sd, '.1f')} ({row.get('sdpa_backend')}) | {_fmt(row.get('sdpa_tbps'), '.2f')} | "
@@ -319,10 +351,12 @@ def results_markdown(meta: dict[str, object], rows: list[dict[str, object]]) -> 
         f"{meta['copy_tbps']:.2f} TB/s (read + write).\n\n"
         f"Regenerate: `{meta['command']}`\n\n"
         f"One decoder layer, one query token per sequence, bf16 cache, {meta['modalities']}, all keys valid. MLA "
-        "bytes = latent + side rows (`L + N*R + 1` elements per token); SDPA reads the original model's decompressed "
+        "bytes = latent + rope keys + flag (`L + N*R + 1` elements per token; padding not counted); SDPA reads the "
+        "original model's decompressed "
         "GQA cache (`2 * N * 128` elements per token, best of the flash / efficient / cuDNN backends). Medians, L2 "
         "flushed before every run; `triton µs (graph)` is a CUDA-graph replay (GPU time), `triton eager µs` the plain "
-        "Python call under `triton.testing.do_bench` (host-bound at small sizes).\n\n" + markdown_table(rows)
+        "Python call under `triton.testing.do_bench` (host-bound at small sizes); `stage 1 + combine µs` are the two "
+        "kernels' medians under torch.profiler (one split: no combine).\n\n" + markdown_table(rows)
     )
 
 
@@ -340,7 +374,12 @@ def run_benchmark(args: argparse.Namespace, overrides: dict[int, dict[str, int]]
         "dtype": "bfloat16",
         "modalities": "M = 2 branches, half image / half text tokens "
         + (f"in alternating runs of {RUN_LENGTH}" if args.layout == "runs" else "drawn independently per token")
-        + ", Qwen-style query biases, no padding",
+        + ", Qwen-style query biases, no key padding, side rows "
+        + (
+            "of N*R + 1 elements (unaligned)"
+            if args.unpadded_side
+            else "padded to 16-byte units as in the model's cache"
+        ),
         "timing": "median of CUDA-event-timed runs, L2 flushed before each; triton_us = CUDA-graph replay, "
         "triton_eager_us / reference / SDPA = triton.testing.do_bench of the eager call",
         "tile_overrides": {str(k): v for k, v in overrides.items()},
@@ -354,13 +393,16 @@ def run_benchmark(args: argparse.Namespace, overrides: dict[int, dict[str, int]]
             for b in args.batches:
                 for t in args.contexts:
                     row = bench_row(
-                        model, lat, b, t, device, not args.no_reference, overrides.get(lat, {}), args.layout
+                        model, lat, b, t, device, not args.no_reference, overrides.get(lat, {}), args.layout,
+                        not args.unpadded_side,
                     )  # fmt: skip
                     rows.append(row)
                     print(
                         f"{model:14s} L{lat:<4d} B{b:<3d} T{t:<6d} triton {row['triton_us']:8.1f} us "
                         f"{row['triton_tbps']:5.2f} TB/s (eager {row['triton_eager_us']:7.1f} us, host "
-                        f"{row['triton_host_us']:.0f} us, splits {row['num_splits']}) | "
+                        f"{row['triton_host_us']:.0f} us, splits {row['num_splits']}, kernels "
+                        + " ".join(f"{k} {v:.1f}" for k, v in row["triton_kernel_us"].items())
+                        + ") | "
                         f"ref {_fmt(row['reference_us'], '8.0f')} us | sdpa {_fmt(row['sdpa_us'], '8.1f')} us "
                         f"{_fmt(row['sdpa_tbps'], '.2f')} TB/s ({row['sdpa_backend']}) "
                         f"err {_fmt(row.get('max_rel_err_ctx'), '.1e')}",
@@ -379,8 +421,6 @@ TUNE_CONFIGS = {
     256: [(64, 8, 2), (32, 4, 3), (32, 4, 2), (64, 4, 2), (64, 4, 3), (32, 8, 3), (16, 4, 3)],
     512: [(64, 8, 2), (32, 8, 3), (32, 8, 2), (16, 8, 2), (32, 4, 2), (64, 4, 2)],
 }
-# (variant, mask_in_load) pairs tried; mask_in_load only matters with a key mask
-TUNE_VARIANTS = [("heads", False), ("rows", False), ("heads", True), ("rows", True)]
 
 
 def _tune_trial(
@@ -406,7 +446,7 @@ def _tune_trial(
 
 
 def run_tune(args: argparse.Namespace) -> dict[int, dict[str, object]]:
-    """Sweep tile configs x kernel variants, then split counts; returns the best launcher options per latent width
+    """Sweep tile configs, then split counts; returns the best launcher options per latent width
     (on the unmasked batch-16 shape)."""
     device = torch.device("cuda")
     shapes = [
@@ -421,7 +461,9 @@ def run_tune(args: argparse.Namespace) -> dict[int, dict[str, object]]:
     for model, lat, b, t, with_mask, split_list in shapes:
         cfg = MODELS[model]
         nbytes = mla_bytes(b, t, lat, cfg["n"] * cfg["r"])
-        inp = make_decode_inputs(b, cfg["h"], cfg["n"], cfg["r"], lat, t, device, layout=args.layout)
+        inp = make_decode_inputs(
+            b, cfg["h"], cfg["n"], cfg["r"], lat, t, device, layout=args.layout, padded=not args.unpadded_side
+        )
         if with_mask:
             mask = torch.ones(b, t, dtype=torch.bool, device=device)
             mask[:, : t // 8] = False  # left padding of 1/8 of the context
@@ -431,13 +473,10 @@ def run_tune(args: argparse.Namespace) -> dict[int, dict[str, object]]:
         tag = f"{model:14s} L{lat} B{b:<3d} T{t} mask{int(with_mask)}"
         best = None
         for bt, w, st in TUNE_CONFIGS[lat]:
-            for variant, in_load in TUNE_VARIANTS:
-                if in_load and not with_mask:
-                    continue
-                kw = dict(block_t=bt, num_warps=w, num_stages=st, variant=variant, mask_in_load=in_load)
-                ms = _tune_trial(results, tag, call, ref, nbytes, kw)
-                if best is None or ms < best[0]:
-                    best = (ms, kw)
+            kw = dict(block_t=bt, num_warps=w, num_stages=st)
+            ms = _tune_trial(results, tag, call, ref, nbytes, kw)
+            if best is None or ms < best[0]:
+                best = (ms, kw)
         for splits in split_list:  # split counts with the best configuration
             _tune_trial(results, tag, call, ref, nbytes, dict(best[1], num_splits=splits))
         if b == 16 and not with_mask:
@@ -462,6 +501,11 @@ def main() -> None:
     p.add_argument("--contexts", nargs="*", type=int, default=list(CONTEXTS))
     p.add_argument("--no-reference", action="store_true", help="skip the torch reference")
     p.add_argument("--layout", choices=LAYOUTS, default="runs", help="image/text token layout of the cache")
+    p.add_argument(
+        "--unpadded-side",
+        action="store_true",
+        help="side rows of N*R + 1 elements (unaligned) instead of the model's padded layout",
+    )
     p.add_argument("--tune", action="store_true", help="sweep tile configs / splits")
     p.add_argument(
         "--tune-then-bench", action="store_true", help="sweep, then benchmark with the best tile config per latent"

@@ -496,9 +496,9 @@ def test_zoo_demo_measures_before_and_after(smollm2, tmp_path, monkeypatch):
     original, converted = summary["original"], summary["converted"]
     assert original["vqa_accuracy"] >= 0.5  # the trained tower (about 65% on the test split)
     assert set(original["vqa_per_type"]) == {"color", "shape", "count", "position", "relation"}
-    assert converted["wikipedia_ppl"] > original["wikipedia_ppl"]  # 19% of the KV cache, no training: worse
-    kv = summary["kv_cache"]
-    assert kv["converted_bytes_per_token"] < 0.2 * kv["original_bytes_per_token"]
+    assert converted["wikipedia_ppl"] > original["wikipedia_ppl"]  # 21% of the KV cache, no training: worse
+    kv = summary["kv_cache"]  # latent 3 * 8 + side row (3 * 16 rope + flag, padded to 56) = 80 of 384 elements
+    assert kv["converted_bytes_per_token"] == 80 * kv["original_bytes_per_token"] // 384
     assert (tmp_path / "native" / "zoo.json").is_file() and (tmp_path / "mla" / "config.json").is_file()
 
 

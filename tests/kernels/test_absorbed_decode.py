@@ -30,6 +30,7 @@ from hf_mla_vlm.kernels import (
     mla_decode_decompressed_oracle,
     mla_decode_reference,
 )
+from hf_mla_vlm.modeling.mla_attention import SIDE_ROW_MULTIPLE, side_row_width
 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -52,7 +53,7 @@ class DecodeCase:
     q_latent: torch.Tensor  # (B, H, M, L)
     q_bias: torch.Tensor | None  # (B, H, M)
     keys: torch.Tensor  # (B, 1, T_alloc, L)
-    values: torch.Tensor  # (B, 1, T_alloc, N*R + 1)
+    values: torch.Tensor  # (B, 1, T_alloc, N*R + 1 + side_pad)
     key_mask: torch.Tensor | None  # (B, T)
     w_uk: torch.Tensor  # (M, N*D, L)
     w_uv: torch.Tensor  # (M, N*V, L)
@@ -68,7 +69,7 @@ class DecodeCase:
 
     @property
     def side(self) -> torch.Tensor:
-        return self.values[:, 0, : self.t]
+        return self.values[:, 0, : self.t, : self.n * self.q_rope.shape[-1] + 1]
 
     def absorbed_args(self) -> tuple:
         return (self.q_rope, self.q_latent, self.q_bias, self.latent, self.side, self.key_mask, self.scale, self.n)
@@ -91,6 +92,7 @@ def make_case(
     layout: str = "random",
     poison: bool = True,
     t_extra: int = 3,
+    side_pad: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -100,7 +102,8 @@ def make_case(
     ``layout``: ``random`` (each token is an image token with probability ``image_frac``) | ``runs`` (modality in
     contiguous runs of 1 to 40 tokens, as images sit in a real cache: kernel tiles are image-only, text-only or
     mixed).
-    ``poison`` writes NaN into masked rows and into the unused tail of the allocation."""
+    ``poison`` writes NaN into masked rows and into the unused tail of the allocation. ``side_pad`` extra columns
+    (NaN) pad the side rows like the model's cache (``side_row_width``)."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape: int, s: float = 1.0) -> torch.Tensor:
@@ -108,7 +111,7 @@ def make_case(
 
     t_alloc = t + t_extra
     keys = rnd(b, 1, t_alloc, lat)
-    values = rnd(b, 1, t_alloc, n * r + 1)
+    values = torch.cat([rnd(b, 1, t_alloc, n * r + 1), torch.full((b, 1, t_alloc, side_pad), float("nan"))], -1)
     if layout == "random":
         values[..., n * r] = (torch.rand(b, 1, t_alloc, generator=g) < image_frac).float()
     elif layout == "runs":
@@ -372,6 +375,29 @@ def test_interpreter_modality_runs() -> None:
 
 
 @needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreter_padded_side_rows(dtype: torch.dtype) -> None:
+    """Side rows padded to 16-byte units (the model's cache layout) take the aligned-load path; the NaN padding
+    columns are never read."""
+    from hf_mla_vlm.kernels.absorbed_decode import _row_alignment, mla_decode_triton
+
+    per_16b = 16 // torch.empty((), dtype=dtype).element_size()
+    width = side_row_width(2, 4)
+    assert width % SIDE_ROW_MULTIPLE == 0 and width >= 2 * 4 + 1
+    pad = -(-(2 * 4 + 1) // per_16b) * per_16b - (2 * 4 + 1)
+    case = make_case(b=3, n=2, r=4, t=70, m=2, layout="runs", mask="left_pad", side_pad=pad, dtype=dtype, seed=31)
+    assert _row_alignment(case.side) == per_16b
+    assert _row_alignment(make_case(t=8, dtype=dtype).side) == 1  # N*R + 1 = 9 elements: unaligned rows
+    ref = mla_decode_reference(*case.absorbed_args())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    for splits in (1, 4):
+        out = mla_decode_triton(*case.absorbed_args(), num_splits=splits, block_t=16)
+        _assert_finite(*out)
+        for got, want in zip(out, ref):
+            torch.testing.assert_close(got, want, **tol)
+
+
+@needs_interpreter
 def test_interpreter_strided_queries() -> None:
     """q_latent / q_bias may be views with any (B, H) strides (the model slices both out of one matmul result)."""
     from hf_mla_vlm.kernels.absorbed_decode import mla_decode_triton
@@ -478,17 +504,21 @@ def test_gpu_kernel_matches_reference(shape: str, dtype: torch.dtype, t: int, m:
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("num_splits", [None, 1, 9])
 @pytest.mark.parametrize("shape", ["qwen_l256", "qwen_l512", "llama_l256", "odd"])
-def test_gpu_modality_runs(shape: str, num_splits: int | None) -> None:
-    """Image/text runs (pure and mixed tiles, chunks without one branch), NaN in the padding, different lengths."""
+def test_gpu_modality_runs(shape: str, num_splits: int | None, padded: bool) -> None:
+    """Image/text runs (pure and mixed tiles, chunks without one branch), NaN in the padding, different lengths;
+    side rows as the model pads them (aligned loads) or unpadded."""
     from hf_mla_vlm.kernels import mla_decode_triton
+    from hf_mla_vlm.kernels.absorbed_decode import _row_alignment
 
     h, n, r, lat = _GPU_SHAPES[shape]
     case = make_case(
         b=3, h=h, n=n, r=r, lat=lat, t=4099, m=2, d=128 - r, v=128, layout="runs", mask="left_pad",
-        dtype=torch.bfloat16, device="cuda", seed=lat,
+        side_pad=side_row_width(n, r) - n * r - 1 if padded else 0, dtype=torch.bfloat16, device="cuda", seed=lat,
     )  # fmt: skip
+    assert (_row_alignment(case.side) > 1) == padded
     ref = mla_decode_reference(*case.absorbed_args())
     out = mla_decode_triton(*case.absorbed_args(), num_splits=num_splits)
     _check_gpu(out, ref, torch.bfloat16)

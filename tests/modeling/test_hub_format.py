@@ -68,7 +68,9 @@ def test_folder_layout_and_remote_code_is_flat(arch, saved):
     assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()
     assert (folder / "tokenizer.json").is_file() and (folder / "processor_config.json").is_file()
     report = json.loads((folder / "mla_conversion_report.json").read_text())
-    assert report["settings"]["rope_dim"] == 8 and report["kv_cache"]["converted"] == 2 * (8 + 8) + 1
+    assert (
+        report["settings"]["rope_dim"] == 8 and report["kv_cache"]["converted"] == 2 * 8 + 24
+    )  # latent + padded side row
     code = sorted(folder.glob("*.py"))
     assert {p.name for p in code} >= {"mla_attention.py", "modeling_mla_common.py", "configuration_mla_common.py"}
     for path in code:

@@ -8,14 +8,16 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..configuration.configuration_mla_common import text_head_dim
+from ..modeling.mla_attention import side_row_width
 
 
 @dataclass(frozen=True)
 class KVCacheSize:
     """Cached elements per token per layer, before and after conversion.
 
-    `converted` counts what our cache really holds: `num_kv_heads * (rope_dim + kv_rank)` plus one modality flag
-    (the `partial_rope` stage caches full keys and values). `mha_equivalent` is the denominator of the paper's
+    `converted` counts what our cache really holds: the latent (`num_kv_heads * kv_rank`) and the side row
+    (`num_kv_heads * rope_dim` rope keys and one modality flag, padded to whole 16-byte units: `side_row_width`);
+    the `partial_rope` stage caches full keys and values. `mha_equivalent` is the denominator of the paper's
     percentages (`2 * num_q_heads * head_dim`), which compares a GQA model against an MHA cache.
     """
 
@@ -53,7 +55,7 @@ def kv_cache_size(config, dtype: torch.dtype = torch.bfloat16) -> KVCacheSize:
     text = config.text_config
     head_dim, n_q, n_kv = text_head_dim(text), text.num_attention_heads, text.num_key_value_heads
     if config.mla_stage == "mla":
-        converted = n_kv * (config.rope_dim + config.kv_rank) + 1
+        converted = n_kv * config.kv_rank + side_row_width(n_kv, config.rope_dim)
     else:
         converted = 2 * n_kv * head_dim
     return KVCacheSize(

