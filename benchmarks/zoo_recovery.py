@@ -15,6 +15,10 @@ Regenerate (GPU), then merge:
 
     python benchmarks/zoo_recovery.py run --model llava --out /tmp/zr
     python benchmarks/zoo_recovery.py merge /tmp/zr/*.json --out benchmarks/results/zoo_recovery.json
+
+A run writes its JSON after every route. Routes of one model may run as separate processes (`--routes md`, ...; the
+steps of the tiny zoo models are host-bound, so parallel processes share one GPU well); `merge` joins the parts of
+a model.
 """
 
 import argparse
@@ -80,9 +84,10 @@ def tune(source: Path, out: Path, stage: int, steps: int, lr: float, args) -> di
     }
 
 
-def run(args) -> dict:
+def run(args, write) -> dict:
+    """Score the original, then each route; ``write(result)`` is called after every route."""
     torch.manual_seed(args.seed)
-    work = Path(args.workdir) / args.model
+    work = Path(args.workdir) / args.model / "_".join(r.replace("+", "") for r in args.routes)
     spec = zoo_spec(args.model)
     samples = generate_split("test", args.num_samples, seed=args.seed, image_size=spec.render_size)
     texts = wikipedia_split("test")
@@ -94,6 +99,21 @@ def run(args) -> dict:
     image_token_ids = mla_defaults.image_token_ids  # the image branch's ids, as `convert` routes them
     stats = statistics_of(native, image_token_ids, args)
     setting = dict(rope_dim=args.rope_dim, kv_rank=args.kv_rank, progress=False, overwrite=True)
+    result = {
+        "model": args.model,
+        "setting": {"rope_dim": args.rope_dim, "kv_rank": args.kv_rank, "rope_strategy": "mkl"},
+        "routes": routes,
+        "eval": {
+            "vqa_split": "test",
+            "vqa_samples": args.num_samples,
+            "seq_len": args.seq_len,
+            "max_sequences": args.max_sequences,
+        },  # fmt: skip
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "environment": environment(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
 
     for route in args.routes:
         t = time.perf_counter()
@@ -122,21 +142,8 @@ def run(args) -> dict:
         entry["wall_minutes"] = (time.perf_counter() - t) / 60
         routes[route] = entry
         print(f"[{args.model}] {route}: {json.dumps(entry)}", flush=True)
-    return {
-        "model": args.model,
-        "setting": {"rope_dim": args.rope_dim, "kv_rank": args.kv_rank, "rope_strategy": "mkl"},
-        "routes": routes,
-        "eval": {
-            "vqa_split": "test",
-            "vqa_samples": args.num_samples,
-            "seq_len": args.seq_len,
-            "max_sequences": args.max_sequences,
-        },  # fmt: skip
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "environment": environment(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
+        write(result)
+    return result
 
 
 def _pct(value) -> str:
@@ -174,6 +181,8 @@ def markdown(result: dict) -> str:
                 f"{_pct(e['after']['accuracy'])} / {e['after']['ppl']:.1f} | {budget} | {e['wall_minutes']:.1f} | "
                 f"{_pct(original['accuracy'])} / {original['ppl']:.1f} |"
             )
+    if result.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in result["notes"]]
     lines += ["", "Per question type after fine-tuning:", ""]
     for m in result["models"]:
         for route, e in m["routes"].items():
@@ -183,14 +192,35 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def join_parts(parts: list[dict]) -> list[dict]:
+    """One entry per model: the routes of all parts of a model (separate processes) in one ``routes`` dict, the
+    original's scores from the first part; ``runs`` keeps each part's command, date and wall minutes."""
+    models: dict[str, dict] = {}
+    for part in parts:
+        run_info = {k: part.get(k) for k in ("command", "date", "device")}
+        run_info["routes"] = [r for r in part["routes"] if r != "original"]
+        if part["model"] not in models:
+            models[part["model"]] = dict(part, routes=dict(part["routes"]), runs=[run_info])
+            continue
+        joined = models[part["model"]]
+        if part["setting"] != joined["setting"] or part["eval"] != joined["eval"]:
+            raise ValueError(f"parts of {part['model']} were run with different settings / evaluation")
+        for route, entry in part["routes"].items():
+            if route != "original":
+                joined["routes"][route] = entry
+        joined["runs"].append(run_info)
+    return list(models.values())
+
+
 def merge(args) -> None:
-    models = [json.loads(Path(p).read_text()) for p in args.parts]
+    models = join_parts([json.loads(Path(p).read_text()) for p in args.parts])
     result = {
         "benchmark": "zoo_recovery",
         "description": __doc__.split("\n\n")[0].replace("\n", " "),
         "regenerate": "python benchmarks/zoo_recovery.py run --model M --out DIR (per model); "
         "python benchmarks/zoo_recovery.py merge DIR/*.json",
         "models": models,
+        "notes": args.note or [],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -225,15 +255,20 @@ def main() -> None:
     m = verbs.add_parser("merge")
     m.add_argument("parts", nargs="+")
     m.add_argument("--out", default="benchmarks/results/zoo_recovery.json")
+    m.add_argument("--note", action="append", help="a note for the results page (repeatable)")
     args = parser.parse_args()
     if args.verb == "merge":
         merge(args)
         return
-    result = run(args)
-    out = Path(args.out) / f"{args.model}.json"
+    name = args.model if args.routes == ["md", "weight", "stage1+2"] else "-".join([args.model, *args.routes])
+    out = Path(args.out) / f"{name.replace('+', '')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+
+    def write(result: dict) -> None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}", flush=True)
+
+    run(args, write)
 
 
 if __name__ == "__main__":
