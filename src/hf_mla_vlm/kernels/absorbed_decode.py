@@ -24,7 +24,7 @@ Performance notes (H100, Triton 3.6; ``benchmarks/results/decode_kernel_h100.md`
 or one 8-warp program (wider) fit on an SM; ``choose_num_splits`` sizes the grid to whole waves of those. Side rows
 of ``N*R + 1`` elements start on 2-byte boundaries, which Triton can only load with scalar synchronous loads outside
 its pipeline; the model's cache pads them to 16-byte units and the kernel writes their offsets as multiples of the
-constant ``SIDE_ALIGN``, so Triton can prove the alignment (1.2-1.4x faster at the Qwen2.5-VL-7B shapes). Tried
+constant ``SIDE_ALIGN``, so Triton can prove the alignment (1.17-1.24x faster at the Qwen2.5-VL-7B shapes). Tried
 and dropped (measured slower): one row per head with two accumulators selected per token, skipping the absent
 branch's dots per tile with run-time branches, zeroing masked rows with ``tl.where`` after position-masked loads,
 a combine that loads all chunks at once (the combine is 4-6 us of a call).
