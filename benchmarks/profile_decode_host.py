@@ -23,6 +23,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
 
+from hf_mla_vlm.compat import CACHE_ARG
 from hf_mla_vlm.evaluation.bench import cache_layer
 
 
@@ -48,7 +49,7 @@ def profile_model(kind: str, batch: int, context: int, out: Path) -> dict:
         position[0] += 1
         pos = torch.full((batch, 1), p, dtype=torch.long, device="cuda").unsqueeze(0).expand(3, batch, 1)
         mask = torch.ones(batch, p + 1, dtype=torch.long, device="cuda")
-        return model(input_ids=token, past_key_values=cache, attention_mask=mask, position_ids=pos)
+        return model(input_ids=token, **{CACHE_ARG: cache}, attention_mask=mask, position_ids=pos)
 
     for _ in range(3):
         step()

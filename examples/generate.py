@@ -63,9 +63,10 @@ def main() -> None:
 
         # The returned cache holds every token fed to the model (prompt incl. image tokens, and all but the last
         # generated token). For an MLA model it stores only the latent, the kept rotary key dims and a modality flag.
+        from hf_mla_vlm.compat import output_cache
         from hf_mla_vlm.conversion_scripts.report import cache_nbytes
 
-        cache = out.past_key_values
+        cache = output_cache(out)
         cached_tokens = cache.get_seq_length()
         nbytes = cache_nbytes(cache)
         print(f"KV cache: {nbytes} bytes for {cached_tokens} tokens = {nbytes / cached_tokens:g} bytes per token")

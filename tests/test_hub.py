@@ -10,6 +10,7 @@ arrived with the folder, byte for byte.
 
 import base64
 import hashlib
+import importlib
 import json
 import re
 import shutil
@@ -20,7 +21,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-import httpx2
 import huggingface_hub
 import pytest
 import yaml
@@ -31,6 +31,10 @@ from hf_mla_vlm.conversion_scripts import hub
 from hf_mla_vlm.conversion_scripts.convert import convert
 from hf_mla_vlm.conversion_scripts.report import model_card
 from hf_mla_vlm.tiny_models import TINY_ARCHS
+
+
+# The HTTP client of the installed huggingface_hub: `httpx2` from 2.0 on, `httpx` before (Transformers 5.17's).
+http_client = importlib.import_module("httpx2" if int(huggingface_hub.__version__.split(".")[0]) >= 2 else "httpx")
 
 
 TOKEN = "fake"
@@ -490,7 +494,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def _loopback_only(request: httpx2.Request) -> None:
+def _loopback_only(request: http_client.Request) -> None:
     if request.url.host != "127.0.0.1":
         raise RuntimeError(f"The test tried to reach {request.url}; only the local stand-in may be contacted.")
 
@@ -522,7 +526,7 @@ def fake_hub(request) -> Iterator[FakeHub]:
     # Every request of huggingface_hub goes through this client: bounded, and only to 127.0.0.1. It replaces the
     # default client whose hook refuses requests under HF_HUB_OFFLINE=1 (set for the whole test session).
     huggingface_hub.set_client_factory(
-        lambda: httpx2.Client(event_hooks={"request": [_loopback_only]}, follow_redirects=False, timeout=30)
+        lambda: http_client.Client(event_hooks={"request": [_loopback_only]}, follow_redirects=False, timeout=30)
     )
     try:
         yield fake

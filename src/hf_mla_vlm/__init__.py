@@ -7,25 +7,28 @@ Importing the package registers the converted configs and models with `AutoConfi
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
+from .compat import warn_if_untested
 from .configuration.configuration_llava_mla import LlavaMLAConfig
 from .configuration.configuration_llava_next_mla import LlavaNextMLAConfig
 from .configuration.configuration_qwen2_5_vl_mla import Qwen2_5_VLMLAConfig
 from .kernels import is_triton_available
-from .modeling.mla_attention import MLAAttention, register_decode_kernel
-from .modeling.modeling_llava_mla import LlavaMLAForConditionalGeneration
-from .modeling.modeling_llava_next_mla import LlavaNextMLAForConditionalGeneration
-from .modeling.modeling_qwen2_5_vl_mla import Qwen2_5_VLMLAForConditionalGeneration
+from .modeling.mla_attention import PEFT_TARGET_MODULES, MLAAttention, register_decode_kernel
+from .modeling.modeling_llava_mla import LlavaMLAForConditionalGeneration, LlavaMLAModel
+from .modeling.modeling_llava_next_mla import LlavaNextMLAForConditionalGeneration, LlavaNextMLAModel
+from .modeling.modeling_qwen2_5_vl_mla import Qwen2_5_VLMLAForConditionalGeneration, Qwen2_5_VLMLAModel
 
 
 __version__ = "0.1.0"
 
-for _config, _model in (
-    (LlavaMLAConfig, LlavaMLAForConditionalGeneration),
-    (LlavaNextMLAConfig, LlavaNextMLAForConditionalGeneration),
-    (Qwen2_5_VLMLAConfig, Qwen2_5_VLMLAForConditionalGeneration),
+warn_if_untested()
+
+for _config, _base, _model in (
+    (LlavaMLAConfig, LlavaMLAModel, LlavaMLAForConditionalGeneration),
+    (LlavaNextMLAConfig, LlavaNextMLAModel, LlavaNextMLAForConditionalGeneration),
+    (Qwen2_5_VLMLAConfig, Qwen2_5_VLMLAModel, Qwen2_5_VLMLAForConditionalGeneration),
 ):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
-    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModel.register(_config, _base, exist_ok=True)
     AutoModelForImageTextToText.register(_config, _model, exist_ok=True)
 
 if is_triton_available():  # absorbed decode on CUDA through the Triton kernel; the torch reference elsewhere
@@ -44,13 +47,17 @@ def __getattr__(name):
 
 
 __all__ = [
+    "PEFT_TARGET_MODULES",
     "ConversionResult",
     "LlavaMLAConfig",
     "LlavaMLAForConditionalGeneration",
+    "LlavaMLAModel",
     "LlavaNextMLAConfig",
     "LlavaNextMLAForConditionalGeneration",
+    "LlavaNextMLAModel",
     "MLAAttention",
     "Qwen2_5_VLMLAConfig",
     "Qwen2_5_VLMLAForConditionalGeneration",
+    "Qwen2_5_VLMLAModel",
     "convert",
 ]

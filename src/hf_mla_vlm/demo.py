@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from .compat import output_cache
 from .configuration.configuration_mla_common import text_head_dim
 from .conversion_scripts.convert import convert
 from .conversion_scripts.report import cache_nbytes
@@ -41,8 +42,8 @@ def compare_models(reference, converted, inputs: dict, max_new_tokens: int = 8) 
         "top1_agreement": (ref_logp.argmax(-1) == logp.argmax(-1)).float().mean().item(),
         "greedy_tokens_equal": bool(torch.equal(ref_gen[:, new], gen[:, new])),
         "measured_cache_bytes_per_token": {
-            "original": cache_nbytes(ref_out.past_key_values) / inputs["input_ids"].numel(),
-            "converted": cache_nbytes(out.past_key_values) / inputs["input_ids"].numel(),
+            "original": cache_nbytes(output_cache(ref_out)) / inputs["input_ids"].numel(),
+            "converted": cache_nbytes(output_cache(out)) / inputs["input_ids"].numel(),
         },
     }
 

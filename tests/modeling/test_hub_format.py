@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModel, AutoModelForImageTextToText
 
 from hf_mla_vlm.conversion_scripts.convert import convert
 from hf_mla_vlm.tiny_models import TINY_ARCHS
@@ -33,9 +33,10 @@ LOAD_WITHOUT_PACKAGE = textwrap.dedent(
     for auto in (AutoModel, AutoModelForImageTextToText):
         model = auto.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
         with torch.no_grad():
-            logits = model(**inputs).logits
-        torch.save(logits, f"{inputs_file}.{auto.__name__}.pt")
-        result[auto.__name__] = type(model).__module__
+            out = model(**inputs)
+        output = out.logits if auto is AutoModelForImageTextToText else out.last_hidden_state
+        torch.save(output, f"{inputs_file}.{auto.__name__}.pt")
+        result[auto.__name__] = f"{type(model).__module__}.{type(model).__name__}"
     model.save_pretrained(resave)  # saving from remote code writes the bundle again
     print(json.dumps(result))
     """
@@ -95,7 +96,11 @@ def test_loads_with_trust_remote_code_without_the_package(arch, env_name, env, s
     inputs_file = tmp_path / "inputs.pt"
     torch.save(inputs, inputs_file)
     with torch.no_grad():
-        expected = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()(**inputs).logits
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+        expected = {"AutoModelForImageTextToText": model(**inputs).logits}
+        expected["AutoModel"] = (
+            AutoModel.from_pretrained(folder, dtype=torch.float32).eval()(**inputs).last_hidden_state
+        )
     run_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), **env}
     resave = tmp_path / "resaved"
     done = subprocess.run(
@@ -107,10 +112,11 @@ def test_loads_with_trust_remote_code_without_the_package(arch, env_name, env, s
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    for auto in ("AutoModel", "AutoModelForImageTextToText"):
+    for auto, suffix in (("AutoModel", "MLAModel"), ("AutoModelForImageTextToText", "MLAForConditionalGeneration")):
         assert result[auto].startswith("transformers_modules."), result  # really the remote code
-        logits = torch.load(f"{inputs_file}.{auto}.pt")
-        assert relative_error(expected, logits, inputs["attention_mask"].bool()) < 1e-6
+        assert result[auto].endswith(suffix), result  # the base model for AutoModel, as natively
+        actual = torch.load(f"{inputs_file}.{auto}.pt")
+        assert relative_error(expected[auto], actual, inputs["attention_mask"].bool()) < 1e-6
     assert {p.name for p in resave.glob("*.py")} == {p.name for p in folder.glob("*.py")}
 
 

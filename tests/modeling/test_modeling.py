@@ -7,9 +7,10 @@ import torch
 from transformers import AutoModel, AutoModelForImageTextToText
 
 import hf_mla_vlm
+from hf_mla_vlm.compat import CACHE_ARG, output_cache
 from hf_mla_vlm.conversion_scripts.convert import convert
 from hf_mla_vlm.conversion_scripts.report import cache_nbytes
-from hf_mla_vlm.tiny_models import TINY_ARCHS, tiny_image
+from hf_mla_vlm.tiny_models import TINY_ARCHS, tiny_image, tiny_prompt
 from tests.utils import load_native, mixed_batch, perturb_image_branch, relative_error
 
 
@@ -57,16 +58,95 @@ def _count_absorbed_calls(model, monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.fixture(scope="module")
+def full_rank(native_checkpoints, tmp_module):
+    """Every rotary pair kept, kv_rank = 2 * head_dim - rope_dim: the converted model must equal the original."""
+    return {
+        arch: _convert(native, tmp_module / f"{arch}-full", rope_dim=HEAD_DIM, kv_rank=HEAD_DIM)
+        for arch, native in native_checkpoints.items()
+    }
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_full_rank_conversion_reproduces_the_original(arch, native_checkpoints, tmp_module):
+def test_full_rank_conversion_reproduces_the_original(arch, full_rank, native_checkpoints):
     original, processor = load_native(native_checkpoints[arch])
-    converted = _convert(native_checkpoints[arch], tmp_module / f"{arch}-full", rope_dim=HEAD_DIM, kv_rank=HEAD_DIM)
     inputs = mixed_batch(processor, arch)
     with torch.no_grad():
-        expected, actual = original(**inputs).logits, converted(**inputs).logits
+        expected, actual = original(**inputs).logits, full_rank[arch](**inputs).logits
     assert relative_error(expected, actual, inputs["attention_mask"].bool()) < 1e-4  # measured ~9e-7
-    ref_tokens = original.generate(**inputs, max_new_tokens=6, do_sample=False)
-    assert torch.equal(ref_tokens, converted.generate(**inputs, max_new_tokens=6, do_sample=False))
+
+
+GENERATION_MODES = {
+    "dynamic": {},
+    "static": {"cache_implementation": "static"},
+    "beam": {"num_beams": 3},
+    "dynamic-unpadded": {},
+}
+
+
+@pytest.mark.parametrize("mode", GENERATION_MODES)
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_full_rank_generation_equals_the_original(arch, mode, full_rank, native_checkpoints):
+    """Greedy tokens of the ORIGINAL model, not of another cached run of the converted one: a cache that never
+    reaches the attention (Transformers 5.24 renamed its argument) keeps the prefill exact and breaks every step
+    after it. The mixed batch is left-padded; "dynamic-unpadded" runs one prompt alone."""
+    original, processor = load_native(native_checkpoints[arch])
+    inputs = mixed_batch(processor, arch)
+    if mode == "dynamic-unpadded":
+        inputs = processor(images=[tiny_image(0)], text=[tiny_prompt(arch, "describe the image")], return_tensors="pt")
+    kwargs = dict(max_new_tokens=8, do_sample=False, **GENERATION_MODES[mode])
+    expected = original.generate(**inputs, **kwargs)
+    actual = full_rank[arch].generate(**inputs, **kwargs)
+    assert torch.equal(expected, actual)
+
+
+@pytest.mark.parametrize("stage", ["mla", "partial_rope"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_a_cached_forward_fills_the_cache(arch, stage, native_checkpoints, tmp_module):
+    """Guard: `use_cache=True` must leave one cached row per input token in every layer, through the argument name
+    of the installed Transformers (`cache=` from 5.24, `past_key_values=` before), and generation must go on
+    from it."""
+    model = _convert(
+        native_checkpoints[arch], tmp_module / f"{arch}-guard-{stage}", rope_dim=8, kv_rank=8, mla_stage=stage
+    )
+    _, processor = load_native(native_checkpoints[arch])
+    inputs = processor(images=[tiny_image(0)], text=[tiny_prompt(arch, "describe the image")], return_tensors="pt")
+    seq_len = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        cache = output_cache(model(**inputs, use_cache=True))
+    assert cache is not None
+    assert [cache.get_seq_length(i) for i in range(len(cache.layers))] == [seq_len] * len(cache.layers)
+    assert all(layer.keys.abs().sum() > 0 for layer in cache.layers)
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert output_cache(out).get_seq_length() == seq_len + 2  # the last generated token is not cached
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_cached_generation_equals_uncached_forwards(arch, cache_implementation, compressed, native_checkpoints):
+    """A compressed model has no original to equal: its cached greedy decode is checked against uncached forwards
+    over the generated sequence (every generated token is the argmax of the uncached logits before it)."""
+    model = compressed[arch]
+    _, processor = load_native(native_checkpoints[arch])
+    inputs = mixed_batch(processor, arch)
+    out = model.generate(
+        **inputs,
+        max_new_tokens=6,
+        do_sample=False,
+        cache_implementation=cache_implementation,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    prompt_len = inputs["input_ids"].shape[1]
+    generated = torch.ones_like(out.sequences[:, prompt_len:])
+    mask = torch.cat([inputs["attention_mask"], generated], dim=1)
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    if "mm_token_type_ids" in extra:  # Qwen2.5-VL: generated tokens are text
+        extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], 0 * generated], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=out.sequences, attention_mask=mask, **extra).logits
+    for step, cached in enumerate(out.logits):
+        assert relative_error(logits[:, prompt_len - 1 + step], cached) < 1e-5, f"step {step}"
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -108,13 +188,13 @@ def test_absorbed_decode_uses_each_cached_tokens_modality(compressed, native_che
     inputs = mixed_batch(processor, "llava_next")
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
-        step = dict(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values)
+        step = {"input_ids": out.logits[:, -1:].argmax(-1), CACHE_ARG: output_cache(out)}
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(step["input_ids"])], dim=1)
         base = model(**step, attention_mask=mask).logits
         flag = (
             model.mla_attention_modules()[0].num_key_value_heads * model.config.rope_dim
         )  # column after the rope keys
-        for layer in out.past_key_values.layers:
+        for layer in output_cache(out).layers:
             layer.values[..., flag] = 1.0 - layer.values[..., flag]
             layer.keys, layer.values = layer.keys[..., :-1, :], layer.values[..., :-1, :]  # drop the decoded token
         flipped = model(**step, attention_mask=mask).logits
@@ -147,8 +227,8 @@ def test_cache_holds_only_the_latent_rope_keys_and_a_flag(compressed, native_che
     model = compressed[arch]
     inputs = mixed_batch(processor, arch)
     with torch.no_grad():
-        ref_cache = original(**inputs, use_cache=True).past_key_values
-        cache = model(**inputs, use_cache=True).past_key_values
+        ref_cache = output_cache(original(**inputs, use_cache=True))
+        cache = output_cache(model(**inputs, use_cache=True))
     batch, seq = inputs["input_ids"].shape
     for layer in cache.layers:
         assert layer.keys.shape == (batch, 1, seq, 2 * 8)  # latent: n_kv * kv_rank
@@ -171,14 +251,14 @@ def test_multi_turn_second_image_after_generated_text(arch, compressed, native_c
         images=[tiny_image(2, (30, 50))], text=["USER: <image> what is this ? ASSISTANT:"], return_tensors="pt"
     )
     full_ids = torch.cat([out.sequences, second["input_ids"]], dim=1)
-    new_ids = full_ids[:, out.past_key_values.get_seq_length() :]  # the last generated token is not cached yet
+    new_ids = full_ids[:, output_cache(out).get_seq_length() :]  # the last generated token is not cached yet
     extra = {"image_sizes": torch.cat([first["image_sizes"], second["image_sizes"]])} if arch == "llava_next" else {}
     pixels = torch.cat([first["pixel_values"], second["pixel_values"]])
     with torch.no_grad():
         cached = model(
             input_ids=new_ids,
             pixel_values=second["pixel_values"],
-            past_key_values=out.past_key_values,
+            **{CACHE_ARG: output_cache(out)},
             attention_mask=torch.ones_like(full_ids),
             **({"image_sizes": second["image_sizes"]} if arch == "llava_next" else {}),
         ).logits
@@ -186,20 +266,31 @@ def test_multi_turn_second_image_after_generated_text(arch, compressed, native_c
     assert relative_error(fresh, cached) < 1e-5
 
 
-def test_inputs_embeds_need_an_image_token_mask(compressed, native_checkpoints):
-    model = compressed["llava"]
-    _, processor = load_native(native_checkpoints["llava"])
-    inputs = processor(text=["USER: what is this ? ASSISTANT:"], return_tensors="pt")
-    embeds = model.get_input_embeddings()(inputs["input_ids"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_inputs_embeds_route_image_tokens_like_input_ids(arch, compressed, full_rank, native_checkpoints):
+    """With `inputs_embeds` only, image tokens are found by their token embedding (as the native placeholder mask
+    does): the routing equals the one from `input_ids`, and at full rank the outputs and `generate(input_ids=...,
+    inputs_embeds=...)` equal the original's. A mask of the wrong shape is refused."""
+    original, processor = load_native(native_checkpoints[arch])
+    inputs = mixed_batch(processor, arch)
+    ids = inputs.pop("input_ids")
+    model = compressed[arch]
+    expected = model.image_token_mask(ids)
+    embeds = model.get_input_embeddings()(ids)
+    assert expected.any() and torch.equal(model.image_token_mask(None, embeds), expected)
     with pytest.raises(ValueError, match="image_token_mask"):
-        model(inputs_embeds=embeds)
-    mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+        model(inputs_embeds=embeds, **inputs, image_token_mask=expected[:, :-1])
+    greedy = dict(**inputs, max_new_tokens=3, do_sample=False)
+    with_mask = model.generate(input_ids=ids, image_token_mask=expected, **greedy)  # the prompt's mask
+    assert torch.equal(with_mask, model.generate(input_ids=ids, **greedy))
+
+    embeds = original.get_input_embeddings()(ids)
     with torch.no_grad():
-        from_ids = model(input_ids=inputs["input_ids"]).logits
-        from_embeds = model(inputs_embeds=embeds, image_token_mask=mask).logits
-    torch.testing.assert_close(from_ids, from_embeds)
-    with pytest.raises(ValueError, match="image_token_mask"):
-        model(inputs_embeds=embeds, image_token_mask=mask[:, :-1])
+        reference = original(inputs_embeds=embeds, **inputs).logits
+        actual = full_rank[arch](inputs_embeds=embeds, **inputs).logits
+    assert relative_error(reference, actual, inputs["attention_mask"].bool()) < 1e-4
+    kwargs = dict(input_ids=ids, inputs_embeds=embeds, **inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(original.generate(**kwargs), full_rank[arch].generate(**kwargs))
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -219,8 +310,10 @@ def test_attention_backends_agree(arch, compressed, native_checkpoints):
 def test_models_are_registered_with_the_auto_classes(tmp_module, native_checkpoints):
     out = tmp_module / "auto"
     _convert(native_checkpoints["qwen2_5_vl"], out, rope_dim=8, kv_rank=8)
-    for auto in (AutoModelForImageTextToText, AutoModel):
-        assert type(auto.from_pretrained(out)) is hf_mla_vlm.Qwen2_5_VLMLAForConditionalGeneration
+    assert type(AutoModelForImageTextToText.from_pretrained(out)) is hf_mla_vlm.Qwen2_5_VLMLAForConditionalGeneration
+    base = AutoModel.from_pretrained(out)  # the base model, as `AutoModel` gives `Qwen2_5_VLModel` natively
+    assert type(base) is hf_mla_vlm.Qwen2_5_VLMLAModel
+    assert all(isinstance(attn, hf_mla_vlm.MLAAttention) for attn in base.mla_attention_modules())
 
 
 def test_absorbed_weights_follow_in_place_weight_updates(compressed, native_checkpoints):

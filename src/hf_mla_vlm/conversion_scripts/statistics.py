@@ -95,7 +95,7 @@ def capture_layer_inputs(model, text_layers, samples: Iterable[dict], device) ->
 
     def grab(module, args, kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        keep = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
+        keep = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "past_key_values", "use_cache")}
         captured.append((hidden.cpu(), to_device(keep, "cpu")))
         raise _StopForward
 

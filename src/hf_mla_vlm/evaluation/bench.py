@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, StaticCache
 
+from ..compat import CACHE_ARG
 from ..configuration.configuration_mla_common import text_head_dim
 from ..conversion_scripts.report import cache_nbytes
 from ..modeling.mla_attention import side_row_width
@@ -72,7 +73,7 @@ def bench_decode(model, batch: int, context: int, *, steps: int = 16, warmup: in
         # eager: the mask covers the cache and the new token; static: fixed width, unfilled rows masked
         width = position + 1 if mode == "eager" else total
         mask = (columns[:width] <= position).long().expand(batch, width)
-        return forward(input_ids=token, past_key_values=cache, attention_mask=mask, position_ids=pos)
+        return forward(input_ids=token, **{CACHE_ARG: cache}, attention_mask=mask, position_ids=pos)
 
     forward = model if mode == "eager" else torch.compile(model, mode="reduce-overhead", fullgraph=False)
     started = time.perf_counter()

@@ -54,6 +54,16 @@ from ..kernels.reference import mla_decode_reference
 
 MODALITIES = ("text", "image")
 
+# The `nn.Linear` layers of an MLA attention, as peft's `target_modules` (suffix match). peft adapts linear layers,
+# not the per-modality `ModuleDict` containers, so `"kv_a_proj"` alone is refused ("Target module ModuleDict is not
+# supported"): name the branches. Add `exclude_modules=r".*vision.*"` to leave the vision tower's `q_proj` alone.
+PEFT_TARGET_MODULES = (
+    "q_proj",
+    "k_rope_proj",
+    *(f"{proj}.{branch}" for proj in ("kv_a_proj", "kv_b_proj") for branch in MODALITIES),
+    "o_proj",
+)
+
 # Absorbed-decode kernels by device type, with the contract of `mla_decode_reference`. The plain-torch reference
 # serves every device; `import hf_mla_vlm` registers its Triton kernel for "cuda" when Triton is available (the
 # remote-code bundle ships without it and stays on the reference).
@@ -168,9 +178,12 @@ class MLAAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
+        cache=None,
         image_token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Transformers 5.24 passes the cache as `cache=`, 5.17-5.23 as `past_key_values=`.
+        past_key_values = cache if cache is not None else past_key_values
         bsz, q_len, _ = hidden_states.shape
         n_kv, groups = self.num_key_value_heads, self.num_key_value_groups
 
@@ -214,7 +227,8 @@ class MLAAttention(nn.Module):
             and past_key_values is not None
             and self.use_absorbed_decode
             and (attention_mask is None or isinstance(attention_mask, torch.Tensor))
-        ):
+            and not kwargs.get("output_attentions", getattr(self.config, "output_attentions", False))
+        ):  # attention weights, when asked for, come from the decompressed path
             key_mask = self._decode_key_mask(attention_mask, past_key_values, bsz, kv_len, latent.device)
             out = self._absorbed_decode(q_rope, q_nope, side, latent, key_mask)
             return self.o_proj(out.reshape(bsz, 1, -1)), None
@@ -377,4 +391,11 @@ def eager_attention(module, query, key, value, attention_mask, scaling, dropout=
     return out, weights
 
 
-__all__ = ["MLAAttention", "apply_partial_rope", "attention_bias_layout", "kept_rope_dims", "nope_dims"]
+__all__ = [
+    "PEFT_TARGET_MODULES",
+    "MLAAttention",
+    "apply_partial_rope",
+    "attention_bias_layout",
+    "kept_rope_dims",
+    "nope_dims",
+]

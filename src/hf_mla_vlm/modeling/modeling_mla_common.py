@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
+from transformers import PreTrainedModel
 
 from .mla_attention import MLAAttention
 
@@ -23,7 +25,7 @@ COMMON_REMOTE_FILES = {
     "modeling_mla_common.py": "modeling",
     "reference.py": "kernels",
 }
-AUTO_CLASSES = ("AutoModel", "AutoModelForImageTextToText")
+AUTO_CLASSES = {"AutoModel": "Model", "AutoModelForImageTextToText": "ForConditionalGeneration"}
 _RELATIVE_IMPORT = re.compile(r"^from \.+(?:\w+\.)*(\w+) import", flags=re.MULTILINE)
 
 
@@ -36,21 +38,76 @@ def forward_signature_with_mask(parent_forward) -> inspect.Signature:
     return signature.replace(parameters=params)
 
 
-class MLAModelMixin:
-    """Mixed in front of a native `...ForConditionalGeneration` class.
+class NativeInitMixin:
+    """Our classes initialise weights with the native `_init_weights` (the only new modules are `nn.Linear`), so
+    they tell Transformers they are not custom code: its guard for remote code that initialises weights in place
+    would otherwise skip the native rules of composite modules (e.g. CLIP's MLP init) in `from_pretrained`."""
 
-    * replaces every text-decoder attention by [`MLAAttention`] (the vision side is untouched);
-    * computes the image-token mask from `input_ids` (or takes `image_token_mask`) and threads it down to the
-      attention layers through `**kwargs`;
-    * saves a Hub-compatible folder: in-memory weight names, `auto_map`, and the remote-code files copied flat.
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        return False
+
+
+class MLATextModelMixin(NativeInitMixin):
+    """Mixed in front of the native text model class (`LlamaModel`, `Qwen2_5_VLTextModel`, ...) by
+    `mla_text_model_class`: its decoder layers hold [`MLAAttention`], which it records for `output_attentions`, and
+    its tensor-parallel plan leaves the attention replicated.
+
+    Tensor parallelism of the latent: the latent of a token is shared by every query head of the layer, so sharding
+    heads would need the whole latent on every rank anyway (as vLLM does for DeepSeek). Like Transformers' own
+    DeepSeek-V3 plan, the attention weights stay replicated and only the MLP is sharded.
     """
 
-    def _swap_text_attention(self) -> None:
-        for layer_idx, layer in enumerate(self.model.language_model.layers):
-            layer.self_attn = MLAAttention(self.config, layer_idx)
+    def init_parallel_plans(self) -> None:
+        super().init_parallel_plans()
+        self._tp_plan = {key: style for key, style in self._tp_plan.items() if ".self_attn." not in key}
+
+
+_MLA_TEXT_MODEL_CLASSES: dict[type, type] = {}
+
+
+def mla_text_model_class(native_class: type) -> type:
+    """`native_class` with [`MLATextModelMixin`] in front and `MLAAttention` as its recorded attention class
+    (Transformers records `output_attentions` by module class, `_can_record_outputs`). Built once per class."""
+    if native_class not in _MLA_TEXT_MODEL_CLASSES:
+        recorded = {**(native_class._can_record_outputs or {}), "attentions": MLAAttention}
+        _MLA_TEXT_MODEL_CLASSES[native_class] = type(
+            f"{native_class.__name__}WithMLA",
+            (MLATextModelMixin, native_class),
+            {"_can_record_outputs": recorded, "__module__": __name__},
+        )
+    return _MLA_TEXT_MODEL_CLASSES[native_class]
+
+
+def with_mla_attention(text_model, config):
+    """The decoder `text_model` rebuilt as its `mla_text_model_class`, with every attention an [`MLAAttention`] of
+    `config` (the top-level MLA config). The new instance is built on the meta device and takes over the native
+    sub-modules, so nothing is allocated twice."""
+    with torch.device("meta"):
+        mla_text_model = mla_text_model_class(type(text_model))(text_model.config)
+    for name, child in text_model.named_children():
+        setattr(mla_text_model, name, child)
+    for layer_idx, layer in enumerate(mla_text_model.layers):
+        layer.self_attn = MLAAttention(config, layer_idx)
+    return mla_text_model
+
+
+class MLAModelMixin:
+    """Mixed in front of a native VLM base model (`LlavaModel`, `LlavaNextModel`, `Qwen2_5_VLModel`).
+
+    * the text decoder's attentions are [`MLAAttention`] (the vision side is untouched), put in place by `post_init`
+      at the end of the native `__init__`, before any weight is initialised;
+    * `forward` computes the image-token mask from `input_ids` (or from `inputs_embeds`, or takes `image_token_mask`)
+      and threads it down to the attention layers through `**kwargs`.
+    """
+
+    def post_init(self):
+        if not isinstance(self.language_model, MLATextModelMixin):
+            self.language_model = with_mla_attention(self.language_model, self.config)
+        super().post_init()
 
     def mla_attention_modules(self) -> list[MLAAttention]:
-        return [layer.self_attn for layer in self.model.language_model.layers]
+        return [layer.self_attn for layer in self.language_model.layers]
 
     def image_token_mask(
         self,
@@ -58,12 +115,17 @@ class MLAModelMixin:
         inputs_embeds: torch.Tensor | None = None,
         image_token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Boolean `(batch, seq_len)` mask of the tokens routed through the image branch."""
+        """Boolean `(batch, seq_len)` mask of the tokens routed through the image branch.
+
+        From `image_token_mask` when it covers the current tokens, else from `input_ids`, else (like the native
+        placeholder mask) by comparing `inputs_embeds` with the embeddings of the image token ids. Embeddings that
+        already hold image features are not recognised: pass `image_token_mask` with them. A mask passed to
+        `generate` covers the prompt only: the decode steps, which get `input_ids`, compute theirs from the ids."""
         if image_token_mask is not None and (input_ids is None or image_token_mask.shape == input_ids.shape):
             if inputs_embeds is not None and image_token_mask.shape != inputs_embeds.shape[:2]:
                 raise ValueError(
-                    f"image_token_mask has shape {tuple(image_token_mask.shape)} but inputs_embeds covers "
-                    f"{tuple(inputs_embeds.shape[:2])} tokens."
+                    f"image_token_mask must have shape (batch, seq_len) = {tuple(inputs_embeds.shape[:2])}, "
+                    f"got {tuple(image_token_mask.shape)}."
                 )
             return image_token_mask.bool()
         if input_ids is not None:
@@ -72,13 +134,12 @@ class MLAModelMixin:
             for token_id in self.config.image_token_ids:
                 mask |= input_ids == token_id
             return mask
-        if self.config.mla_stage == "mla" and self.config.modality_split:
-            raise ValueError(
-                "This MLA model routes image and text tokens through different projections and cannot tell them "
-                "apart from `inputs_embeds` alone: pass `input_ids`, or pass `image_token_mask` (bool, "
-                "(batch, seq_len), True for image tokens) together with `inputs_embeds`."
-            )
-        return None
+        if inputs_embeds is None or self.config.mla_stage != "mla" or not self.config.modality_split:
+            return None
+        embeddings = self.get_input_embeddings()
+        ids = [i for i in self.config.image_token_ids if i < embeddings.num_embeddings]
+        image_embeds = embeddings(torch.tensor(ids, dtype=torch.long, device=inputs_embeds.device))  # (I, d)
+        return (inputs_embeds.unsqueeze(-2) == image_embeds).all(-1).any(-1)
 
     def _mla_forward(self, parent_forward, input_ids, args, kwargs):
         mask = self.image_token_mask(input_ids, kwargs.get("inputs_embeds"), kwargs.pop("image_token_mask", None))
@@ -86,18 +147,49 @@ class MLAModelMixin:
             kwargs["image_token_mask"] = mask
         return parent_forward(self, input_ids, *args, **kwargs)
 
-    # --- Hub format ---------------------------------------------------------------------------------------------
+
+class MLAForConditionalGenerationMixin:
+    """Mixed in front of a native `...ForConditionalGeneration` class: the same model with its base model an
+    MLA one (`base_model_class`). Every native class we convert builds exactly `model` + `lm_head` (checked on
+    Transformers 5.17 and 5.24), so `__init__` builds those itself instead of the native base model."""
+
+    base_model_class: type
+
+    def __init__(self, config):
+        PreTrainedModel.__init__(self, config)  # not the native `__init__`, which would build the native base model
+        self.model = self.base_model_class(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def mla_attention_modules(self) -> list[MLAAttention]:
+        return self.model.mla_attention_modules()
+
+    def image_token_mask(self, *args, **kwargs) -> torch.Tensor | None:
+        return self.model.image_token_mask(*args, **kwargs)
+
+
+class MLAPreTrainedMixin(NativeInitMixin):
+    """Saves a Hub-compatible folder: in-memory weight names, `auto_map`, and the remote-code files copied flat."""
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args, save_original_format: bool = False, **kwargs):
         """`PreTrainedModel.save_pretrained` writing in-memory weight names, then the flat remote-code bundle and
         `auto_map`, so the folder loads with `trust_remote_code=True` where `hf_mla_vlm` is not installed."""
-        config_module = type(self.config).__module__.rsplit(".", 1)[-1]
-        model_module = type(self).__module__.rsplit(".", 1)[-1]
-        self.config.auto_map = {
-            "AutoConfig": f"{config_module}.{type(self.config).__name__}",
-            **{auto: f"{model_module}.{type(self).__name__}" for auto in AUTO_CLASSES},
-        }
+        self.config.auto_map = mla_auto_map(type(self.config), type(self))
         super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
         write_remote_code(self, save_directory)
+
+
+def mla_auto_map(config_class: type, model_class: type) -> dict[str, str]:
+    """`auto_map` of a converted checkpoint: the base model for `AutoModel`, the LM-head model for
+    `AutoModelForImageTextToText` (both in the model's modeling file, named `<Arch>MLAModel` and
+    `<Arch>MLAForConditionalGeneration`)."""
+    config_module = config_class.__module__.rsplit(".", 1)[-1]
+    model_module = model_class.__module__.rsplit(".", 1)[-1]
+    stem = model_class.__name__.removesuffix("ForConditionalGeneration").removesuffix("Model")
+    return {
+        "AutoConfig": f"{config_module}.{config_class.__name__}",
+        **{auto: f"{model_module}.{stem}{suffix}" for auto, suffix in AUTO_CLASSES.items()},
+    }
 
 
 def _module_dir(obj) -> Path:
@@ -138,4 +230,15 @@ def write_remote_code(model, save_directory: str | os.PathLike) -> None:
         raise RuntimeError(f"auto_map points to modules that were not written: {missing}")
 
 
-__all__ = ["MLAModelMixin", "forward_signature_with_mask", "remote_code_files", "write_remote_code"]
+__all__ = [
+    "MLAForConditionalGenerationMixin",
+    "MLAModelMixin",
+    "MLAPreTrainedMixin",
+    "MLATextModelMixin",
+    "forward_signature_with_mask",
+    "mla_auto_map",
+    "mla_text_model_class",
+    "remote_code_files",
+    "with_mla_attention",
+    "write_remote_code",
+]

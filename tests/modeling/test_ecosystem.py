@@ -1,0 +1,105 @@
+"""The converted classes with the tools around Transformers: peft, tensor-parallel plans, output recording, and no
+deprecation warnings from our own calls."""
+
+import logging
+import warnings
+
+import pytest
+import torch
+from transformers.utils import logging as hf_logging
+
+from hf_mla_vlm import PEFT_TARGET_MODULES
+from hf_mla_vlm.compat import CACHE_ARG, TESTED_TRANSFORMERS, output_cache, warn_if_untested
+from hf_mla_vlm.conversion_scripts.convert import convert
+from hf_mla_vlm.demo import compare_models
+from tests.utils import load_native, mixed_batch
+
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def converted(native_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ecosystem")
+    return {
+        arch: convert(native, root / arch, rope_dim=8, kv_rank=8, progress=False, return_model=True).model.eval()
+        for arch, native in native_checkpoints.items()
+    }
+
+
+def test_peft_lora_on_the_documented_targets(converted, native_checkpoints):
+    model = converted["llava_next"]
+    _, processor = load_native(native_checkpoints["llava_next"])
+    config = peft.LoraConfig(r=4, target_modules=list(PEFT_TARGET_MODULES), exclude_modules=r".*vision.*")
+    lora = peft.get_peft_model(model, config)
+    adapted = {name.rsplit(".", 2)[-2] for name, _ in lora.named_modules() if name.endswith(".lora_A")}
+    assert adapted == {"q_proj", "k_rope_proj", "text", "image", "o_proj"}
+    per_layer = [
+        name for name, _ in lora.named_modules() if ".layers.0.self_attn." in name and name.endswith("lora_A")
+    ]
+    assert len(per_layer) == len(PEFT_TARGET_MODULES)  # every branch of both latent projections
+    assert not any("vision" in name for name, _ in lora.named_modules() if name.endswith("lora_A"))
+    inputs = mixed_batch(processor, "llava_next")
+    lora.train()
+    out = lora(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    grads = [p.grad for name, p in lora.named_parameters() if "lora_B" in name and "kv_a_proj.image" in name]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    with pytest.raises(ValueError, match="ModuleDict"):  # the container names are refused by peft, loudly
+        peft.get_peft_model(converted["llava"], peft.LoraConfig(r=4, target_modules=["kv_a_proj"]))
+
+
+def test_tensor_parallel_plan_leaves_the_latent_attention_replicated(converted):
+    for model in converted.values():
+        plan = model.tp_plan
+        assert plan and not any(".self_attn." in key for key in plan), plan  # no k_proj / v_proj left over
+        assert any(key.endswith("mlp.down_proj") for key in plan)
+        names = {name for name, _ in model.named_modules()}
+        for key in plan:  # every entry names a real module
+            pattern = key.replace(".*.", ".0.")
+            assert pattern in names, key
+
+
+def test_output_attentions_in_eager_mode(converted, native_checkpoints):
+    model = converted["qwen2_5_vl"]
+    _, processor = load_native(native_checkpoints["qwen2_5_vl"])
+    inputs = mixed_batch(processor, "qwen2_5_vl")
+    model.set_attn_implementation("eager")
+    try:
+        out = model.generate(**inputs, max_new_tokens=3, output_attentions=True, return_dict_in_generate=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    layers = model.config.text_config.num_hidden_layers
+    prompt = inputs["input_ids"].shape[1]
+    assert [len(step) for step in out.attentions] == [layers] * 3
+    assert [step[0].shape[-2:] for step in out.attentions] == [(prompt, prompt), (1, prompt + 1), (1, prompt + 2)]
+    probabilities = out.attentions[1][0].sum(-1)  # the decode step's weights are real softmax rows
+    torch.testing.assert_close(probabilities, torch.ones_like(probabilities))
+
+
+def test_no_deprecation_warnings_from_our_calls(converted, native_checkpoints, caplog, monkeypatch):
+    """Transformers 5.24 deprecates `past_key_values=` (a FutureWarning from the argument, a log line from the
+    output attribute); neither our calls nor our modules may trigger either."""
+    original, processor = load_native(native_checkpoints["llava"])
+    inputs = mixed_batch(processor, "llava")
+    model = converted["llava"]
+    if hasattr(logging.Logger, "warning_once"):
+        logging.Logger.warning_once.cache_clear()  # "once" per process: make earlier tests' messages count again
+    hf_logging.enable_propagation()
+    try:
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+            warnings.simplefilter("always")
+            compare_models(original, model, inputs, max_new_tokens=3)
+            out = model(**inputs, use_cache=True)
+            model(input_ids=inputs["input_ids"][:, -1:], **{CACHE_ARG: output_cache(out)})
+    finally:
+        hf_logging.disable_propagation()
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "past_key_values" in m or "deprecated" in m], messages
+
+
+def test_untested_transformers_versions_warn():
+    assert not warn_if_untested(f"{TESTED_TRANSFORMERS[0]}.0")
+    assert not warn_if_untested(f"{TESTED_TRANSFORMERS[-1]}.3")
+    with pytest.warns(UserWarning, match="tested with Transformers"):
+        assert warn_if_untested("5.99.0.dev0")
