@@ -1,0 +1,54 @@
+"""Set-up of the MLA conformance run inside a copy of Transformers' test tree (see ../README.md).
+
+* Transformers 5.17 lacks five names that the 5.24 test tree imports; they are added here with their 5.24
+  meaning, so that the same upstream tests run on both versions (tests that fail on the native classes of a version
+  are excluded by the runner, not here).
+* The upstream mixins choose labels by looking model class names up in `MODEL_FOR_*_MAPPING_NAMES`: the MLA classes
+  are listed beside their native counterparts.
+"""
+
+import importlib
+import sys
+import types
+import unittest
+
+import transformers.processing_utils as processing_utils
+import transformers.testing_utils as testing_utils
+from transformers.models.auto import modeling_auto
+
+import hf_mla_vlm  # noqa: F401  (registers the MLA classes with the Auto classes)
+
+
+if not hasattr(testing_utils, "require_flex_attention"):
+    from transformers.utils import is_torch_flex_attn_available
+
+    def require_flex_attention(test_case):
+        return unittest.skipUnless(is_torch_flex_attn_available(), "test requires FlexAttention")(test_case)
+
+    testing_utils.require_flex_attention = require_flex_attention
+if not hasattr(testing_utils, "SINGLE_PROCESS_DEVICES"):
+    testing_utils.SINGLE_PROCESS_DEVICES = {"tpu"}
+if not hasattr(processing_utils, "OmniModalProcessorMixin"):  # imported by test_processing_common only
+    processing_utils.OmniModalProcessingKwargs = processing_utils.ProcessingKwargs
+    processing_utils.OmniModalProcessorMixin = type("OmniModalProcessorMixin", (), {})
+try:
+    importlib.import_module("transformers.distributed.parallel_utils")
+except ImportError:
+    from transformers.distributed.tensor_parallel import _get_parameter_tp_plan
+
+    parallel_utils = types.ModuleType("transformers.distributed.parallel_utils")
+    parallel_utils._get_parameter_plan = _get_parameter_tp_plan
+    sys.modules["transformers.distributed.parallel_utils"] = parallel_utils
+
+
+MLA_MODEL_TYPES = {"llava": "llava_mla", "llava_next": "llava_next_mla", "qwen2_5_vl": "qwen2_5_vl_mla"}
+MLA_CLASS_NAMES = {
+    f"{native}{suffix}": f"{native}MLA{suffix}"
+    for native in ("Llava", "LlavaNext", "Qwen2_5_VL")
+    for suffix in ("Model", "ForConditionalGeneration")
+}
+for _name, _mapping in vars(modeling_auto).items():
+    if _name.startswith("MODEL_") and _name.endswith("_MAPPING_NAMES") and isinstance(_mapping, dict):
+        for _native_type, _mla_type in MLA_MODEL_TYPES.items():
+            if _mapping.get(_native_type) in MLA_CLASS_NAMES:
+                _mapping.setdefault(_mla_type, MLA_CLASS_NAMES[_mapping[_native_type]])
