@@ -230,6 +230,40 @@ def bench_sdpa(b: int, h: int, n: int, t: int, head_dim: int, device: torch.devi
     }
 
 
+def launch_config(inp: dict[str, object], m: int, overrides: dict[str, int]) -> dict[str, int]:
+    """The tile configuration, heads per program and split count the launcher uses for ``inp`` (with
+    ``overrides``)."""
+    from hf_mla_vlm.kernels.absorbed_decode import (
+        _default_config,
+        _pow2,
+        _row_alignment,
+        _sm_count,
+        choose_block_h,
+        choose_num_splits,
+    )
+
+    b, h, lat = inp["q_latent"].shape[0], inp["q_latent"].shape[1], inp["latent"].shape[-1]
+    block_h = overrides.get("block_h") or choose_block_h(h, m, max(16, _pow2(lat)))
+    block_h = min(block_h, max(16 // m, _pow2(h)))
+    head_blocks = -(-h // block_h)
+    aligned = _row_alignment(inp["side"]) > 1
+    block_t, warps, stages = _default_config(lat, m, 2, inp["key_mask"] is not None, aligned, block_h)
+    block_t = overrides.get("block_t", block_t)
+    warps = overrides.get("num_warps", warps)
+    sms = _sm_count(inp["latent"].device.index or 0)
+    splits = overrides.get("num_splits") or choose_num_splits(
+        b * head_blocks, inp["latent"].shape[1], sms, block_t, 2 if warps <= 4 else 1
+    )
+    return dict(
+        block_t=block_t,
+        num_warps=warps,
+        num_stages=overrides.get("num_stages", stages),
+        block_h=block_h,
+        head_blocks=head_blocks,
+        num_splits=splits,
+    )
+
+
 def reference_memory(b: int, h: int, t: int, lat: int) -> float:
     """Rough peak bytes of the float32 reference's intermediates."""
     return 3 * b * t * lat * 4 + 8 * b * h * 2 * t * 4
@@ -247,8 +281,6 @@ def bench_mla(
     padded: bool = True,
 ) -> dict[str, object]:
     """Triton kernel (and the torch reference) on one shape; the inputs are freed on return."""
-    from hf_mla_vlm.kernels.absorbed_decode import _default_config, _row_alignment, _sm_count, choose_num_splits
-
     cfg = MODELS[model]
     h, n, r = cfg["h"], cfg["n"], cfg["r"]
     inp = make_decode_inputs(b, h, n, r, lat, t, device, layout=layout, padded=padded)
@@ -258,16 +290,7 @@ def bench_mla(
         "model": model, "h": h, "n": n, "r": r, "latent": lat, "batch": b, "context": t, "layout": layout,
         "side_row": inp["values"].shape[-1],
     }  # fmt: skip
-    block_t, warps, stages = _default_config(lat, 2, 2, False, _row_alignment(inp["side"]) > 1)
-    block_t = overrides.get("block_t", block_t)
-    warps = overrides.get("num_warps", warps)
-    row.update(
-        mla_bytes=nbytes,
-        block_t=block_t,
-        num_warps=warps,
-        num_stages=overrides.get("num_stages", stages),
-        num_splits=choose_num_splits(b, t, _sm_count(device.index or 0), block_t, 2 if warps <= 4 else 1),
-    )
+    row.update(mla_bytes=nbytes, **launch_config(inp, 2, overrides))
 
     def kernel() -> object:
         return mla_decode_triton(*args, **overrides)
@@ -315,15 +338,151 @@ def bench_row(
     return row
 
 
+# FlashInfer's MLA shape (DeepSeek-V2/V3): one latent of 512 + rope keys of 64 shared by all query heads.
+HEAD_COUNTS = (16, 32, 64, 128)
+PEER_LATENT, PEER_ROPE, PEER_PAGE = 512, 64, 64
+PEER_SHAPES = ((1, 32768), (16, 8192), (16, 32768), (64, 8192), (64, 32768))
+
+
+def graph_or_eager_ms(fn: Callable[[], object]) -> tuple[float, str]:
+    """CUDA-graph replay time of ``fn`` where it can be captured, else ``do_bench`` of the eager call."""
+    try:
+        return bench_graph_ms(fn), "graph"
+    except Exception:  # not capturable (e.g. a host sync inside)
+        torch.cuda.synchronize()
+        return bench_ms(fn), "eager"
+
+
+def flashinfer_peer(q_nope, q_pe, ckv, kpe, t: int, scale: float) -> Callable[[], torch.Tensor]:
+    """FlashInfer ``BatchMLAPagedAttentionWrapper`` (fa3 backend) planned for one query token per sequence over
+    ``t`` cached tokens in pages of ``PEER_PAGE``; returns the call."""
+    import warnings
+
+    import flashinfer
+
+    b, h, _ = q_nope.shape
+    device = q_nope.device
+    pages = ckv.shape[0] // b
+    workspace = torch.empty(128 << 20, dtype=torch.int8, device=device)
+    wrapper = flashinfer.mla.BatchMLAPagedAttentionWrapper(workspace, backend="fa3")
+    i32 = torch.int32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the flat CSR plan form is deprecated, not removed, in 0.7.2
+        wrapper.plan(
+            torch.arange(b + 1, dtype=i32, device=device),
+            torch.arange(b + 1, dtype=i32, device=device) * pages,
+            torch.arange(b * pages, dtype=i32, device=device),
+            torch.full((b,), t, dtype=i32, device=device),
+            h, PEER_LATENT, PEER_ROPE, PEER_PAGE, False, scale, q_nope.dtype, ckv.dtype,
+        )  # fmt: skip
+
+    def run() -> torch.Tensor:
+        try:
+            return wrapper.run(query=(q_nope, q_pe), kv_cache=(ckv, kpe))
+        except TypeError:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return wrapper.run(q_nope, q_pe, ckv, kpe)
+
+    return run
+
+
+def bench_heads_row(h: int, b: int, t: int, device: torch.device, with_peer: bool) -> dict[str, object]:
+    """Ours and FlashInfer fa3 at FlashInfer's shape (latent 512 + rope 64, one kv head, bf16), same data."""
+    pages = -(-t // PEER_PAGE)
+    dtype = torch.bfloat16
+    ckv = torch.randn(b * pages, PEER_PAGE, PEER_LATENT, device=device, dtype=dtype)
+    kpe = torch.randn(b * pages, PEER_PAGE, PEER_ROPE, device=device, dtype=dtype)
+    q_nope = torch.randn(b, h, PEER_LATENT, device=device, dtype=dtype) * (128 / PEER_LATENT) ** 0.5
+    q_pe = torch.randn(b, h, PEER_ROPE, device=device, dtype=dtype)
+    scale = 1.0 / math.sqrt(128 + PEER_ROPE)
+    width = side_row_width(1, PEER_ROPE)
+    values = torch.zeros(b, 1, t, width, device=device, dtype=dtype)  # rope keys + flag (0: one branch), padded
+    values[:, 0, :, :PEER_ROPE] = kpe.view(b, pages * PEER_PAGE, PEER_ROPE)[:, :t]
+    inp = {
+        "q_rope": q_pe, "q_latent": q_nope.unsqueeze(2), "q_bias": None,
+        "latent": ckv.view(b, pages * PEER_PAGE, PEER_LATENT)[:, :t], "side": values[:, 0, :, : PEER_ROPE + 1],
+        "key_mask": None, "scale": scale, "num_kv_heads": 1,
+    }  # fmt: skip
+    args = _call_args(inp)
+    ours_bytes = mla_bytes(b, t, PEER_LATENT, PEER_ROPE)
+    peer_bytes = b * t * (PEER_LATENT + PEER_ROPE) * 2
+    row: dict[str, object] = {"heads": h, "batch": b, "context": t, "mla_bytes": ours_bytes, "peer_bytes": peer_bytes}
+    row.update(launch_config(inp, 1, {}))
+    out = mla_decode_triton(*args)
+    ref = mla_decode_reference(*args) if b * t <= 16 * 8192 else None
+    if ref is not None:
+        row["max_rel_err_ctx"] = ((out[0] - ref[0]).abs().max() / ref[0].abs().max()).item()
+    ms, how = graph_or_eager_ms(lambda: mla_decode_triton(*args))
+    row.update(ours_us=ms * 1e3, ours_tbps=ours_bytes / (ms * 1e-3) / 1e12, ours_timing=how)
+    if with_peer:
+        try:
+            run = flashinfer_peer(q_nope, q_pe, ckv, kpe, t, scale)
+            peer_out = run()
+            torch.cuda.synchronize()
+            row["peer_vs_ours_rel_err"] = (
+                (peer_out.float() - out[0][:, :, 0]).abs().max() / out[0].abs().max()
+            ).item()
+            ms, how = graph_or_eager_ms(run)
+            row.update(peer_us=ms * 1e3, peer_tbps=peer_bytes / (ms * 1e-3) / 1e12, peer_timing=how)
+            row["ours_over_peer_throughput"] = row["peer_us"] / row["ours_us"]
+        except Exception as exc:  # FlashInfer missing, or this shape unsupported
+            row["peer_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return row
+
+
+def sweep_heads(device: torch.device, rows: list[dict[str, object]]) -> None:
+    """Our kernel's tile configurations at FlashInfer's shape, 16-128 heads (sets the launcher's head blocks)."""
+    for h in HEAD_COUNTS:
+        for b, t in ((16, 8192), (64, 32768)):
+            pages = -(-t // PEER_PAGE)
+            width = side_row_width(1, PEER_ROPE)
+            values = torch.zeros(b, 1, t, width, device=device, dtype=torch.bfloat16)
+            values[..., :PEER_ROPE] = torch.randn(b, 1, t, PEER_ROPE, device=device, dtype=torch.bfloat16)
+            latent = torch.randn(b, t, PEER_LATENT, device=device, dtype=torch.bfloat16)
+            q_lat = torch.randn(b, h, 1, PEER_LATENT, device=device, dtype=torch.bfloat16) * 0.5
+            q_pe = torch.randn(b, h, PEER_ROPE, device=device, dtype=torch.bfloat16)
+            call = (q_pe, q_lat, None, latent, values[:, 0, :, : PEER_ROPE + 1], None, 0.07, 1)
+            ref = mla_decode_triton(*call)  # checked against the reference by the tests; here: configs agree
+            nbytes = mla_bytes(b, t, PEER_LATENT, PEER_ROPE)
+            for block_h in (16, 32, 64):
+                for warps in (4, 8):
+                    for block_t in (32, 64):
+                        kw = dict(block_h=block_h, num_warps=warps, block_t=block_t)
+                        tag = f"sweep H{h:<3d} B{b:<3d} T{t:<6d} pages {pages}"
+                        _tune_trial(rows, tag, call, ref, nbytes, kw)
+            latent = values = None
+            torch.cuda.empty_cache()
+
+
+def heads_markdown(meta: dict[str, object], rows: list[dict[str, object]]) -> str:
+    head = (
+        "| heads | B | T | heads/program x programs | splits | ours µs | ours TB/s | ours / copy | "
+        "FlashInfer fa3 µs | FlashInfer TB/s | ours throughput / FlashInfer |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        lines.append(
+            f"| {r['heads']} | {r['batch']} | {r['context']} | {r['block_h']} x {r['head_blocks']} | "
+            f"{r['num_splits']} | {r['ours_us']:.1f} | **{r['ours_tbps']:.2f}** | "
+            f"{r['ours_tbps'] / meta['copy_tbps']:.2f} | {_fmt(r.get('peer_us'), '.1f')} | "
+            f"{_fmt(r.get('peer_tbps'), '.2f')} | {_fmt(r.get('ours_over_peer_throughput'), '.2f')} |"
+        )
+    errors = sorted({r["peer_error"] for r in rows if r.get("peer_error")})
+    note = "".join(f"\nFlashInfer: {e}\n" for e in errors)
+    return head + "\n".join(lines) + "\n" + note
+
+
 def _fmt(x: object, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def markdown_table(rows: list[dict[str, object]]) -> str:
+def markdown_table(rows: list[dict[str, object]], copy_tbps: float) -> str:
     head = (
-        "| model | L | B | T | MLA MB | splits | triton µs (graph) | stage 1 + combine µs | triton TB/s | "
+        "| model | L | B | T | MLA MB | splits | triton µs (graph) | stage 1 + combine µs | triton TB/s | / copy | "
         "triton eager µs | ref µs | ref TB/s | SDPA GQA µs (backend) | SDPA TB/s | SDPA µs / triton µs |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for row in rows:
@@ -334,7 +493,7 @@ def markdown_table(rows: list[dict[str, object]]) -> str:
         lines.append(
             f"| {row['model']} | {row['latent']} | {row['batch']} | {row['context']} | "
             f"{row['mla_bytes'] / 1e6:.1f} | {row['num_splits']} | {row['triton_us']:.1f} | {parts or '-'} | "
-            f"**{row['triton_tbps']:.2f}** | "
+            f"**{row['triton_tbps']:.2f}** | {row['triton_tbps'] / copy_tbps:.2f} | "
             f"{row['triton_eager_us']:.1f} | {_fmt(row['reference_us'], '.0f')} | "
             f"{_fmt(row['reference_tbps'], '.2f')} | "
             f"{_fmt(sd, '.1f')} ({row.get('sdpa_backend')}) | {_fmt(row.get('sdpa_tbps'), '.2f')} | "
@@ -343,8 +502,20 @@ def markdown_table(rows: list[dict[str, object]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def results_markdown(meta: dict[str, object], rows: list[dict[str, object]]) -> str:
-    """The results page: header with the environment and method, then the table."""
+def results_markdown(
+    meta: dict[str, object], rows: list[dict[str, object]], heads_rows: list[dict[str, object]] | None = None
+) -> str:
+    """The results page: header with the environment and method, then the tables."""
+    heads = ""
+    if heads_rows:
+        heads = (
+            "\n## Head counts, against FlashInfer\n\n"
+            f"FlashInfer {meta.get('flashinfer')} `BatchMLAPagedAttentionWrapper` (fa3 backend, pages of {PEER_PAGE}) "
+            f"and ours on the same data at FlashInfer's shape: latent {PEER_LATENT} + rope {PEER_ROPE}, one kv head, "
+            "bf16, one branch, no bias; both timed as CUDA-graph replays (L2 flushed). TB/s counts each kernel's own "
+            f"bytes (ours `{PEER_LATENT} + {PEER_ROPE} + 1` elements per token, FlashInfer `{PEER_LATENT} + "
+            f"{PEER_ROPE}`); the last column is the time ratio (> 1: ours faster).\n\n"
+        ) + heads_markdown(meta, heads_rows)
     return (
         f"# Absorbed MLA decode kernel: {meta['device']}\n\n"
         f"torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; measured device copy "
@@ -356,7 +527,8 @@ def results_markdown(meta: dict[str, object], rows: list[dict[str, object]]) -> 
         "GQA cache (`2 * N * 128` elements per token, best of the flash / efficient / cuDNN backends). Medians, L2 "
         "flushed before every run; `triton µs (graph)` is a CUDA-graph replay (GPU time), `triton eager µs` the plain "
         "Python call under `triton.testing.do_bench` (host-bound at small sizes); `stage 1 + combine µs` are the two "
-        "kernels' medians under torch.profiler (one split: no combine).\n\n" + markdown_table(rows)
+        "kernels' medians under torch.profiler (one split: no combine). `/ copy` = triton TB/s over the measured "
+        "copy bandwidth.\n\n" + markdown_table(rows, meta["copy_tbps"]) + heads
     )
 
 
@@ -386,6 +558,30 @@ def run_benchmark(args: argparse.Namespace, overrides: dict[int, dict[str, int]]
     }
     meta["copy_tbps"] = copy_bandwidth(device) / 1e12
     print(f"# {meta['device']} torch {meta['torch']} triton {meta['triton']}: copy {meta['copy_tbps']:.2f} TB/s")
+    try:
+        import flashinfer
+
+        meta["flashinfer"] = flashinfer.__version__
+    except Exception as exc:  # optional peer
+        meta["flashinfer"] = f"unavailable ({type(exc).__name__}: {str(exc)[:200]})"
+    print(f"# flashinfer: {meta['flashinfer']}", flush=True)
+    sweep: list[dict[str, object]] = []
+    if args.sweep_heads:
+        sweep_heads(device, sweep)
+    heads_rows = []
+    for h in args.heads:
+        for b, t in PEER_SHAPES:
+            row = bench_heads_row(h, b, t, device, with_peer=not meta["flashinfer"].startswith("unavailable"))
+            heads_rows.append(row)
+            print(
+                f"heads {h:<3d} B{b:<3d} T{t:<6d} {row['block_h']}x{row['head_blocks']} splits {row['num_splits']}: "
+                f"ours {row['ours_us']:8.1f} us {row['ours_tbps']:5.2f} TB/s | flashinfer "
+                f"{_fmt(row.get('peer_us'), '8.1f')} us {_fmt(row.get('peer_tbps'), '5.2f')} TB/s "
+                f"{row.get('peer_error', '')} err {_fmt(row.get('max_rel_err_ctx'), '.1e')} / "
+                f"{_fmt(row.get('peer_vs_ours_rel_err'), '.1e')}",
+                flush=True,
+            )
+            torch.cuda.empty_cache()
     rows = []
     models = [m for m in MODELS if not args.models or m in args.models]
     for model in models:
@@ -411,8 +607,9 @@ def run_benchmark(args: argparse.Namespace, overrides: dict[int, dict[str, int]]
     if args.out_dir:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"decode_kernel_{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        (out / f"decode_kernel_{args.tag}.md").write_text(results_markdown(meta, rows))
+        data = {"meta": meta, "rows": rows, "heads_rows": heads_rows, "sweep": sweep}
+        (out / f"decode_kernel_{args.tag}.json").write_text(json.dumps(data, indent=2))
+        (out / f"decode_kernel_{args.tag}.md").write_text(results_markdown(meta, rows, heads_rows))
         print(f"wrote {out}/decode_kernel_{args.tag}.json and .md")
 
 
@@ -506,6 +703,10 @@ def main() -> None:
         action="store_true",
         help="side rows of N*R + 1 elements (unaligned) instead of the model's padded layout",
     )
+    p.add_argument(
+        "--heads", nargs="*", type=int, default=list(HEAD_COUNTS), help="head counts at FlashInfer's 512 + 64 shape"
+    )
+    p.add_argument("--sweep-heads", action="store_true", help="sweep heads per program / warps / tiles there first")
     p.add_argument("--tune", action="store_true", help="sweep tile configs / splits")
     p.add_argument(
         "--tune-then-bench", action="store_true", help="sweep, then benchmark with the best tile config per latent"
@@ -513,7 +714,8 @@ def main() -> None:
     args = p.parse_args()
     if args.markdown_from:
         data = json.loads(Path(args.markdown_from).read_text())
-        Path(args.markdown_from).with_suffix(".md").write_text(results_markdown(data["meta"], data["rows"]))
+        page = results_markdown(data["meta"], data["rows"], data.get("heads_rows"))
+        Path(args.markdown_from).with_suffix(".md").write_text(page)
         return
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA device")

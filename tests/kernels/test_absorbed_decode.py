@@ -19,6 +19,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -398,6 +399,25 @@ def test_interpreter_padded_side_rows(dtype: torch.dtype) -> None:
 
 
 @needs_interpreter
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("h,n,block_h", [(40, 4, 16), (24, 3, 8), (20, 1, 16), (48, 2, None)])
+def test_interpreter_head_blocks(h: int, n: int, block_h: int | None, m: int) -> None:
+    """Heads split across programs (the last block partly empty when BLOCK_H does not divide H), with and without
+    split-K: every head's row equals the reference."""
+    from hf_mla_vlm.kernels.absorbed_decode import mla_decode_triton
+
+    if block_h is not None and m * block_h < 16:
+        pytest.skip("fewer than 16 rows per program")
+    case = make_case(b=2, h=h, n=n, r=4, lat=16, t=45, m=m, mask="left_pad", seed=h + m)
+    ref = mla_decode_reference(*case.absorbed_args())
+    for splits in (1, 3):
+        out = mla_decode_triton(*case.absorbed_args(), num_splits=splits, block_h=block_h)
+        _assert_finite(*out)
+        for got, want in zip(out, ref):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_interpreter
 def test_interpreter_strided_queries() -> None:
     """q_latent / q_bias may be views with any (B, H) strides (the model slices both out of one matmul result)."""
     from hf_mla_vlm.kernels.absorbed_decode import mla_decode_triton
@@ -633,6 +653,41 @@ def test_gpu_tile_configs(block_t: int, num_warps: int, num_stages: int, lat: in
         except OutOfResources:
             pytest.skip("this explicit configuration does not fit in shared memory")
         _check_gpu(out, ref, torch.bfloat16)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("h", [16, 32, 64, 128])
+@pytest.mark.parametrize("t,mask", [(1, "none"), (777, "left_pad"), (8193, "tail")])
+def test_gpu_many_heads_deepseek_shape(h: int, t: int, mask: str, dtype: torch.dtype) -> None:
+    """DeepSeek-style MQA over the latent (one kv head, latent 512, rope 64) at 16-128 query heads: the larger
+    head counts run in several head blocks instead of falling back to the reference."""
+    from hf_mla_vlm.kernels import mla_decode_triton
+    from hf_mla_vlm.kernels.absorbed_decode import _NO_FIT
+
+    case = make_case(b=2, h=h, n=1, r=64, lat=512, t=t, m=1, d=128, v=128, bias=False, mask=mask, dtype=dtype,
+                     device="cuda", seed=h + t)  # fmt: skip
+    ref = mla_decode_reference(*case.absorbed_args())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the "does not fit ... using the torch reference" warning fails the test
+        out = mla_decode_triton(*case.absorbed_args())
+    assert not [key for key in _NO_FIT if key[:3] == (dtype, 512, 1)]  # served by the kernel, not the reference
+    _check_gpu(out, ref, dtype)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_choose_block_h_bounds_the_accumulator() -> None:
+    from hf_mla_vlm.kernels.absorbed_decode import MAX_ACCUMULATOR_ELEMENTS, choose_block_h
+
+    assert choose_block_h(28, 2, 256) == 32  # Qwen2.5-VL-7B, latent 256: all heads in one program
+    assert choose_block_h(16, 1, 512) == 16
+    assert choose_block_h(128, 1, 512) == 64  # DeepSeek's 128 heads: two head blocks
+    assert choose_block_h(28, 2, 512) == 32  # the converted models keep all heads in one program
+    for h, m, block_l in ((4, 1, 16), (4, 2, 16), (128, 2, 1024), (64, 1, 512), (28, 2, 512)):
+        block_h = choose_block_h(h, m, block_l)
+        assert m * block_h >= 16 and block_h & (block_h - 1) == 0
+        assert m * block_h * block_l <= MAX_ACCUMULATOR_ELEMENTS or m * block_h == 16
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -1,7 +1,8 @@
 """Triton split-K decode kernel for converted (absorbed) MLA attention with modality-specific branches.
 
-One program handles **all query heads** of one sequence over one contiguous chunk of cached tokens: every latent
-tile ``(BLOCK_T, L)`` is read from HBM once and shared by the ``H`` heads (MQA over the latent). The program holds
+One program handles a block of ``BLOCK_H`` query heads (all of them for the converted 7B/8B models) of one sequence
+over one contiguous chunk of cached tokens: every latent tile ``(BLOCK_T, L)`` is read once and shared by those heads
+(MQA over the latent). The program holds
 one query row per (branch, head), ``M * BLOCK_H`` rows: row ``m * BLOCK_H + h`` is head ``h``'s absorbed query of
 branch ``m``. Each row runs its own online softmax over the tokens of its branch (the other branch's tokens get
 ``-inf``), so the latent scores of all rows are a single tensor-core dot with the tile and the probabilities a
@@ -9,10 +10,12 @@ single dot back; the per-kv-head rope keys are one ``(rows, N*R)`` block-diagona
 in the columns of its kv group ``h // G``, zeros elsewhere) against the ``(BLOCK_T, N*R)`` rope tile. The two
 branches of a head are two softmax segments, merged with the log-sum-exp rule like the split-K chunks.
 
-Stage 1 (``_mla_decode_stage1``): grid ``(B, num_splits)``; base-2 online softmax with fp32 accumulation. With one
-split it merges the branches and writes the final outputs; otherwise it writes un-normalised per-branch partial
-accumulators and running maxima (a branch without keys in the chunk leaves its row unwritten), and stage 2
-(``_mla_decode_combine``, grid ``(B, H)``) merges chunks and branches.
+Stage 1 (``_mla_decode_stage1``): grid ``(head blocks, B, num_splits)``. A program takes ``BLOCK_H`` heads: all of
+them unless the accumulator would exceed ``MAX_ACCUMULATOR_ELEMENTS`` (``choose_block_h``); the head block is the
+fastest grid axis, so the programs reading one latent chunk run side by side and share it through L2. Base-2 online
+softmax with fp32 accumulation. With one split it merges the branches and writes the final outputs; otherwise it
+writes un-normalised per-branch partial accumulators and running maxima (a branch without keys in the chunk leaves its
+row unwritten), and stage 2 (``_mla_decode_combine``, grid ``(B, H)``) merges chunks and branches.
 
 Everything the launcher decides depends on shapes only (``B``, ``T``, the SM count), never on tensor values, so
 it does not synchronise with the host and can be captured in a CUDA graph. ``T`` is a run-time kernel argument
@@ -63,7 +66,7 @@ from triton.runtime.errors import OutOfResources
 from .reference import mla_decode_reference, validate_decode_inputs
 
 
-__all__ = ["choose_num_splits", "mla_decode_triton"]
+__all__ = ["choose_block_h", "choose_num_splits", "mla_decode_triton"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -120,9 +123,10 @@ def _mla_decode_stage1(
     dot back; the branches of a head are merged with the log-sum-exp rule at the end (here with one split,
     otherwise in the combine kernel, which then gets per-branch maxima ``stat`` ``(B, S, H, M)``).
     """
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
+    pid_hb = tl.program_id(0)  # head block: the fastest grid axis, so programs that share a latent chunk run together
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)
+    n_splits = tl.num_programs(2)
     if UPCAST_DOTS:
         cdtype = tl.float32
     else:
@@ -130,7 +134,7 @@ def _mla_decode_stage1(
     BLOCK_R: tl.constexpr = M * BLOCK_H
 
     offs_r = tl.arange(0, BLOCK_R)
-    h_r = offs_r % BLOCK_H
+    h_r = pid_hb * BLOCK_H + offs_r % BLOCK_H  # global head of each row
     m_r = offs_r // BLOCK_H
     offs_l = tl.arange(0, BLOCK_L)
     offs_c = tl.arange(0, BLOCK_NR)
@@ -214,7 +218,7 @@ def _mla_decode_stage1(
         f = tl.reshape(w2 * inv[None, :], (BLOCK_R,))
         tl.store(acc_ptr + out_row[:, None] * L + offs_l[None, :], acc * f[:, None], mask=rl_mask)
         tl.store(psum_ptr + out_row, l_i * f, mask=r_ok)
-        offs_h = tl.arange(0, BLOCK_H)
+        offs_h = pid_hb * BLOCK_H + tl.arange(0, BLOCK_H)
         lse = tl.where(has_key, (g_ref + tl.log2(tl.where(has_key, denom, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(stat_ptr + row * H + offs_h, lse, mask=offs_h < H)
     else:
@@ -344,24 +348,45 @@ def choose_num_splits(
     return best
 
 
-def _default_config(lat: int, m: int, elem_size: int, has_mask: bool, aligned: bool) -> tuple[int, int, int]:
-    """``(BLOCK_T, num_warps, num_stages)`` by the size of the accumulator, as tuned on an H100 (Triton 3.6).
+def _default_config(
+    lat: int, m: int, elem_size: int, has_mask: bool, aligned: bool, block_h: int
+) -> tuple[int, int, int]:
+    """``(BLOCK_T, num_warps, num_stages)`` for a program of ``m * block_h`` query rows.
 
-    Up to 512 accumulator columns per head (``M * L``, e.g. two branches of 256) a 4-warp program with 32-token tiles
-    lets two programs share an SM, which hides latency better than one 8-warp program; wider accumulators need 8
-    warps. With side rows on 16-byte boundaries (``aligned``: the model's padded cache) the rope-key loads are
-    asynchronous and fewer pipeline stages / smaller tiles win; unaligned rows are loaded synchronously. If a
-    configuration does not fit, the launcher retries it with fewer stages / a smaller tile.
+    Two branches (the converted models; tuned on an H100, Triton 3.6): up to 512 accumulator columns per head
+    (``M * L``, e.g. two branches of 256) a 4-warp program with 32-token tiles lets two programs share an SM, which
+    hides latency better than one 8-warp program; wider accumulators need 8 warps. With side rows on 16-byte
+    boundaries (``aligned``: the model's padded cache) the rope-key loads are asynchronous and fewer pipeline stages /
+    smaller tiles win; unaligned rows are loaded synchronously.
+
+    One branch (FlashInfer's 512 + 64 shape, 16-128 heads; swept on an H200, Triton 3.6,
+    ``benchmarks/results/decode_kernel_h200.md``): 64-token tiles, 4 warps up to 16K accumulator elements per program
+    and 8 warps above (64 heads per program). If a configuration does not fit, the launcher retries it with fewer
+    stages / a smaller tile.
     """
-    acc_cols = m * max(16, _pow2(lat))
+    block_l = max(16, _pow2(lat))
     if elem_size >= 4:
-        return 16, (4 if acc_cols <= 256 else 8), 2
-    if acc_cols <= 512:
+        return 16, (4 if m * block_l <= 256 else 8), 2
+    if m == 1:
+        return 64, (4 if block_h * block_l <= 16384 else 8), 2
+    if m * block_l <= 512:
         return (32, 4, 2) if aligned or has_mask else (32, 4, 3)
     return (32, 8, 3) if aligned else (64, 8, 2)
 
 
-# (cache dtype, L, M, N*R, has_mask, side alignment, BLOCK_T, num_warps, num_stages) -> (BLOCK_T, num_stages) that fit
+# Accumulator elements (query rows x latent columns) one program holds at most; more heads are split across programs.
+MAX_ACCUMULATOR_ELEMENTS = 32768
+
+
+def choose_block_h(num_heads: int, num_branches: int, block_l: int) -> int:
+    """Query heads per program: all of them while the fp32 accumulator (``M * BLOCK_H`` rows x ``BLOCK_L``) stays
+    within ``MAX_ACCUMULATOR_ELEMENTS``, else the largest power of two that fits (at least 16 rows, the smallest
+    tensor-core tile). Programs of one chunk with different head blocks read the same latent tiles, mostly from L2."""
+    fits = max(1, MAX_ACCUMULATOR_ELEMENTS // (num_branches * block_l))
+    return max(_pow2(-(-16 // num_branches)), min(_pow2(num_heads), 1 << (fits.bit_length() - 1)))
+
+
+# (cache dtype, L, M, N*R, has_mask, side alignment, BLOCK_T, num_warps, num_stages, BLOCK_H) -> (BLOCK_T, stages)
 _CONFIG_THAT_FITS: dict[tuple, tuple[int, int]] = {}
 _NO_FIT: set[tuple] = set()  # configurations that fit at no tile size: served by the torch reference
 
@@ -380,6 +405,7 @@ def mla_decode_triton(
     block_t: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    block_h: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Absorbed MLA decode with the Triton split-K kernel (same contract as ``mla_decode_reference``).
 
@@ -396,8 +422,9 @@ def mla_decode_triton(
     ``num_splits``  int or None            split-K factor; None = from (B, T, SM count)
     ==============  =====================  ======================================================
 
-    The (small) query tensors are made contiguous; the cache views are read in place. ``block_t``, ``num_warps``
-    and ``num_stages`` override the tile configuration (for tuning).
+    The (small) query tensors are made contiguous; the cache views are read in place. ``block_t``, ``num_warps``,
+    ``num_stages`` and ``block_h`` (query heads per program, a power of two) override the tile configuration (for
+    tuning).
 
     Returns:
         ``(ctx, p_sum, lse)``: ``(B, H, M, L)``, ``(B, H, M)``, ``(B, H)``, all float32. Rows without a valid key
@@ -428,7 +455,13 @@ def mla_decode_triton(
 
     nr = n * r
     side_align = _row_alignment(side)
-    cfg_t, cfg_w, cfg_s = _default_config(lat, m, latent.element_size(), key_mask is not None, side_align > 1)
+    block_l = max(16, _pow2(lat))
+    block_h = choose_block_h(h, m, block_l) if block_h is None else block_h
+    if not isinstance(block_h, int) or block_h < 1 or block_h & (block_h - 1) or m * block_h < 16:
+        raise ValueError(f"block_h must be a power of two with M * block_h >= 16 (M = {m}), got {block_h!r}")
+    block_h = min(block_h, max(16 // m, _pow2(h)))
+    head_blocks = _cdiv(h, block_h)
+    cfg_t, cfg_w, cfg_s = _default_config(lat, m, latent.element_size(), key_mask is not None, side_align > 1, block_h)
     tile_given = block_t is not None or num_stages is not None
     block_t = cfg_t if block_t is None else block_t
     num_warps = cfg_w if num_warps is None else num_warps
@@ -440,7 +473,7 @@ def mla_decode_triton(
 
     if num_splits is None:
         sms = 132 if device.type != "cuda" else _sm_count(device.index if device.index is not None else 0)
-        num_splits = choose_num_splits(b, t, sms, block_t, programs_per_sm=2 if num_warps <= 4 else 1)
+        num_splits = choose_num_splits(b * head_blocks, t, sms, block_t, programs_per_sm=2 if num_warps <= 4 else 1)
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     # chunk = whole tiles; drop splits that would start past the end (their count depends only on T)
@@ -473,7 +506,7 @@ def mla_decode_triton(
     upcast = _INTERPRETING and latent.dtype == torch.bfloat16
     precision = "ieee" if latent.dtype == torch.float32 or upcast else "tf32"
 
-    fit_key = (latent.dtype, lat, m, nr, key_mask is not None, side_align, block_t, num_warps, num_stages)
+    fit_key = (latent.dtype, lat, m, nr, key_mask is not None, side_align, block_t, num_warps, num_stages, block_h)
     if fit_key in _NO_FIT:
         return mla_decode_reference(q_rope, q_latent, q_bias, latent, side, key_mask, scale, n)
     tile_t, stages = _CONFIG_THAT_FITS.get(fit_key, (block_t, num_stages))
@@ -481,7 +514,7 @@ def mla_decode_triton(
     with torch.cuda.device(device) if switch else contextlib.nullcontext():
         while True:
             try:
-                _mla_decode_stage1[(b, num_splits)](
+                _mla_decode_stage1[(head_blocks, b, num_splits)](
                     q_rope,
                     q_latent,
                     bias_arg,
@@ -509,10 +542,10 @@ def mla_decode_triton(
                     NR=nr,
                     L=lat,
                     M=m,
-                    BLOCK_H=max(16, _pow2(h)),
+                    BLOCK_H=block_h,
                     BLOCK_T=tile_t,
                     BLOCK_NR=max(16, _pow2(nr)),
-                    BLOCK_L=max(16, _pow2(lat)),
+                    BLOCK_L=block_l,
                     HAS_MASK=key_mask is not None,
                     HAS_BIAS=q_bias is not None,
                     SINGLE_SPLIT=single,
