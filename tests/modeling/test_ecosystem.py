@@ -1,6 +1,7 @@
 """The converted classes with the tools around Transformers: peft, tensor-parallel plans, output recording, and no
 deprecation warnings from our own calls."""
 
+import copy
 import logging
 import warnings
 
@@ -103,3 +104,22 @@ def test_untested_transformers_versions_warn():
     assert not warn_if_untested(f"{TESTED_TRANSFORMERS[-1]}.3")
     with pytest.warns(UserWarning, match="tested with Transformers"):
         assert warn_if_untested("5.99.0.dev0")
+
+
+def test_compiled_forward_keeps_no_tensor_on_the_modules(converted, native_checkpoints):
+    """A tensor created inside a compiled region and kept on a module belongs to that region's CUDA graph under
+    `mode="reduce-overhead"` and is overwritten by the next replay (found on the GPU machine): under compilation the
+    attention builds its rope index as a graph constant instead of caching it."""
+    model = copy.deepcopy(converted["llava"])
+    _, processor = load_native(native_checkpoints["llava"])
+    inputs = mixed_batch(processor, "llava")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="eager")(**inputs).logits
+        eager = model(**inputs).logits
+    torch.testing.assert_close(compiled, eager)
+    assert all(attn._rope_index is not None for attn in model.mla_attention_modules())  # cached by the eager call
+    fresh = copy.deepcopy(converted["llava"])
+    with torch.no_grad():
+        torch.compile(fresh, backend="eager")(**inputs)
+    assert all(attn._rope_index is None for attn in fresh.mla_attention_modules())

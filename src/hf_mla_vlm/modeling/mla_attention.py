@@ -167,6 +167,8 @@ class MLAAttention(nn.Module):
 
     def rope_index(self, device: torch.device) -> torch.Tensor:
         """`(N, R)` indices into the per-position `cos`/`sin` of the dims each kv head keeps."""
+        if torch.compiler.is_compiling():  # a graph constant: a tensor kept on the module would belong to a CUDA graph
+            return torch.tensor(self._rope_dims, dtype=torch.long, device=device)
         if self._rope_index is None or self._rope_index.device != device:
             self._rope_index = torch.tensor(self._rope_dims, dtype=torch.long, device=device)
         return self._rope_index
