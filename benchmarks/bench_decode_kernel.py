@@ -20,9 +20,18 @@ side rows of the valid tokens (``T * (L + N*R + 1) * 2`` per sequence); for SDPA
   ``triton_host_us``: host time of one call;
 * reference and SDPA: ``triton.testing.do_bench`` of the eager call.
 
-Regenerate the committed results on an H100::
+* ``heads`` rows: ours and FlashInfer's ``BatchMLAPagedAttentionWrapper`` (fa3, optional: skipped where
+  ``flashinfer`` does not import) on the same data at FlashInfer's shape (latent 512 + rope 64, one kv head) for
+  16 / 32 / 64 / 128 query heads, both as CUDA-graph replays.
 
-    PYTHONPATH=src python benchmarks/bench_decode_kernel.py --out-dir benchmarks/results --tag h100
+The copy bandwidth is measured in the same run. Regenerate the committed results on the H200 (FlashInfer 0.7.2.post1
+and apache-tvm-ffi 0.1.15.post2 installed from wheels there)::
+
+    PYTHONPATH=src python benchmarks/bench_decode_kernel.py --out-dir benchmarks/results --tag h200 --no-reference
+
+``--sweep-heads`` first times explicit (heads per program, warps, tile) configurations at FlashInfer's shape (the
+one-branch defaults of ``_default_config`` / ``choose_block_h`` come from it); ``--heads`` (empty: none) and
+``--latents`` (empty: none) select the two tables.
 
 ``--tune`` first sweeps tile configurations (``BLOCK_T``, warps, pipeline stages) and split counts of the Triton
 kernel on a few shapes and prints them; the launcher's defaults (``_default_config``, ``choose_num_splits``) were set
