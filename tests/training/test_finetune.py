@@ -144,7 +144,7 @@ def test_warmup_stable_decay_follows_the_official_schedule(tmp_path, total, expe
         output_dir=str(tmp_path), learning_rate=1.0, warmup_steps=0.1, lr_scheduler_type="warmup_stable_decay",
         lr_scheduler_kwargs={"decay_type": "1-sqrt"}, report_to="none", use_cpu=True,
     )  # fmt: skip
-    trainer = finetune_module._RecoveryTrainer(model=torch.nn.Linear(2, 2), args=args, decay_ratio=0.1)
+    trainer = finetune_module.RecoveryTrainer(model=torch.nn.Linear(2, 2), args=args, decay_ratio=0.1)
     trainer.create_optimizer_and_scheduler(num_training_steps=total)
     warmup, stable, decay = expected
     for step in range(total):

@@ -1,5 +1,5 @@
 # Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
-"""Chat conversations (text + images) -> padded training batches with labels on assistant tokens only.
+"""Chat conversations (text + images) and plain text -> padded training batches with labels.
 
 Every conversation goes through the model's own processor (chat template, image placeholders expanded to one token
 per image feature, pixel values, `image_sizes` / `image_grid_thw`). Labels are `-100` everywhere except on the
@@ -104,62 +104,92 @@ def _pad_to(tensor: torch.Tensor, shape: Sequence[int], value) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class TextWindow:
+    """`seq_len` consecutive token ids of plain text (documents packed end to end, EOS between them)."""
+
+    input_ids: tuple[int, ...]
+
+
 @dataclass
 class ChatCollator:
-    """Collate `Conversation`s into one right-padded batch with assistant-only labels.
+    """Collate `Conversation`s (and `TextWindow`s of plain text) into one right-padded batch with labels.
 
     Args:
         processor: the model's processor (LLaVA, LLaVA-NeXT or Qwen2.5-VL style, or any processor with a chat
             template).
-        max_length (`int`, *optional*): drop conversations longer than this many tokens (an error if a whole
-            batch is dropped). Truncating would cut image tokens apart from their features.
+        max_length (`int`, *optional*): drop rows longer than this many tokens (an error if a whole batch is
+            dropped). Truncating would cut image tokens apart from their features.
+        labels (`str`, *optional*, defaults to `"assistant"`): `"assistant"`: conversations are labelled on their
+            assistant turns, text windows on every token; `"all"` (distillation): every position whose prediction
+            is distilled is labelled, i.e. every token after a position that is not an image placeholder.
+        exclude_token_ids (`Sequence[int]`, *optional*): with `labels="all"`, the tokens whose position predicts
+            nothing (the image placeholders).
 
     Returns (on call):
-        `dict`: `input_ids`, `attention_mask`, `labels` and the processor's image tensors (`pixel_values` and
-        `image_sizes` or `image_grid_thw`), concatenated over the batch.
+        `dict`: `input_ids`, `attention_mask`, `labels`, the processor's other per-token tensors (zeros for text
+        rows, e.g. Qwen2.5-VL's `mm_token_type_ids`) and its image tensors (`pixel_values` and `image_sizes` or
+        `image_grid_thw`), concatenated over the rows that have images.
     """
 
     processor: object
     max_length: int | None = None
+    labels: str = "assistant"
+    exclude_token_ids: Sequence[int] = ()
 
-    def __call__(self, conversations: Sequence[Conversation]) -> dict[str, torch.Tensor]:
-        rows = []
-        for conversation in conversations:
-            encoded, spans = assistant_spans(self.processor, conversation)
-            if self.max_length is not None and encoded["input_ids"].shape[1] > self.max_length:
-                continue
-            rows.append((encoded, spans))
+    def __post_init__(self):
+        if self.labels not in ("assistant", "all"):
+            raise ValueError(f"labels must be 'assistant' or 'all', got {self.labels!r}.")
+
+    def _row(self, item) -> tuple[dict, list[tuple[int, int]]]:
+        if isinstance(item, TextWindow):
+            ids = torch.tensor([item.input_ids], dtype=torch.long)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [(0, ids.shape[1])]
+        if isinstance(item, Conversation):
+            encoded, spans = assistant_spans(self.processor, item)
+            return encoded, spans if self.labels == "assistant" else [(1, encoded["input_ids"].shape[1])]
+        raise TypeError(f"Training items must be Conversation or TextWindow, got {type(item).__name__}.")
+
+    def __call__(self, items: Sequence) -> dict[str, torch.Tensor]:
+        rows = [self._row(item) for item in items]
+        if self.max_length is not None:
+            rows = [(encoded, spans) for encoded, spans in rows if encoded["input_ids"].shape[1] <= self.max_length]
         if not rows:
-            raise ValueError(f"Every conversation of the batch is longer than max_length={self.max_length}.")
+            raise ValueError(f"Every row of the batch is longer than max_length={self.max_length}.")
         pad_id = as_tokenizer(self.processor).pad_token_id
         if pad_id is None:
             raise ValueError("The tokenizer has no pad token.")
         length = max(encoded["input_ids"].shape[1] for encoded, _ in rows)
-        batch: dict[str, list[torch.Tensor]] = {"labels": []}
+        per_token = {
+            key
+            for encoded, _ in rows
+            for key, value in encoded.items()
+            if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == encoded["input_ids"].shape
+        }
+        batch: dict[str, list[torch.Tensor]] = {key: [] for key in sorted(per_token | {"labels"})}
+        images: dict[str, list[torch.Tensor]] = {}
+        excluded = torch.tensor(list(self.exclude_token_ids), dtype=torch.long)
         for encoded, spans in rows:
             ids = encoded["input_ids"][0]
             labels = torch.full((length,), IGNORE_INDEX, dtype=torch.long)
             for start, end in spans:
                 labels[start:end] = ids[start:end]
+            if self.labels == "all":
+                labels[0] = IGNORE_INDEX  # nothing predicts the first token
+                labels[1 : ids.shape[0]][torch.isin(ids[:-1], excluded)] = IGNORE_INDEX  # t predicts t + 1
             batch["labels"].append(labels)
+            for key in per_token:
+                value = encoded[key][0] if key in encoded else torch.zeros_like(ids)
+                batch[key].append(_pad_to(value, (length,), pad_id if key == "input_ids" else 0))
             for key, value in encoded.items():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                if value.dim() == 2 and value.shape[0] == 1 and value.shape[1] == ids.shape[0]:  # per-token tensors
-                    fill = pad_id if key == "input_ids" else 0
-                    value = _pad_to(value[0], (length,), fill)
-                    batch.setdefault(key, []).append(value)
-                else:
-                    batch.setdefault(key, []).append(value)
-        out = {}
-        for key, values in batch.items():
-            if values[0].dim() == 1:  # per-token tensors, already padded to `length`
-                out[key] = torch.stack(values)
-                continue
-            # image tensors: concatenate along dim 0, zero-padding other dims (LLaVA-NeXT's patch count varies)
+                if isinstance(value, torch.Tensor) and key not in per_token:
+                    images.setdefault(key, []).append(value)
+        out = {key: torch.stack(values) for key, values in batch.items()}
+        for key, values in images.items():
+            # concatenated along dim 0, other dims zero-padded (LLaVA-NeXT's patch count varies)
             shape = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
             out[key] = torch.cat([_pad_to(v, (v.shape[0], *shape), 0) for v in values])
         return out
 
 
-__all__ = ["IGNORE_INDEX", "ChatCollator", "assistant_spans"]
+__all__ = ["IGNORE_INDEX", "ChatCollator", "TextWindow", "assistant_spans"]

@@ -55,22 +55,25 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import SchedulerType
+from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from ..conversion_scripts.calibration import Conversation, load_conversations
 from ..conversion_scripts.registry import ARCHITECTURES, MLA_MODEL_TYPES
 from ..conversion_scripts.report import environment
 from ..utils import staged_folder
-from .data import ChatCollator
+from .data import ChatCollator, TextWindow
+from .distill import TEXT_SOURCES, mixed_training_items, text_windows
+from .trainer import DistillationTrainer, RecoveryTrainer, TimingCallback, wsd_steps
 
 
 logger = logging.get_logger(__name__)
 
-Stage = Literal[1, 2]
+Stage = Literal[0, 1, 2]
 TrainableSet = Literal["paper", "official"]
-STAGE_FORMS: dict[int, str] = {1: "partial_rope", 2: "mla"}
+Objective = Literal["sft", "distill"]
+# Stage 0 is the control: the ORIGINAL (native) model fine-tuned with the same data, steps and schedule.
+STAGE_FORMS: dict[int, str | None] = {0: None, 1: "partial_rope", 2: "mla"}
 REPORT_NAME = "finetune_report.json"
 ZOO_VQA = "zoo-vqa"
 DEFAULT_ZOO_SAMPLES = 1000
@@ -82,6 +85,7 @@ _ATTENTION = _TEXT + r"layers\.\d+\.self_attn\."
 RULES: dict[str, str] = {
     "q_proj": _ATTENTION + r"q_proj\.",
     "k_rope_proj": _ATTENTION + r"k_rope_proj\.",
+    "k_proj": _ATTENTION + r"k_proj\.",  # native attention (the control)
     "k_nope_proj": _ATTENTION + r"k_nope_proj\.",
     "v_proj": _ATTENTION + r"v_proj\.",
     "kv_a_proj": _ATTENTION + r"kv_a_proj\.",
@@ -93,10 +97,12 @@ RULES: dict[str, str] = {
 }
 TRAINABLE_SETS: dict[str, dict[int, tuple[str, ...]]] = {
     "paper": {
+        0: ("q_proj", "k_proj", "v_proj", "o_proj"),  # the native attention: what stages 1-2 replace
         1: ("q_proj", "k_rope_proj", "k_nope_proj"),
         2: ("q_proj", "k_rope_proj", "kv_a_proj", "kv_b_proj", "o_proj"),
     },
     "official": {
+        0: ("text_attn", "text_norms", "aligner"),
         1: ("q_proj", "k_nope_proj", "v_proj", "text_norms", "aligner"),
         2: ("text_attn", "text_norms", "aligner"),
     },
@@ -172,7 +178,7 @@ def trainable_parameter_names(
         `ValueError`: unknown set, or a rule / regex that matches no parameter of `model`.
     """
     if stage not in STAGE_FORMS:
-        raise ValueError(f"stage must be 1 or 2, got {stage!r}.")
+        raise ValueError(f"stage must be 0 (control), 1 or 2, got {stage!r}.")
     names = [name for name, _ in model.named_parameters()]
     selected = {}
     for label, pattern in _rule_patterns(stage, trainable).items():
@@ -266,15 +272,15 @@ def merge_lora(peft_model: nn.Module) -> nn.Module:
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """A list of `Conversation`s; `ChatCollator` turns a batch of them into model inputs."""
+    """A list of `Conversation`s (and `TextWindow`s); `ChatCollator` turns a batch of them into model inputs."""
 
-    def __init__(self, conversations: Sequence[Conversation]):
+    def __init__(self, conversations: Sequence[Conversation | TextWindow]):
         self.conversations = list(conversations)
 
     def __len__(self) -> int:
         return len(self.conversations)
 
-    def __getitem__(self, index: int) -> Conversation:
+    def __getitem__(self, index: int) -> Conversation | TextWindow:
         return self.conversations[index]
 
 
@@ -304,69 +310,55 @@ def load_training_conversations(
         if num_samples is not None:
             conversations = conversations[:num_samples]
         label = "in-memory conversations"
-        if any(not isinstance(c, Conversation) for c in conversations):
-            raise ValueError("data must hold Conversation objects (hf_mla_vlm.conversion_scripts.calibration).")
+        if any(not isinstance(c, (Conversation, TextWindow)) for c in conversations):
+            raise ValueError(
+                "data must hold Conversation (hf_mla_vlm.conversion_scripts.calibration) or TextWindow "
+                "(hf_mla_vlm.training.data) objects."
+            )
     if not conversations:
         raise ValueError(f"No training conversations in {label}.")
     return conversations, label
 
 
-# ------------------------------------------------------------------------------------------------------ schedule
+def load_training_items(
+    data: str | os.PathLike | Sequence,
+    processor,
+    *,
+    mix: Sequence[float] | None = None,
+    num_samples: int | None = None,
+    image_size: int = 224,
+    seed: int = 0,
+    image_folder: str | os.PathLike | None = None,
+    text_seq_len: int = 512,
+) -> tuple[list, str]:
+    """Training items of one source or of a mix: `data` is a source (see `load_training_conversations`), a list of
+    items, or comma-separated sources such as `"wikipedia,zoo-vqa"` mixed in the proportions `mix` (default: equal).
+    `"wikipedia"` gives `TextWindow`s of `text_seq_len` tokens packed from the Wikipedia calibration split (80% of
+    the articles; perplexity is measured on the disjoint test split). Returns the items and a label."""
+    specs = [part.strip() for part in str(data).split(",")] if isinstance(data, (str, os.PathLike)) else None
+    if specs is None or (len(specs) == 1 and specs[0] not in TEXT_SOURCES):
+        if mix is not None and len(mix) != 1:
+            raise ValueError(f"mix has {len(mix)} weights for one data source.")
+        return load_training_conversations(
+            data, num_samples=num_samples, image_size=image_size, seed=seed, image_folder=image_folder
+        )
+    weights = list(mix) if mix is not None else [1.0] * len(specs)
+    if len(weights) != len(specs) or len(set(specs)) != len(specs):
+        raise ValueError(f"Give each data source once and one mix weight per source; got {specs} and {weights}.")
+    total = DEFAULT_ZOO_SAMPLES if num_samples is None else num_samples
+    sources = {}
+    for spec, weight in zip(specs, weights):
+        count = math.ceil(weight / sum(weights) * total)  # the most the mix takes from this source
+        if spec in TEXT_SOURCES:
+            from ..assets import wikipedia_split
 
-
-def wsd_steps(total_steps: int, warmup: int | float, decay_ratio: float) -> tuple[int, int, int]:
-    """(warm-up, stable, decay) optimizer steps of a warmup-stable-decay schedule over `total_steps`.
-
-    `warmup` is a step count (>= 1) or a ratio (< 1), as `TrainingArguments.warmup_steps`; ratios give
-    `ceil(ratio * total_steps)` steps. Decay takes `ceil(decay_ratio * total_steps)` steps, clipped to what warm-up
-    leaves."""
-    warmup = int(warmup) if warmup >= 1 else math.ceil(total_steps * warmup)
-    decay = min(math.ceil(total_steps * decay_ratio), max(total_steps - warmup, 0))
-    return warmup, total_steps - warmup - decay, decay
-
-
-class _RecoveryTrainer(Trainer):
-    """`Trainer` that sizes the warmup-stable-decay schedule from the real number of optimizer steps."""
-
-    def __init__(self, *args, decay_ratio: float = 0.1, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.decay_ratio = decay_ratio
-        self.schedule: dict = {}
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if (
-            self.lr_scheduler is None
-            and SchedulerType(self.args.lr_scheduler_type) == SchedulerType.WARMUP_STABLE_DECAY
-        ):
-            kwargs = dict(self.args.lr_scheduler_kwargs or {})
-            warmup = self.args.get_warmup_steps(num_training_steps)
-            if "num_decay_steps" not in kwargs:
-                kwargs["num_decay_steps"] = wsd_steps(num_training_steps, warmup, self.decay_ratio)[2]
-            kwargs.setdefault("decay_type", "1-sqrt")
-            self.args.lr_scheduler_kwargs = kwargs
-            stable = num_training_steps - warmup - kwargs["num_decay_steps"]
-            self.schedule = {
-                "type": "warmup_stable_decay",
-                "total_steps": num_training_steps,
-                "warmup_steps": warmup,
-                "stable_steps": stable,
-                "decay_steps": kwargs["num_decay_steps"],
-                "decay_type": kwargs["decay_type"],
-            }
-        elif not self.schedule:
-            self.schedule = {
-                "type": SchedulerType(self.args.lr_scheduler_type).value,
-                "total_steps": num_training_steps,
-            }
-        return super().create_scheduler(num_training_steps, optimizer)
-
-
-class _TimingCallback(TrainerCallback):
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.perf_counter()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.seconds = time.perf_counter() - self.started
+            sources[spec] = text_windows(processor, wikipedia_split("calibration"), text_seq_len, count)
+        else:
+            sources[spec], _ = load_training_conversations(
+                spec, num_samples=count, image_size=image_size, seed=seed, image_folder=image_folder
+            )
+    items = mixed_training_items(sources, weights, total, seed=seed)
+    return items, ",".join(f"{spec}:{weight:g}" for spec, weight in zip(specs, weights))
 
 
 # -------------------------------------------------------------------------------------------------------- saving
@@ -441,9 +433,16 @@ def check_stage(model_path: str | os.PathLike, stage: Stage):
     from transformers import AutoConfig
 
     if stage not in STAGE_FORMS:
-        raise ValueError(f"stage must be 1 or 2, got {stage!r}.")
+        raise ValueError(f"stage must be 0 (control), 1 or 2, got {stage!r}.")
     config = AutoConfig.from_pretrained(model_path)
     model_type = config.model_type
+    if stage == 0:
+        if model_type not in ARCHITECTURES:
+            raise ValueError(
+                f"Stage 0 (the control) fine-tunes the ORIGINAL model; {model_path} has model_type {model_type!r}, "
+                f"not one of the native {sorted(ARCHITECTURES)}."
+            )
+        return config
     if model_type in ARCHITECTURES:
         raise ValueError(
             f"{model_path} is a native {model_type} checkpoint. Recovery fine-tuning starts from a converted one: run "
@@ -474,6 +473,12 @@ def finetune(
     *,
     stage: Stage,
     trainable: TrainableSet | Sequence[str] = "paper",
+    objective: Objective = "sft",
+    teacher: str | os.PathLike | nn.Module | None = None,
+    temperature: float = 1.0,
+    label_weight: float = 0.0,
+    mix: Sequence[float] | None = None,
+    text_seq_len: int = 512,
     lora: LoraSettings | None = None,
     learning_rate: float = 1e-5,
     per_device_train_batch_size: int = 1,
@@ -502,13 +507,23 @@ def finetune(
     Launch with `python`, `torchrun` or `accelerate launch` (DDP, FSDP, DeepSpeed through `training_args`).
 
     Args:
-        model_path: converted checkpoint folder: `mla_stage="partial_rope"` for stage 1, `"mla"` for stage 2.
+        model_path: converted checkpoint folder: `mla_stage="partial_rope"` for stage 1, `"mla"` for stage 2; the
+            native (original) checkpoint for stage 0, the control.
         data: `"zoo-vqa"` (procedural VQA train split), a LLaVA-style conversation JSON (or `"builtin"`, or a saved
-            `datasets` folder), or a list of `Conversation`.
+            `datasets` folder), `"wikipedia"` (packed plain text), comma-separated sources to mix (e.g.
+            `"wikipedia,zoo-vqa"`, see `mix`), or a list of `Conversation` / `TextWindow`.
         output_dir: folder of the fine-tuned checkpoint (Hub-ready, with remote code), written atomically by the
             main process. Trainer checkpoints (`save_steps`) go to the hidden sibling `.<name>.checkpoints`.
-        stage: 1 or 2.
+        stage: 1 or 2, or 0: the control (the original model trained with the same data, steps and schedule; the
+            `paper` set is then its text attention, `q/k/v/o_proj`, what stages 1-2 replace and train).
         trainable: `"paper"`, `"official"` (see the module docstring) or regexes (`re.search`) over parameter names.
+        objective: `"sft"` (labels: assistant turns of conversations, every token of text) or `"distill"`
+            (self-distillation from `teacher`: `T^2 * KL(teacher || student)` at every position except the image
+            placeholders, see `hf_mla_vlm.training.distill`).
+        teacher: the original model (folder or loaded model), required with `objective="distill"`.
+        temperature, label_weight: distillation temperature `T`, and the weight of the label loss added to the KL.
+        mix: weights of the comma-separated sources of `data` (default: equal).
+        text_seq_len: tokens per packed window of plain-text sources.
         lora: train LoRA adapters instead of full weights; merged back before saving.
         learning_rate: peak learning rate (official: stage 1 5e-5 / 5e-6 / 1e-5 for LLaVA / NeXT / Qwen; stage 2
             1e-5 ... 8e-7 depending on the latent width, method.md §4.2).
@@ -549,6 +564,13 @@ def finetune(
     if max_steps == 0 or (max_steps < 0 and num_train_epochs <= 0):
         raise ValueError("Nothing to train: set max_steps > 0 or num_train_epochs > 0.")
     config = check_stage(model_path, stage)
+    if objective not in ("sft", "distill"):
+        raise ValueError(f"objective must be 'sft' or 'distill', got {objective!r}.")
+    if objective == "distill" and (teacher is None or stage == 0):
+        raise ValueError(
+            "objective='distill' needs the original model as teacher (--teacher SRC) and a converted student "
+            "(stage 1 or 2); the control (stage 0) trains the original itself with objective='sft'."
+        )
 
     from transformers import AutoProcessor, set_seed
 
@@ -558,9 +580,11 @@ def finetune(
         from ..evaluation.vqa import vqa_image_size
 
         image_size = vqa_image_size(processor)
-    conversations, data_label = load_training_conversations(
-        data, num_samples=num_samples, image_size=image_size, seed=seed, image_folder=image_folder
-    )
+    conversations, data_label = load_training_items(
+        data, processor, mix=mix, num_samples=num_samples, image_size=image_size, seed=seed,
+        image_folder=image_folder, text_seq_len=text_seq_len,
+    )  # fmt: skip
+    teacher_model = _load_teacher(teacher, config) if objective == "distill" else None
     save_dtype = getattr(torch, str(config.dtype).removeprefix("torch."), None) if config.dtype else None
     save_dtype = save_dtype if isinstance(save_dtype, torch.dtype) else torch.float32  # the checkpoint's own dtype
 
@@ -608,16 +632,28 @@ def finetune(
     if arguments["remove_unused_columns"]:
         raise ValueError("remove_unused_columns must stay False: the collator reads whole Conversation objects.")
     args = TrainingArguments(**arguments)
-    timing = _TimingCallback()
-    trainer = _RecoveryTrainer(
+    timing = TimingCallback()
+    collator = ChatCollator(
+        processor,
+        max_length=max_length,
+        labels="all" if objective == "distill" else "assistant",
+        exclude_token_ids=getattr(config, "image_token_ids", None) or (),
+    )
+    common = dict(
         model=model,
         args=args,
-        data_collator=ChatCollator(processor, max_length=max_length),
+        data_collator=collator,
         train_dataset=ConversationDataset(conversations),
         processing_class=processor,
         callbacks=[timing],
         decay_ratio=decay_ratio,
     )
+    if objective == "distill":
+        trainer = DistillationTrainer(
+            **common, teacher=teacher_model, temperature=temperature, label_weight=label_weight
+        )
+    else:
+        trainer = RecoveryTrainer(**common)
     train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
 
     state_dict = _full_state_dict(trainer)  # collective; None unless parameters are sharded
@@ -634,6 +670,10 @@ def finetune(
         "settings": {
             "stage": stage,
             "mla_stage": STAGE_FORMS[stage],
+            "objective": objective,
+            "teacher": None if teacher is None else str(getattr(teacher, "name_or_path", teacher)),
+            "temperature": temperature if objective == "distill" else None,
+            "label_weight": label_weight if objective == "distill" else None,
             "trainable": trainable if isinstance(trainable, str) else list(trainable),
             "trainable_rules": _rule_patterns(stage, trainable),
             "lora": asdict(lora) if lora is not None else None,
@@ -694,6 +734,19 @@ def finetune(
     )
 
 
+def _load_teacher(teacher: str | os.PathLike | nn.Module, student_config) -> nn.Module:
+    """The original model as a frozen teacher; its vocabulary must be the student's."""
+    model = load_model(teacher) if isinstance(teacher, (str, os.PathLike)) else teacher
+    if model.config.model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"The teacher must be the original (native) model, got model_type {model.config.model_type!r}."
+        )
+    vocab, expected = model.config.get_text_config().vocab_size, student_config.get_text_config().vocab_size
+    if vocab != expected:
+        raise ValueError(f"The teacher's vocabulary ({vocab}) is not the student's ({expected}).")
+    return model.eval().requires_grad_(False)
+
+
 def _has_accelerator() -> bool:
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, ROCm, MPS, XPU, ...
     return torch.cuda.is_available() or (accelerator is not None and accelerator.is_available())
@@ -721,6 +774,7 @@ __all__ = [
     "count_parameters",
     "finetune",
     "load_training_conversations",
+    "load_training_items",
     "merge_lora",
     "plain_model_from_state_dict",
     "trainable_parameter_names",

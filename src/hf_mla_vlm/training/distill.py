@@ -1,0 +1,98 @@
+# Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
+"""Recovery by self-distillation, on training data that mixes plain text with image conversations.
+
+The paper recovers a converted model by fine-tuning on labels (VQA answers). That trains the task and, on our zoo,
+costs the language (Wikipedia perplexity 13 -> 400+). Self-distillation asks the converted model (the student) to
+give the next-token distributions of the original model (the teacher) at every position:
+
+    loss = T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))  (+ label_weight * cross-entropy)
+
+averaged over the distilled positions: every non-padding position of a row except the image placeholders (whose
+outputs no generation ever reads). The data mixes packed windows of plain text (`TextWindow`, e.g. the Wikipedia
+calibration split: every token is a target) with image conversations (`Conversation`): `mixed_training_items`;
+`ChatCollator(labels="all")` labels every distilled position, so Transformers' token counts count them.
+
+With `objective="sft"` the same mixed data trains on labels (assistant tokens of the conversations, every token of
+the text windows): the paper's recipe on mixed data, and the recipe of the control runs (the original model
+fine-tuned the same way, see `finetune(..., stage=0)`).
+"""
+
+import random
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..evaluation.perplexity import token_stream
+from .data import IGNORE_INDEX, TextWindow
+
+
+TEXT_SOURCES = ("wikipedia",)  # plain-text sources by name: the Wikipedia calibration split (80% of the articles)
+
+
+def text_windows(tokenizer, texts: Sequence[str], seq_len: int, count: int) -> list[TextWindow]:
+    """The first `count` non-overlapping windows of `seq_len` tokens of `texts` packed into one stream.
+
+    Raises:
+        `ValueError`: the texts hold fewer than `count * seq_len` tokens.
+    """
+    if seq_len < 2 or count < 1:
+        raise ValueError(f"seq_len must be >= 2 and count >= 1, got {seq_len} and {count}.")
+    ids = token_stream(tokenizer, texts, max_tokens=count * seq_len)
+    if len(ids) < count * seq_len:
+        raise ValueError(f"The texts hold {len(ids)} tokens, fewer than {count} windows of {seq_len}.")
+    return [TextWindow(tuple(ids[i * seq_len : (i + 1) * seq_len])) for i in range(count)]
+
+
+def mixed_training_items(sources: Mapping[str, Sequence], weights: Sequence[float], total: int, seed: int = 0):
+    """`total` items drawn from `sources` (name -> items, each list in its own order) in the proportions
+    `weights`, the first ones of each source, shuffled together with `seed`. The counts per source are rounded so
+    that they sum to `total` (largest remainders first).
+
+    Raises:
+        `ValueError`: weights that do not match the sources or are not positive, or a source with too few items.
+    """
+    names = list(sources)
+    if len(weights) != len(names) or any(not w > 0 for w in weights):
+        raise ValueError(f"Need one positive weight per data source ({names}), got {list(weights)}.")
+    shares = [w / sum(weights) * total for w in weights]
+    counts = [int(s) for s in shares]
+    for i in sorted(range(len(names)), key=lambda i: counts[i] - shares[i])[: total - sum(counts)]:
+        counts[i] += 1
+    items = []
+    for name, count in zip(names, counts):
+        if len(sources[name]) < count:
+            raise ValueError(f"Data source {name!r} has {len(sources[name])} items; the mix needs {count}.")
+        items += list(sources[name][:count])
+    random.Random(seed).shuffle(items)
+    return items
+
+
+def distillation_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Sum over the positions where `mask` is True of `T^2 * KL(teacher || student)` of the next-token
+    distributions at temperature `T` (float32 math). Shapes: logits `(B, S, V)`, mask `(B, S)`."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    student = student_logits[mask].float() / temperature
+    teacher = teacher_logits[mask].float() / temperature
+    kl = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="sum")
+    return kl * temperature**2
+
+
+def distilled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """`(B, S)` mask of the positions whose prediction is distilled: those followed by a label (`MixedCollator`
+    with `labels="all"`); the last position predicts nothing in the batch."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+__all__ = [
+    "TEXT_SOURCES",
+    "distillation_kl",
+    "distilled_positions",
+    "mixed_training_items",
+    "text_windows",
+]

@@ -1,0 +1,128 @@
+"""Self-distillation and mixed text + image training data (CPU, tiny random models)."""
+
+import pytest
+import torch
+
+import hf_mla_vlm  # noqa: F401  (registers the MLA classes)
+from hf_mla_vlm.conversion_scripts.convert import convert
+from hf_mla_vlm.training.data import IGNORE_INDEX, ChatCollator, TextWindow
+from hf_mla_vlm.training.distill import distillation_kl, distilled_positions, mixed_training_items, text_windows
+from hf_mla_vlm.training.finetune import finetune, load_model
+from hf_mla_vlm.zoo.vqa_data import generate_split
+from tests.utils import load_native
+
+
+def _conversations(n: int, seed: int = 3):
+    return [sample.to_conversation() for sample in generate_split("train", n, seed=seed, image_size=56)]
+
+
+def _windows(processor, n: int, seq_len: int = 24, offset: int = 0):
+    words = "the red circle is left of a blue square . what is this ? a cat above the green dog ."
+    return text_windows(processor, [words * 8] * 40, seq_len, n + offset)[offset:]
+
+
+def test_distillation_kl_is_the_temperature_scaled_kl_over_the_mask():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    mask = torch.tensor([[True, True, False, True, False], [False, True, True, True, True]])
+    assert distillation_kl(teacher, teacher, mask).item() == pytest.approx(0.0, abs=1e-6)
+    p, q = (teacher[mask] / 2).softmax(-1), (student[mask] / 2).log_softmax(-1)
+    expected = 4 * (p * (p.log() - q)).sum()
+    assert distillation_kl(student, teacher, mask, temperature=2.0).item() == pytest.approx(expected.item(), rel=1e-5)
+    labels = torch.full((1, 4), IGNORE_INDEX)
+    labels[0, 2] = 7
+    assert distilled_positions(labels).tolist() == [[False, True, False, False]]
+
+
+def test_mixed_items_follow_the_weights_and_the_seed():
+    sources = {"a": list(range(100)), "b": [f"b{i}" for i in range(100)]}
+    items = mixed_training_items(sources, [3, 1], 10, seed=1)
+    assert sorted(map(str, items)) == sorted([str(i) for i in range(8)] + ["b0", "b1"])  # 7.5 / 2.5 rounded
+    assert items == mixed_training_items(sources, [3, 1], 10, seed=1) != mixed_training_items(sources, [3, 1], 10)
+    with pytest.raises(ValueError, match="has 100 items"):
+        mixed_training_items(sources, [1, 1], 300)
+    with pytest.raises(ValueError, match="positive weight"):
+        mixed_training_items(sources, [1, 0], 10)
+
+
+@pytest.mark.parametrize("arch", ["llava_next", "qwen2_5_vl"])
+def test_a_batch_mixes_text_windows_and_image_conversations(arch, native_checkpoints):
+    model, processor = load_native(native_checkpoints[arch])
+    image_ids = [model.config.image_token_id if arch == "qwen2_5_vl" else model.config.image_token_index]
+    items = [_windows(processor, 1)[0], *_conversations(2)]
+    batch = ChatCollator(processor, labels="all", exclude_token_ids=image_ids)(items)
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert ids.shape[0] == 3 and (labels[0, 1:24] == ids[0, 1:24]).all()  # the text row: every token but the first
+    for row in (1, 2):
+        valid = batch["attention_mask"][row].bool()
+        after_image = torch.zeros_like(valid)
+        after_image[1:] = torch.isin(ids[row, :-1], torch.tensor(image_ids))
+        expected = valid & ~after_image
+        expected[0] = False
+        assert torch.equal(labels[row] != IGNORE_INDEX, expected)
+    if arch == "qwen2_5_vl":
+        assert (batch["mm_token_type_ids"][0] == 0).all() and (batch["mm_token_type_ids"][1:] > 0).any()
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "labels"})  # images of rows 1-2 only: the model accepts it
+    sft = ChatCollator(processor)(items)  # assistant labels for conversations, every token for text
+    assert (sft["labels"][0, :24] == ids[0, :24]).all() and (sft["labels"][1:] != IGNORE_INDEX).sum() < 40
+
+
+@pytest.fixture(scope="module")
+def stage2(native_checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "llava-mla"
+    convert(native_checkpoints["llava"], out, rope_dim=8, kv_rank=4, rope_strategy="uniform", progress=False)
+    return out
+
+
+def _kl_to_teacher(student, teacher, batch) -> float:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    mask = distilled_positions(batch["labels"])
+    with torch.no_grad():
+        return (distillation_kl(student.eval()(**inputs).logits, teacher(**inputs).logits, mask) / mask.sum()).item()
+
+
+def test_distillation_brings_the_student_towards_the_teacher(stage2, native_checkpoints, tmp_path):
+    teacher, processor = load_native(native_checkpoints["llava"])
+    train = [*_windows(processor, 4), *_conversations(4)]
+    held_out = ChatCollator(processor, labels="all", exclude_token_ids=[teacher.config.image_token_index])(
+        [*_windows(processor, 2, offset=4), *_conversations(2, seed=11)]
+    )
+    before = _kl_to_teacher(load_model(stage2), teacher, held_out)
+    result = finetune(
+        stage2, train, tmp_path / "distilled", stage=2, objective="distill", teacher=native_checkpoints["llava"],
+        learning_rate=3e-3, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=12,
+        logging_steps=1, return_model=True,
+    )  # fmt: skip
+    after = _kl_to_teacher(result.model, teacher, held_out)
+    assert after < 0.7 * before, (before, after)
+    settings = result.report["settings"]
+    assert settings["objective"] == "distill" and settings["temperature"] == 1.0
+    assert result.report["training"]["losses"][-1]["loss"] < result.report["training"]["losses"][0]["loss"]
+
+
+def test_distillation_needs_a_native_teacher_and_the_control_is_the_native_model(stage2, native_checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="teacher"):
+        finetune(stage2, _conversations(2), tmp_path / "a", stage=2, objective="distill", max_steps=1)
+    with pytest.raises(ValueError, match="original"):
+        finetune(stage2, _conversations(2), tmp_path / "b", stage=2, objective="distill", teacher=stage2, max_steps=1)
+    with pytest.raises(ValueError, match="ORIGINAL"):
+        finetune(stage2, _conversations(2), tmp_path / "c", stage=0, max_steps=1)
+    native = native_checkpoints["llava"]
+    before = {k: v.clone() for k, v in load_model(native).state_dict().items()}
+    result = finetune(
+        native, _conversations(2), tmp_path / "control", stage=0, learning_rate=1e-3, per_device_train_batch_size=2,
+        gradient_accumulation_steps=1, max_steps=2, return_model=True,
+    )  # fmt: skip
+    changed = {name for name, value in result.model.state_dict().items() if not torch.equal(before[name], value)}
+    assert changed and changed == set(result.trainable_names)
+    assert all(".self_attn." in name and "language_model" in name for name in changed)
+    assert {name.split(".")[-2] for name in changed} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_text_windows_pack_the_token_stream(native_checkpoints):
+    _, processor = load_native(native_checkpoints["llava"])
+    windows = text_windows(processor, ["a cat . the dog"] * 10, 7, 3)
+    assert [len(w.input_ids) for w in windows] == [7, 7, 7] and isinstance(windows[0], TextWindow)
+    with pytest.raises(ValueError, match="fewer than"):
+        text_windows(processor, ["a cat"], 7, 3)
