@@ -56,7 +56,7 @@ import triton
 import triton.testing
 
 from hf_mla_vlm.kernels import mla_decode_reference, mla_decode_triton
-from hf_mla_vlm.modeling.mla_attention import side_row_width
+from hf_mla_vlm.modeling.latent_cache import side_row_width
 
 
 MODELS: dict[str, dict[str, int]] = {

@@ -25,13 +25,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from hf_mla_vlm.kernels import (
-    absorb_queries,
-    apply_value_up_projection,
-    mla_decode_decompressed_oracle,
-    mla_decode_reference,
-)
-from hf_mla_vlm.modeling.mla_attention import SIDE_ROW_MULTIPLE, side_row_width
+from hf_mla_vlm.kernels import mla_decode_reference
+from hf_mla_vlm.modeling.latent_cache import SIDE_ROW_MULTIPLE, side_row_width
+from tests.kernels.oracles import absorb_queries, apply_value_up_projection, mla_decode_decompressed_oracle
 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -120,6 +120,8 @@ def test_compiled_forward_keeps_no_tensor_on_the_modules(converted, native_check
     torch.testing.assert_close(compiled, eager)
     assert all(attn._rope_index is not None for attn in model.mla_attention_modules())  # cached by the eager call
     fresh = copy.deepcopy(converted["llava"])
+    for attn in fresh.mla_attention_modules():
+        attn._rope_index = None  # as built, before any eager call
     with torch.no_grad():
         torch.compile(fresh, backend="eager")(**inputs)
     assert all(attn._rope_index is None for attn in fresh.mla_attention_modules())

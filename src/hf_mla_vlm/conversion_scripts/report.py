@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..configuration.configuration_mla_common import text_head_dim
-from ..modeling.mla_attention import side_row_width
+from ..modeling.latent_cache import side_row_width
 
 
 @dataclass(frozen=True)

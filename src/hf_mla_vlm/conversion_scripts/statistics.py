@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..configuration.configuration_mla_common import text_head_dim
-from ..modeling.mla_attention import MLAAttention, rotate_half
+from ..modeling.mla_attention import MLAAttention
+from ..modeling.partial_rope import rotate_half
 from ..utils import to_device
 from .calibration import TokenCounts
 from .rope_selection import mkl_pair_sensitivity, pair_norms

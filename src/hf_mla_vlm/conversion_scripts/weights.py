@@ -12,29 +12,13 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ..modeling.mla_attention import attention_bias_layout, kept_rope_dims, nope_dims
+from ..modeling.mla_attention import attention_bias_layout
+from ..modeling.partial_rope import key_rows, query_row_order
 from .svd import LowRankFactors
 
 
 LowRankInit = Callable[[torch.Tensor, str], LowRankFactors]
 """`(W [N*P + N*D, d] = [W_k_nope; W_v], branch) -> factors` with `up @ down ~ W` at rank `N * kv_rank`."""
-
-
-def query_row_order(pairs: list[list[int]], num_heads: int, head_dim: int) -> list[int]:
-    """Rows of `q_proj` in the converted order: per head `[kept rope dims | nope dims]` of its kv group."""
-    groups = num_heads // len(pairs)
-    order = []
-    for head in range(num_heads):
-        kept = pairs[head // groups]
-        order += [head * head_dim + i for i in kept_rope_dims(kept, head_dim) + nope_dims(kept, head_dim)]
-    return order
-
-
-def key_rows(pairs: list[list[int]], head_dim: int) -> tuple[list[int], list[int]]:
-    """Rows of `k_proj` that become `k_rope_proj` and the NoPE key rows, per kv head in order."""
-    rope = [g * head_dim + i for g, kept in enumerate(pairs) for i in kept_rope_dims(kept, head_dim)]
-    nope = [g * head_dim + i for g, kept in enumerate(pairs) for i in nope_dims(kept, head_dim)]
-    return rope, nope
 
 
 def up_row_order(num_kv_heads: int, nope_dim: int, head_dim: int) -> list[int]:

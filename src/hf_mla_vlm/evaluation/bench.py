@@ -15,7 +15,6 @@ from transformers import DynamicCache, StaticCache
 from ..compat import CACHE_ARG
 from ..configuration.configuration_mla_common import text_head_dim
 from ..conversion_scripts.report import cache_nbytes
-from ..modeling.mla_attention import side_row_width
 
 
 Mode = Literal["eager", "static-compile"]
@@ -29,14 +28,12 @@ def cache_layer(model, batch: int, context: int, dtype: torch.dtype, device, gen
     """Random (keys, values) of one layer in the model's own cache layout."""
     text = model.config.text_config
     if _is_mla(model):
-        attn = model.mla_attention_modules()[0]
+        layout = model.mla_attention_modules()[0].cache_layout
         like = {"device": device, "dtype": dtype}
-        keys = torch.randn(batch, 1, context, attn.latent_dim, generator=generator, **like)
-        n_rope = attn.num_key_value_heads * attn.rope_dim
-        values = torch.zeros(batch, 1, context, side_row_width(attn.num_key_value_heads, attn.rope_dim), **like)
-        values[..., :n_rope] = torch.randn(batch, 1, context, n_rope, generator=generator, **like)
-        values[..., n_rope] = (torch.arange(context, device=device) < context // 2).to(dtype)  # image, then text
-        return keys, values
+        latent = torch.randn(batch, context, layout.latent_dim, generator=generator, **like)
+        rope_keys = torch.randn(batch, layout.num_kv_heads, context, layout.rope_dim, generator=generator, **like)
+        image = (torch.arange(context, device=device) < context // 2).expand(batch, context)  # image, then text
+        return layout.pack(latent, rope_keys, image)
     head_dim = text_head_dim(text)
     shape = (batch, text.num_key_value_heads, context, head_dim)
     return torch.randn(shape, device=device, dtype=dtype, generator=generator), torch.randn(

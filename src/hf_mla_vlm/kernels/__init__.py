@@ -9,7 +9,8 @@ Triton can be imported. Use :func:`is_triton_available` to decide which one to c
         from hf_mla_vlm.kernels import mla_decode_triton as decode
     else:
         decode = mla_decode_reference
-    ctx, p_sum, lse = decode(q_rope, q_latent, q_bias, keys[:, 0], values[:, 0], key_mask, scale, num_kv_heads)
+    latent, side = attention.cache_layout.views(keys, values)  # the cached rows of one layer, see latent_cache.py
+    ctx, p_sum, lse = decode(q_rope, q_latent, q_bias, latent, side, key_mask, scale, num_kv_heads)
 """
 
 from __future__ import annotations
@@ -19,13 +20,7 @@ import importlib.util
 
 import torch
 
-from .reference import (
-    absorb_queries,
-    apply_value_up_projection,
-    mla_decode_decompressed_oracle,
-    mla_decode_reference,
-    validate_decode_inputs,
-)
+from .reference import mla_decode_reference, validate_decode_inputs
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,14 +40,7 @@ def is_triton_available() -> bool:
     return _triton_importable() and torch.cuda.is_available()
 
 
-__all__ = [
-    "absorb_queries",
-    "apply_value_up_projection",
-    "is_triton_available",
-    "mla_decode_decompressed_oracle",
-    "mla_decode_reference",
-    "validate_decode_inputs",
-]
+__all__ = ["is_triton_available", "mla_decode_reference", "validate_decode_inputs"]
 
 if _triton_importable():
     from .absorbed_decode import choose_num_splits, mla_decode_triton

@@ -40,7 +40,7 @@ tensor          shape                  notes
 ``q_rope``      ``(B, H, R)``          same dtype as ``q_latent`` (made contiguous: small)
 ``q_latent``    ``(B, H, M, L)``       cast to the cache dtype for the dots; any (B, H) strides, (M, L) packed
 ``q_bias``      ``(B, H, M)`` or None  any float dtype; any (B, H) strides, last dim contiguous
-``latent``      ``(B, T, L)``          ``keys[:, 0]``; last dim contiguous
+``latent``      ``(B, T, L)``          ``LatentCacheLayout.views`` of the cached rows; last dim contiguous
 ``side``        ``(B, T, N*R + 1)``    ``values[:, 0, :, :N*R + 1]``; last dim contiguous; rows on 16-byte boundaries
                                        (the model pads them) are loaded with vectorised asynchronous copies
 ``key_mask``    ``(B, T)`` bool/None   any strides
@@ -415,8 +415,8 @@ def mla_decode_triton(
     ``q_rope``      ``(B, H, R)``          post-RoPE rope part of the query
     ``q_latent``    ``(B, H, M, L)``       absorbed queries, one per branch (M = 1 or 2)
     ``q_bias``      ``(B, H, M)`` or None  score offset per branch
-    ``latent``      ``(B, T, L)``          ``keys[:, 0]`` of the latent cache (strided view, no copy)
-    ``side``        ``(B, T, N*R + 1)``    ``values[:, 0]``: rope keys (head-major) + modality flag
+    ``latent``      ``(B, T, L)``          the latents (``LatentCacheLayout.views``: strided, no copy)
+    ``side``        ``(B, T, N*R + 1)``    rope keys (kv-head major) + modality flag, a view of the padded rows
     ``key_mask``    ``(B, T)`` bool/None   True = attend
     ``scale``       float                  ``1/sqrt(head_dim)`` of the original model
     ``num_splits``  int or None            split-K factor; None = from (B, T, SM count)
@@ -447,7 +447,7 @@ def mla_decode_triton(
         )
     if latent.stride(-1) != 1 or side.stride(-1) != 1:
         raise ValueError(
-            "latent and side must be contiguous in their last dim (pass keys[:, 0] / values[:, 0] of the cache), got "
+            "latent and side must be contiguous in their last dim (pass LatentCacheLayout.views of the cache), got "
             f"strides {latent.stride()} and {side.stride()}"
         )
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:

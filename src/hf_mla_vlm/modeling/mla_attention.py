@@ -1,18 +1,9 @@
 # Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
 r"""Multi-Head Latent Attention converted from a GQA/MHA decoder layer (MHA2MLA-VLM), with a latent-only KV cache.
 
-Symbols (per decoder layer):
-
-| symbol | meaning                                   | Qwen2.5-VL-7B example |
-|--------|-------------------------------------------|-----------------------|
-| `d`    | hidden size                               | 3584                  |
-| `H`    | query heads                               | 28                    |
-| `N`    | key/value heads, `G = H / N` group size   | 4 (`G = 7`)           |
-| `D`    | head dim (`1/sqrt(D)` stays the scale)    | 128                   |
-| `R`    | kept rotary dims per head (`rope_dim`)    | 32                    |
-| `P`    | NoPE dims per head, `D - R`               | 96                    |
-| `L`    | cached latent width, `N * kv_rank`        | 256                   |
-| `m`    | modality of a token: `text` or `image`    |                       |
+Symbols: those of `latent_cache.py` (H, N, G, D, R, P, V = D, L, M), plus `d` the hidden size and `m` a token's
+modality (`text` or `image`). Qwen2.5-VL-7B at rope_dim 32, kv_rank 64: H = 28, N = 4, D = 128, R = 32, P = 96,
+L = 256.
 
 Weights (`stage="mla"`):
 
@@ -25,12 +16,9 @@ Weights (`stage="mla"`):
 In the `partial_rope` stage (stage 1 of the recovery) `kv_a_proj/kv_b_proj` are replaced by the full-rank
 `k_nope_proj [N*P, d]` and `v_proj [N*D, d]`, and the cache holds ordinary keys and values.
 
-Cache (`stage="mla"`): per token and layer only `c = W_dkv^m x` (L elements, the "keys" slot of the HF cache),
-then the post-RoPE rope keys (N*R) and one modality flag (the "values" slot), zero-padded to a multiple of
-`SIDE_ROW_MULTIPLE` elements (`side_row_width`) so that every row starts on a 16-byte boundary (half-precision):
-the GPU decode kernel then loads the rope keys with vectorised, pipelined copies (1.17-1.24x faster decode
-attention on an H100, for 7 padding elements per token at N*R = 128). Both slots are single-"head" tensors, so
-`DynamicCache`, `StaticCache`, beam reordering and cropping work unchanged.
+Cache (`stage="mla"`): per token and layer only the latent `c = W_dkv^m x` and a side row of post-RoPE rope keys
+and the modality flag, in the layout that `latent_cache.LatentCacheLayout` owns (`self.cache_layout` packs the new
+rows and reads the cached ones). Partial RoPE (kept dims, rotation) is `partial_rope.py`.
 
 Prefill (many query tokens) decompresses: `[k_nope | v] = W_b^{m_t} c_t + b^{m_t}` for every cached token,
 `K = [k_rope | k_nope]`, then standard causal GQA attention through the attention interface (SDPA by default).
@@ -50,6 +38,8 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..kernels.reference import mla_decode_reference
+from .latent_cache import LatentCacheLayout
+from .partial_rope import apply_partial_rope, rope_index
 
 
 MODALITIES = ("text", "image")
@@ -86,35 +76,6 @@ def attention_bias_layout(text_config) -> tuple[bool, bool]:
         return _BIAS_LAYOUT[text_config.model_type]
     bias = bool(getattr(text_config, "attention_bias", False))
     return bias, bias
-
-
-def kept_rope_dims(pairs: list[int], head_dim: int) -> list[int]:
-    """Dims of one head that carry the kept pairs, in the order `[first halves | second halves]` (rotate_half)."""
-    return list(pairs) + [j + head_dim // 2 for j in pairs]
-
-
-def nope_dims(pairs: list[int], head_dim: int) -> list[int]:
-    """Dims of one head that lose their rotation, ascending."""
-    kept = set(kept_rope_dims(pairs, head_dim))
-    return [i for i in range(head_dim) if i not in kept]
-
-
-SIDE_ROW_MULTIPLE = 8  # elements: 16 bytes in float16 / bfloat16
-
-
-def side_row_width(num_kv_heads: int, rope_dim: int) -> int:
-    """Elements per token of the cache's "values" slot: N*R rope keys, the modality flag, zero padding."""
-    return -(-(num_kv_heads * rope_dim + 1) // SIDE_ROW_MULTIPLE) * SIDE_ROW_MULTIPLE
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x [..., R]` laid out as `[first halves | second halves]` of the kept pairs."""
-    return x * cos + rotate_half(x) * sin
 
 
 class MLAAttention(nn.Module):
@@ -161,16 +122,17 @@ class MLAAttention(nn.Module):
 
         # Which cos/sin entries each kv head keeps: derived from the config, never saved. A plain attribute rather
         # than a buffer, so meta-device initialisation in `from_pretrained` cannot leave it unset.
-        self._rope_dims = [kept_rope_dims(pairs, self.head_dim) for pairs in config.rope_pairs[layer_idx]]
+        self._rope_pairs = config.rope_pairs[layer_idx]
         self._rope_index = None
+        self.cache_layout = LatentCacheLayout(self.num_key_value_heads, self.rope_dim, self.latent_dim)
         self._decode_key, self._decode_cache = None, None  # see `_cached_decode_weights`
 
     def rope_index(self, device: torch.device) -> torch.Tensor:
         """`(N, R)` indices into the per-position `cos`/`sin` of the dims each kv head keeps."""
         if torch.compiler.is_compiling():  # a graph constant: a tensor kept on the module would belong to a CUDA graph
-            return torch.tensor(self._rope_dims, dtype=torch.long, device=device)
+            return rope_index(self._rope_pairs, self.head_dim, device)
         if self._rope_index is None or self._rope_index.device != device:
-            self._rope_index = torch.tensor(self._rope_dims, dtype=torch.long, device=device)
+            self._rope_index = rope_index(self._rope_pairs, self.head_dim, device)
         return self._rope_index
 
     # ------------------------------------------------------------------------------------------------------------
@@ -213,15 +175,11 @@ class MLAAttention(nn.Module):
             return self._attend(query, key, value, attention_mask, bsz, q_len, **kwargs)
 
         is_image = self._image_mask(image_token_mask, bsz, q_len, hidden_states.device)
-        latent = self._down_project(hidden_states, is_image)  # (B, S, L)
-        n_rope = n_kv * self.rope_dim
-        side = latent.new_zeros(bsz, q_len, side_row_width(n_kv, self.rope_dim))
-        side[..., :n_rope] = k_rope.transpose(1, 2).reshape(bsz, q_len, n_rope)
-        side[..., n_rope] = is_image  # copy_ casts the bool flag
-        latent, side = latent.unsqueeze(1), side.unsqueeze(1)  # one "head" each
+        layout = self.cache_layout
+        keys, values = layout.pack(self._down_project(hidden_states, is_image), k_rope, is_image)
         if past_key_values is not None:
-            latent, side = past_key_values.update(latent, side, self.layer_idx)
-        latent, side = latent[:, 0], side[:, 0, :, : n_rope + 1]  # (B, T, L), (B, T, N*R + 1) view of padded rows
+            keys, values = past_key_values.update(keys, values, self.layer_idx)
+        latent, side = layout.views(keys, values)  # (B, T, L), (B, T, N*R + 1)
         kv_len = latent.shape[1]
 
         if (
@@ -235,10 +193,8 @@ class MLAAttention(nn.Module):
             out = self._absorbed_decode(q_rope, q_nope, side, latent, key_mask)
             return self.o_proj(out.reshape(bsz, 1, -1)), None
 
-        k_rope_all = side[..., :n_rope].reshape(bsz, kv_len, n_kv, self.rope_dim).transpose(1, 2)
-        image_all = side[..., n_rope] > 0.5  # (B, T)
-        k_nope, value = self._up_project(latent, image_all)
-        key = torch.cat([k_rope_all, k_nope], dim=-1)
+        k_nope, value = self._up_project(latent, layout.image_flags(side))
+        key = torch.cat([layout.rope_keys(side), k_nope], dim=-1)
         query = torch.cat([q_rope, q_nope], dim=-1)
         return self._attend(query, key, value, attention_mask, bsz, q_len, **kwargs)
 
@@ -393,11 +349,4 @@ def eager_attention(module, query, key, value, attention_mask, scaling, dropout=
     return out, weights
 
 
-__all__ = [
-    "PEFT_TARGET_MODULES",
-    "MLAAttention",
-    "apply_partial_rope",
-    "attention_bias_layout",
-    "kept_rope_dims",
-    "nope_dims",
-]
+__all__ = ["PEFT_TARGET_MODULES", "MLAAttention", "attention_bias_layout"]

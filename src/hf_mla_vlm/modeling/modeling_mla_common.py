@@ -21,8 +21,10 @@ from .mla_attention import MLAAttention
 # Files of the remote-code bundle that every architecture ships, beside its own configuration/modeling files.
 COMMON_REMOTE_FILES = {
     "configuration_mla_common.py": "configuration",
+    "latent_cache.py": "modeling",
     "mla_attention.py": "modeling",
     "modeling_mla_common.py": "modeling",
+    "partial_rope.py": "modeling",
     "reference.py": "kernels",
 }
 AUTO_CLASSES = {"AutoModel": "Model", "AutoModelForImageTextToText": "ForConditionalGeneration"}

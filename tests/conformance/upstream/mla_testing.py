@@ -8,7 +8,7 @@ setting comes from `MLA_CONFORMANCE_SETTING`: `full` (every rotary pair kept, no
 import copy
 import os
 
-from hf_mla_vlm.modeling.mla_attention import side_row_width
+from hf_mla_vlm.modeling.latent_cache import side_row_width
 
 
 SETTING = os.environ.get("MLA_CONFORMANCE_SETTING", "full")
