@@ -125,3 +125,32 @@ def test_compiled_forward_keeps_no_tensor_on_the_modules(converted, native_check
     with torch.no_grad():
         torch.compile(fresh, backend="eager")(**inputs)
     assert all(attn._rope_index is None for attn in fresh.mla_attention_modules())
+
+
+def test_decode_with_gradients_takes_the_differentiable_path(converted, native_checkpoints, monkeypatch):
+    """A registered decode kernel is forward-only (the Triton kernel on CUDA): a cached single-token step with
+    gradients enabled must not use it, or the gradients of the attention would be silently zero."""
+    from hf_mla_vlm.modeling import mla_attention
+
+    calls = []
+
+    def forward_only_kernel(*args):
+        calls.append(1)
+        with torch.no_grad():
+            return mla_attention.mla_decode_reference(*args)
+
+    monkeypatch.setitem(mla_attention.DECODE_KERNELS, "cpu", forward_only_kernel)
+    model = copy.deepcopy(converted["llava"]).train()
+    _, processor = load_native(native_checkpoints["llava"])
+    inputs = mixed_batch(processor, "llava")
+    with torch.no_grad():
+        cache = output_cache(model(**inputs, use_cache=True))
+    step = {"input_ids": inputs["input_ids"][:, -1:], CACHE_ARG: cache}
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(inputs["attention_mask"][:, :1])], dim=1)
+    model(**step, attention_mask=mask).logits.sum().backward()
+    grad = model.mla_attention_modules()[0].q_proj.weight.grad
+    assert not calls and grad is not None and grad.abs().sum() > 0
+    with torch.no_grad():  # inference still takes the registered kernel
+        cache = output_cache(model.eval()(**inputs, use_cache=True))
+        model(input_ids=inputs["input_ids"][:, -1:], attention_mask=mask, **{CACHE_ARG: cache})
+    assert calls

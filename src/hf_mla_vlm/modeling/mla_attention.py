@@ -56,7 +56,8 @@ PEFT_TARGET_MODULES = (
 
 # Absorbed-decode kernels by device type, with the contract of `mla_decode_reference`. The plain-torch reference
 # serves every device; `import hf_mla_vlm` registers its Triton kernel for "cuda" when Triton is available (the
-# remote-code bundle ships without it and stays on the reference).
+# remote-code bundle ships without it and stays on the reference). Registered kernels run without autograd: a decode
+# step that needs gradients takes the reference.
 DECODE_KERNELS: dict[str, Callable] = {}
 
 
@@ -314,6 +315,8 @@ class MLAAttention(nn.Module):
         q_latent = absorbed[..., : branches * lat].view(bsz, heads, branches, lat)
         q_bias = absorbed[..., branches * lat :] if absorbed.shape[-1] > branches * lat else None
         kernel = DECODE_KERNELS.get(latent.device.type, mla_decode_reference)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q_rope, absorbed, latent, side)):
+            kernel = mla_decode_reference  # the registered kernels are forward-only; the reference is differentiable
         context, p_sum, _ = kernel(
             q_rope[:, :, 0].to(latent.dtype),
             q_latent.to(latent.dtype),
