@@ -10,12 +10,16 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 from .compat import warn_if_untested
 from .configuration.configuration_llava_mla import LlavaMLAConfig
 from .configuration.configuration_llava_next_mla import LlavaNextMLAConfig
+from .configuration.configuration_llava_onevision_mla import LlavaOnevisionMLAConfig
 from .configuration.configuration_qwen2_5_vl_mla import Qwen2_5_VLMLAConfig
+from .configuration.configuration_qwen2_vl_mla import Qwen2VLMLAConfig
 from .kernels import is_triton_available
 from .modeling.mla_attention import PEFT_TARGET_MODULES, MLAAttention, register_decode_kernel
 from .modeling.modeling_llava_mla import LlavaMLAForConditionalGeneration, LlavaMLAModel
 from .modeling.modeling_llava_next_mla import LlavaNextMLAForConditionalGeneration, LlavaNextMLAModel
+from .modeling.modeling_llava_onevision_mla import LlavaOnevisionMLAForConditionalGeneration, LlavaOnevisionMLAModel
 from .modeling.modeling_qwen2_5_vl_mla import Qwen2_5_VLMLAForConditionalGeneration, Qwen2_5_VLMLAModel
+from .modeling.modeling_qwen2_vl_mla import Qwen2VLMLAForConditionalGeneration, Qwen2VLMLAModel
 
 
 __version__ = "0.1.0"
@@ -26,6 +30,8 @@ for _config, _base, _model in (
     (LlavaMLAConfig, LlavaMLAModel, LlavaMLAForConditionalGeneration),
     (LlavaNextMLAConfig, LlavaNextMLAModel, LlavaNextMLAForConditionalGeneration),
     (Qwen2_5_VLMLAConfig, Qwen2_5_VLMLAModel, Qwen2_5_VLMLAForConditionalGeneration),
+    (Qwen2VLMLAConfig, Qwen2VLMLAModel, Qwen2VLMLAForConditionalGeneration),
+    (LlavaOnevisionMLAConfig, LlavaOnevisionMLAModel, LlavaOnevisionMLAForConditionalGeneration),
 ):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _base, exist_ok=True)
@@ -55,7 +61,13 @@ __all__ = [
     "LlavaNextMLAConfig",
     "LlavaNextMLAForConditionalGeneration",
     "LlavaNextMLAModel",
+    "LlavaOnevisionMLAConfig",
+    "LlavaOnevisionMLAForConditionalGeneration",
+    "LlavaOnevisionMLAModel",
     "MLAAttention",
+    "Qwen2VLMLAConfig",
+    "Qwen2VLMLAForConditionalGeneration",
+    "Qwen2VLMLAModel",
     "Qwen2_5_VLMLAConfig",
     "Qwen2_5_VLMLAForConditionalGeneration",
     "Qwen2_5_VLMLAModel",

@@ -1,5 +1,5 @@
 # Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
-"""Tiny random LLaVA, LLaVA-NeXT and Qwen2.5-VL checkpoints built in code (no hub access).
+"""Tiny random LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL checkpoints built in code (no hub access).
 
 Used by the tests, the examples and the README demo. The models are the native Transformers classes with random
 weights and a word-level tokenizer; their processors are real (image resizing, placeholder expansion).
@@ -16,8 +16,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 
-TinyArch = Literal["llava", "llava_next", "qwen2_5_vl"]
-TINY_ARCHS: tuple[str, ...] = ("llava", "llava_next", "qwen2_5_vl")
+TinyArch = Literal["llava", "llava_next", "qwen2_5_vl", "qwen2_vl", "llava_onevision"]
+TINY_ARCHS: tuple[str, ...] = ("llava", "llava_next", "qwen2_5_vl", "qwen2_vl", "llava_onevision")
 
 SPECIAL_TOKENS = [
     "<pad>", "<s>", "</s>", "<unk>", "<image>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
@@ -82,6 +82,153 @@ def _text_config(tokenizer, num_layers: int, hidden_size: int, num_heads: int, n
     )
 
 
+def _vision_clip() -> dict:
+    return dict(
+        model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, image_size=28, patch_size=14, projection_dim=64,
+    )  # fmt: skip
+
+
+def _llava_processor_kwargs(tokenizer) -> dict:
+    return dict(
+        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
+        num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+    )  # fmt: skip
+
+
+_ROPE = {"rope_type": "default", "rope_theta": 1e4}
+PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+
+
+def _llama_text(text: dict, head_dim: int) -> dict:
+    return {**text, "model_type": "llama", "head_dim": head_dim, "rope_parameters": _ROPE}
+
+
+def _tiny_llava(tokenizer, text: dict, head_dim: int):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessorPil, LlavaProcessor
+
+    config = LlavaConfig(
+        text_config=_llama_text(text, head_dim), vision_config=_vision_clip(), image_seq_length=4,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )  # fmt: skip
+    image_processor = LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=image_processor, **_llava_processor_kwargs(tokenizer))
+    return LlavaForConditionalGeneration(config), processor
+
+
+def _tiny_llava_next(tokenizer, text: dict, head_dim: int):
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    config = LlavaNextConfig(
+        text_config=_llama_text(text, head_dim), vision_config=_vision_clip(), image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )  # fmt: skip
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=PINPOINTS
+    )
+    processor = LlavaNextProcessor(image_processor=image_processor, **_llava_processor_kwargs(tokenizer))
+    return LlavaNextForConditionalGeneration(config), processor
+
+
+def _tiny_llava_onevision(tokenizer, text: dict, head_dim: int):
+    """LLaVA-OneVision with a Qwen2 text model (q/k/v biases) and a SigLIP tower, anyres tiles of 28 pixels."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    vision = dict(
+        model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, image_size=28, patch_size=14,
+    )  # fmt: skip
+    config = LlavaOnevisionConfig(
+        text_config={**text, "model_type": "qwen2", "rope_parameters": _ROPE}, vision_config=vision,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<|video_pad|>"), image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
+    )  # fmt: skip
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, image_grid_pinpoints=PINPOINTS)
+    processor = LlavaOnevisionProcessor(
+        image_processor=image_processor, video_processor=LlavaOnevisionVideoProcessor(), tokenizer=tokenizer,
+        num_image_tokens=4, vision_feature_select_strategy="full", image_token="<image>",
+        video_token="<|video_pad|>", chat_template=LLAVA_CHAT_TEMPLATE,
+    )  # fmt: skip
+    return LlavaOnevisionForConditionalGeneration(config), processor
+
+
+def _mrope_text(text: dict, head_dim: int) -> dict:
+    unit = head_dim // 16
+    mrope = [2 * unit, 3 * unit, 3 * unit]  # t/h/w sections, summing to head_dim / 2 like Qwen's [16, 24, 24]
+    return {**text, "rope_parameters": {**_ROPE, "mrope_section": mrope}}
+
+
+def _qwen_token_ids(tokenizer) -> dict:
+    return dict(
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+
+
+def _qwen_processor(processor_class, tokenizer):
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+    kwargs = dict(patch_size=14, merge_size=2, temporal_patch_size=2, size=size)
+    return processor_class(
+        image_processor=Qwen2VLImageProcessor(**kwargs),
+        video_processor=Qwen2VLVideoProcessor(**kwargs),
+        tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+
+
+def _tiny_qwen2_5_vl(tokenizer, text: dict, head_dim: int):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    vision = dict(
+        depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=text["hidden_size"],
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+    )  # fmt: skip
+    config = Qwen2_5_VLConfig(
+        text_config=_mrope_text(text, head_dim), vision_config=vision, **_qwen_token_ids(tokenizer)
+    )
+    return Qwen2_5_VLForConditionalGeneration(config), _qwen_processor(Qwen2_5_VLProcessor, tokenizer)
+
+
+def _tiny_qwen2_vl(tokenizer, text: dict, head_dim: int):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    vision = dict(
+        depth=2, embed_dim=64, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2,
+    )  # fmt: skip
+    config = Qwen2VLConfig(text_config=_mrope_text(text, head_dim), vision_config=vision, **_qwen_token_ids(tokenizer))
+    return Qwen2VLForConditionalGeneration(config), _qwen_processor(Qwen2VLProcessor, tokenizer)
+
+
+# One builder per architecture: (tokenizer, text config dict, head_dim) -> (native model, processor).
+TINY_BUILDERS = {
+    "llava": _tiny_llava,
+    "llava_next": _tiny_llava_next,
+    "qwen2_5_vl": _tiny_qwen2_5_vl,
+    "qwen2_vl": _tiny_qwen2_vl,
+    "llava_onevision": _tiny_llava_onevision,
+}
+QWEN_STYLE = ("qwen2_5_vl", "qwen2_vl")  # image placeholder <|image_pad|> and the Qwen chat template
+
+
 def build_tiny_vlm(
     arch: TinyArch,
     *,
@@ -97,89 +244,15 @@ def build_tiny_vlm(
     `init_std` is larger than the usual 0.02 so that attention patterns are far from uniform and a wrong rotary
     pair or modality branch changes the logits visibly.
     """
-    from transformers import (
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaImageProcessorPil,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-        LlavaProcessor,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-    )
-
-    if arch not in TINY_ARCHS:
+    if arch not in TINY_BUILDERS:
         raise ValueError(f"Unknown tiny architecture {arch!r}; choose one of {TINY_ARCHS}.")
     torch.manual_seed(seed)
-    tokenizer = build_tiny_tokenizer(image_token="<|image_pad|>" if arch == "qwen2_5_vl" else "<image>")
+    tokenizer = build_tiny_tokenizer(image_token="<|image_pad|>" if arch in QWEN_STYLE else "<image>")
     head_dim = hidden_size // num_heads
     text = _text_config(tokenizer, num_layers, hidden_size, num_heads, num_kv_heads, head_dim)
-    vision = dict(
-        model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, image_size=28, patch_size=14, projection_dim=64,
-    )  # fmt: skip
-    image_token = tokenizer.convert_tokens_to_ids("<image>")
-    common = dict(vision_feature_layer=-2, vision_feature_select_strategy="default", image_token_index=image_token)
-    processor_kwargs = dict(
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
-        num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
-    )  # fmt: skip
-    if arch == "llava":
-        text.update(model_type="llama", head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
-        config = LlavaConfig(text_config=text, vision_config=vision, image_seq_length=4, **common)
-        model = LlavaForConditionalGeneration(config)
-        image_processor = LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-        processor = LlavaProcessor(image_processor=image_processor, **processor_kwargs)
-    elif arch == "llava_next":
-        pinpoints = [[28, 56], [56, 28], [56, 56]]
-        text.update(model_type="llama", head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
-        config = LlavaNextConfig(text_config=text, vision_config=vision, image_grid_pinpoints=pinpoints, **common)
-        model = LlavaNextForConditionalGeneration(config)
-        image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints
-        )
-        processor = LlavaNextProcessor(image_processor=image_processor, **processor_kwargs)
-    else:
-        unit = head_dim // 16
-        mrope = [2 * unit, 3 * unit, 3 * unit]  # t/h/w sections, summing to head_dim / 2 like Qwen's [16, 24, 24]
-        text.update(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope})
-        config = Qwen2_5_VLConfig(
-            text_config=text,
-            vision_config=dict(
-                depth=2,
-                hidden_size=64,
-                intermediate_size=128,
-                num_heads=2,
-                out_hidden_size=hidden_size,
-                patch_size=14,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                window_size=56,
-                fullatt_block_indexes=[1],
-            ),  # fmt: skip
-            image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-            vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-            vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-        )
-        model = Qwen2_5_VLForConditionalGeneration(config)
-        processor = _qwen_processor(tokenizer)
+    model, processor = TINY_BUILDERS[arch](tokenizer, text, head_dim)
     _reinit(model, init_std)
     return model.eval(), processor
-
-
-def _qwen_processor(tokenizer):
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
-    size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
-    return Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, size=size),
-        video_processor=Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, size=size),
-        tokenizer=tokenizer,
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
 
 
 @torch.no_grad()
@@ -200,10 +273,7 @@ def tiny_image(seed: int = 0, size: tuple[int, int] = (40, 60)) -> Image.Image:
 def tiny_prompt(arch: TinyArch, words: str = "describe the image", with_image: bool = True) -> str:
     """A chat-formatted prompt with one image placeholder (expanded by the processor)."""
     content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": words}]
-    if arch == "qwen2_5_vl":
-        template = QWEN_CHAT_TEMPLATE
-    else:
-        template = LLAVA_CHAT_TEMPLATE
+    template = QWEN_CHAT_TEMPLATE if arch in QWEN_STYLE else LLAVA_CHAT_TEMPLATE
     from jinja2 import Template
 
     return Template(template).render(messages=[{"role": "user", "content": content}], add_generation_prompt=True)

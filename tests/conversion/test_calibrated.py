@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from hf_mla_vlm import cli
 from hf_mla_vlm.conversion_scripts.calibration import builtin_conversations, encode_conversations, load_conversations
 from hf_mla_vlm.conversion_scripts.convert import convert
+from hf_mla_vlm.conversion_scripts.registry import arch_spec
 from hf_mla_vlm.conversion_scripts.rope_selection import ranks_to_pairs
 from hf_mla_vlm.conversion_scripts.statistics import collect_statistics
 from hf_mla_vlm.tiny_models import TINY_ARCHS, save_tiny_vlm
@@ -30,7 +31,7 @@ def test_cli_pipeline_mkl_md_builtin(arch, native_checkpoints, tmp_path):
     config = json.loads((out / "config.json").read_text())
     ranks = load_file(out / "mla_rope_ranks.safetensors")["ranks"]
     assert config["rope_pairs"] == ranks_to_pairs(ranks, 8)
-    if arch == "qwen2_5_vl":
+    if arch_spec(arch).rope == "mrope":
         assert sum(report["mrope_axis_pairs"].values()) == 2 * 2 * 4  # layers * kv heads * kept pairs
     model, processor = load_native(out)
     inputs = mixed_batch(processor, arch)

@@ -5,10 +5,14 @@ from dataclasses import dataclass
 
 from ..configuration.configuration_llava_mla import LlavaMLAConfig
 from ..configuration.configuration_llava_next_mla import LlavaNextMLAConfig
+from ..configuration.configuration_llava_onevision_mla import LlavaOnevisionMLAConfig
 from ..configuration.configuration_qwen2_5_vl_mla import Qwen2_5_VLMLAConfig
+from ..configuration.configuration_qwen2_vl_mla import Qwen2VLMLAConfig
 from ..modeling.modeling_llava_mla import LlavaMLAForConditionalGeneration
 from ..modeling.modeling_llava_next_mla import LlavaNextMLAForConditionalGeneration
+from ..modeling.modeling_llava_onevision_mla import LlavaOnevisionMLAForConditionalGeneration
 from ..modeling.modeling_qwen2_5_vl_mla import Qwen2_5_VLMLAForConditionalGeneration
+from ..modeling.modeling_qwen2_vl_mla import Qwen2VLMLAForConditionalGeneration
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,19 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         Qwen2_5_VLMLAConfig,
         Qwen2_5_VLMLAForConditionalGeneration,
         rope="mrope",
+    ),
+    "qwen2_vl": ArchSpec(
+        "qwen2_vl",
+        "Qwen2VLForConditionalGeneration",
+        Qwen2VLMLAConfig,
+        Qwen2VLMLAForConditionalGeneration,
+        rope="mrope",
+    ),
+    "llava_onevision": ArchSpec(
+        "llava_onevision",
+        "LlavaOnevisionForConditionalGeneration",
+        LlavaOnevisionMLAConfig,
+        LlavaOnevisionMLAForConditionalGeneration,
     ),
 }
 MLA_MODEL_TYPES = {spec.mla_config_class.model_type: spec for spec in ARCHITECTURES.values()}

@@ -68,7 +68,9 @@ def register_decode_kernel(device_type: str, kernel: Callable) -> None:
 
 # q/k/v and o projection biases of the text models we convert, by text `model_type`; anything else reads
 # `config.attention_bias` (Llama, Mistral).
-_BIAS_LAYOUT = {"qwen2": (True, False), "qwen2_5_vl_text": (True, False), "qwen2_5_vl": (True, False)}
+_BIAS_LAYOUT = {
+    model_type: (True, False) for model_type in ("qwen2", "qwen2_vl_text", "qwen2_vl", "qwen2_5_vl_text", "qwen2_5_vl")
+}
 
 
 def attention_bias_layout(text_config) -> tuple[bool, bool]:

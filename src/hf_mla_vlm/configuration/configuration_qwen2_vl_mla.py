@@ -1,0 +1,23 @@
+# Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
+"""Configuration of Qwen2-VL converted to Multi-Head Latent Attention."""
+
+from transformers import Qwen2VLConfig
+
+from .configuration_mla_common import MLAConfigMixin
+
+
+class Qwen2VLMLAConfig(MLAConfigMixin, Qwen2VLConfig):
+    r"""
+    [`Qwen2VLConfig`] plus the MLA settings of [`MLAConfigMixin`]. Kept rotary pairs keep their own M-RoPE axis
+    (temporal / height / width, from `text_config.rope_parameters["mrope_section"]`). By default the image branch
+    takes the image pad, vision start/end and video pad tokens.
+    """
+
+    model_type = "qwen2_vl_mla"
+
+    def default_image_token_ids(self) -> list[int]:
+        ids = (self.image_token_id, self.vision_start_token_id, self.vision_end_token_id, self.video_token_id)
+        return [int(i) for i in ids if i is not None]
+
+
+__all__ = ["Qwen2VLMLAConfig"]
