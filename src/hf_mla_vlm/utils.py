@@ -139,16 +139,19 @@ def file_digest(path: str | os.PathLike, progress: bool = False) -> dict[str, in
     return {"sha256": digest.hexdigest(), "bytes": size}
 
 
-def weight_file_digests(folder: str | os.PathLike, progress: bool = False) -> dict[str, dict[str, int | str]]:
-    """[`file_digest`] of every safetensors file and safetensors index at the top of `folder` (what a report
-    records under `"files"` and `hf-mla-vlm verify` checks)."""
-    folder = Path(folder)
-    names = sorted(
+def weight_file_names(folder: str | os.PathLike) -> list[str]:
+    """The safetensors files and safetensors indexes at the top of `folder` (hidden files excluded), sorted."""
+    return sorted(
         p.name
-        for p in folder.iterdir()
+        for p in Path(folder).iterdir()
         if p.is_file() and p.name.endswith((".safetensors", ".safetensors.index.json")) and not p.name.startswith(".")
     )
-    return {name: file_digest(folder / name, progress=progress) for name in names}
+
+
+def weight_file_digests(folder: str | os.PathLike, progress: bool = False) -> dict[str, dict[str, int | str]]:
+    """[`file_digest`] of every [`weight_file_names`] file of `folder` (what a report records under `"files"` and
+    `hf-mla-vlm verify` checks)."""
+    return {name: file_digest(Path(folder) / name, progress=progress) for name in weight_file_names(folder)}
 
 
 # --- crash-safe writers ----------------------------------------------------------------------------------------------
@@ -184,7 +187,7 @@ def describe_leftovers(output_dir: str | os.PathLike, leftovers: list[Path]) -> 
     sentences = []
     for path in leftovers:
         kind = _leftover_kind(target, path)
-        if kind == "incomplete":
+        if kind == "incomplete" or path.name.endswith(".incomplete"):
             what = "an unfinished write (safe to delete)"
         elif kind == "new":
             what = (
@@ -328,5 +331,6 @@ __all__ = [
     "staged_folder",
     "to_device",
     "weight_file_digests",
+    "weight_file_names",
     "write_text_atomically",
 ]
