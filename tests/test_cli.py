@@ -14,6 +14,7 @@ from transformers import modeling_utils
 
 from hf_mla_vlm import cli
 from hf_mla_vlm.conversion_scripts import convert as convert_module
+from hf_mla_vlm.conversion_scripts.hub import verify_folder
 from hf_mla_vlm.utils import folder_leftovers
 
 
@@ -152,6 +153,7 @@ def test_disk_full_while_replacing_a_folder(previous, native_checkpoints, monkey
     line = _error_line(capsys.readouterr().err)
     assert "the disk is full" in line and "No space left on device" in line and "free space" in line
     assert _hashes(out) == before and folder_leftovers(out) == []  # the old checkpoint, complete; nothing else
+    assert verify_folder(out) == []  # and it still loads and runs
 
 
 def test_ctrl_c_while_writing(previous, native_checkpoints, monkeypatch, capsys):
@@ -201,9 +203,9 @@ def test_a_real_sigint_in_the_worst_window_of_the_swap(previous, native_checkpoi
         child.kill()
     assert child.returncode == 130, err
     assert "interrupted" in _error_line(err)
-    assert _hashes(out) == before  # the old checkpoint was put back, complete
+    assert _hashes(out) == before and verify_folder(out) == []  # the old checkpoint was put back, complete
     (leftover,) = folder_leftovers(out)  # the complete new one, named, kept
-    assert leftover.name.startswith(".mla.new-") and (leftover / "model.safetensors").is_file()
+    assert leftover.name.startswith(".mla.new-") and verify_folder(leftover) == []
     assert str(leftover) in err  # named when it happened ...
     assert cli.main(argv + ["--overwrite"]) == 2  # ... and by the next run, which deletes nothing
     assert leftover.is_dir()
@@ -275,3 +277,9 @@ def test_verify_cli(previous, capsys):
     (out / "model.safetensors").write_bytes(bytes(data))
     assert cli.main(["verify", str(out)]) == 2
     assert "does not match the sha256 recorded in mla_conversion_report.json" in capsys.readouterr().err
+
+
+def test_evaluate_checks_the_device_before_loading(native_checkpoints, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["evaluate", str(native_checkpoints["llava"]), "--device", "cuda"]) == 3
+    assert "no CUDA GPU is available here" in _error_line(capsys.readouterr().err, "evaluate")
