@@ -190,7 +190,11 @@ def describe_fault(error: BaseException) -> Fault | None:
             f"permission denied ({_one_line(error)}): choose a folder you can write to, or fix its permissions.",
         )
     if isinstance(error, OSError):
-        return Fault(EXIT_ENVIRONMENT, f"the operating system refused an operation ({_one_line(error)}).")
+        return Fault(
+            EXIT_ENVIRONMENT,
+            f"the operating system refused an operation ({_one_line(error)}): check the paths, permissions and "
+            "free space, then run again.",
+        )
     if isinstance(error, ValueError):
         return Fault(EXIT_BAD_INPUT, str(error))
     return None

@@ -540,6 +540,11 @@ def convert(
     elif needs_stats:
         stats = statistics if isinstance(statistics, CalibrationStatistics) else CalibrationStatistics.load(statistics)
         _check_given_statistics(stats, source_config, stage)
+    elif statistics is not None:
+        logger.warning(
+            "statistics were given, but this conversion uses none (a fixed rope strategy or a rank file, and "
+            "svd='weight'); they are ignored."
+        )
 
     with progress_bars(progress):  # also Transformers' own (loading and saving weights)
         t = time.perf_counter()
