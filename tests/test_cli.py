@@ -283,3 +283,12 @@ def test_evaluate_checks_the_device_before_loading(native_checkpoints, monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["evaluate", str(native_checkpoints["llava"]), "--device", "cuda"]) == 3
     assert "no CUDA GPU is available here" in _error_line(capsys.readouterr().err, "evaluate")
+
+
+def test_push_to_hub_in_offline_mode_is_refused_before_converting(native_checkpoints, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    argv = ["convert", str(native_checkpoints["llava"]), "--out", str(tmp_path / "o"), "--rope-dim", "8"]
+    assert cli.main(argv + ["--kv-rank", "8", "--push-to-hub", "user/repo"]) == 3
+    assert "offline mode is on" in _error_line(capsys.readouterr().err) and list(tmp_path.iterdir()) == []

@@ -95,6 +95,14 @@ def _add_convert(sub) -> None:
 def _run_convert(args) -> int:
     from .conversion_scripts.convert import convert
 
+    if args.push_to_hub:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:  # found before the conversion, not after it
+            raise EnvironmentProblem(
+                f"--push-to-hub {args.push_to_hub} needs the Hugging Face Hub, but offline mode is on "
+                "(HF_HUB_OFFLINE): unset HF_HUB_OFFLINE, or convert without --push-to-hub and push later."
+            )
     result = convert(
         args.source,
         args.out,
