@@ -1,12 +1,13 @@
-"""Check a converted MLA checkpoint folder and push it to the Hugging Face Hub in one commit.
+"""Verify a converted MLA checkpoint folder and push it to the Hugging Face Hub in one commit.
 
 Usage:
-    python push_to_hub.py ./llava-next-mla --dry-run                      # only check the folder, no network
+    python push_to_hub.py ./llava-next-mla --dry-run                      # only verify the folder, no network
     python push_to_hub.py ./llava-next-mla --repo-id your-name/llava-next-mla [--private] [--revision mla-v1]
-    python push_to_hub.py --dry-run                                       # converts a tiny model, then checks it
+    python push_to_hub.py --dry-run                                       # converts a tiny model, then verifies it
 
-The token comes from `hf auth login` or the HF_TOKEN environment variable. Before uploading, the model card
-(README.md) is completed from mla_conversion_report.json if it lacks the Hub metadata or the measured KV numbers.
+The token comes from `hf auth login` or the HF_TOKEN environment variable. If the folder's model card (README.md)
+lacks the Hub metadata or the measured KV numbers, the commit carries one generated from mla_conversion_report.json;
+the folder itself is never modified.
 """
 
 import argparse
@@ -14,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hf_mla_vlm.conversion_scripts.hub import check_checkpoint_folder, push_to_hub
+from hf_mla_vlm.conversion_scripts.hub import push_to_hub, verify_folder
 
 
 def tiny_converted_model(folder: str) -> Path:
@@ -29,22 +30,23 @@ def tiny_converted_model(folder: str) -> Path:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Check a converted MLA folder and push it to the Hub.")
+    parser = argparse.ArgumentParser(description="Verify a converted MLA folder and push it to the Hub.")
     parser.add_argument("folder", nargs="?", help="converted checkpoint folder (default: a tiny converted model)")
     parser.add_argument("--repo-id", help="namespace/name of the model repo (required unless --dry-run)")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--revision", help="branch to commit to (created if missing; default main)")
     parser.add_argument("--commit-message", help="default: a summary of the conversion settings")
-    parser.add_argument("--dry-run", action="store_true", help="only check the folder; nothing is uploaded")
+    parser.add_argument("--dry-run", action="store_true", help="only verify the folder; nothing is uploaded")
     args = parser.parse_args()
     if not args.dry_run and not args.repo_id:
         parser.error("--repo-id is required unless --dry-run is given")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder) if args.folder else tiny_converted_model(tmp)
-        # 1. The check: config and auto_map, flat remote code, readable safetensors with every layer's MLA weights.
-        print(f"Checking {folder}")
-        problems = check_checkpoint_folder(folder)
+        # 1. The check: config and auto_map, flat remote code, readable safetensors with every layer's MLA weights,
+        # the sha256 of each weight file against the report, and a forward pass on a few tokens.
+        print(f"Verifying {folder}")
+        problems = verify_folder(folder)
         for problem in problems:
             print(f"  problem: {problem}")
         if problems:
@@ -58,11 +60,13 @@ def main() -> int:
             print("Dry run: nothing uploaded.")
             return 0
 
-        # 2. The push: create the repo (and branch), complete the card, upload everything in one commit.
+        # 2. The push: create the repo (and branch), upload everything with a complete card in one commit (verified
+        # already, so the forward pass is not run twice).
         print(f"Pushing to {args.repo_id} ({args.revision or 'main'}, {'private' if args.private else 'public'})")
         url = push_to_hub(
-            folder, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message
-        )
+            folder, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
+            forward_check=False,
+        )  # fmt: skip
         print(f"Done: {url}")
         return 0
 

@@ -1,11 +1,21 @@
+import errno
+import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors import SafetensorError
+from transformers import modeling_utils
 
 from hf_mla_vlm import cli
 from hf_mla_vlm.conversion_scripts import convert as convert_module
+from hf_mla_vlm.conversion_scripts.hub import verify_folder
+from hf_mla_vlm.utils import folder_leftovers
 
 
 def test_convert_cli_writes_a_complete_folder(native_checkpoints, tmp_path, capsys):
@@ -57,6 +67,7 @@ def test_interrupted_conversion_leaves_no_folder_that_looks_complete(native_chec
 def test_console_script_help():
     done = subprocess.run([sys.executable, "-m", "hf_mla_vlm.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "convert" in done.stdout and "demo" in done.stdout
+    assert "exit codes:" in done.stdout and "130  interrupted" in done.stdout and "3    environment" in done.stdout
 
 
 def test_demo_reports_exactness_and_saving(tmp_path):
@@ -93,5 +104,191 @@ def test_evaluate_cli_writes_json(native_checkpoints, tmp_path, capsys):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only error")
 def test_bench_needs_a_gpu(native_checkpoints, capsys):
-    assert cli.main(["bench", str(native_checkpoints["llava"])]) == 2
+    assert cli.main(["bench", str(native_checkpoints["llava"])]) == 3  # an environment problem
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+# --- the error contract: one line, a documented exit code, nothing lost ---------------------------------------------
+def _hashes(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def previous(native_checkpoints, tmp_path) -> tuple[Path, dict[str, str]]:
+    """A complete earlier conversion at `tmp_path/mla`, to be replaced with --overwrite, and its file hashes."""
+    out = convert_module.convert(native_checkpoints["llava"], tmp_path / "mla", rope_dim=8, kv_rank=8, progress=False)
+    return out.output_dir, _hashes(out.output_dir)
+
+
+def _error_line(err: str, verb: str = "convert") -> str:
+    lines = [line for line in err.splitlines() if line.startswith(f"hf-mla-vlm {verb}: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _full_disk_writer(kind: str):
+    """`safe_save_file` of a disk that fills up half-way: it writes half of the file, then fails as safetensors
+    does (a SafetensorError carrying the OS error) or as a plain write does (OSError ENOSPC)."""
+
+    def save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)
+        if kind == "safetensors":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    return save
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "oserror"])
+def test_disk_full_while_replacing_a_folder(previous, native_checkpoints, monkeypatch, capsys, kind):
+    out, before = previous
+    monkeypatch.setattr(modeling_utils, "safe_save_file", _full_disk_writer(kind))
+    argv = ["convert", str(native_checkpoints["llava"]), "--out", str(out), "--rope-dim", "8", "--kv-rank", "4"]
+    assert cli.main(argv + ["--overwrite", "--quiet"]) == 3
+    line = _error_line(capsys.readouterr().err)
+    assert "the disk is full" in line and "No space left on device" in line and "free space" in line
+    assert _hashes(out) == before and folder_leftovers(out) == []  # the old checkpoint, complete; nothing else
+    assert verify_folder(out) == []  # and it still loads and runs
+
+
+def test_ctrl_c_while_writing(previous, native_checkpoints, monkeypatch, capsys):
+    out, before = previous
+
+    def interrupted(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", interrupted)
+    argv = ["convert", str(native_checkpoints["llava"]), "--out", str(out), "--rope-dim", "8", "--kv-rank", "4"]
+    assert cli.main(argv + ["--overwrite", "--quiet"]) == 130
+    assert "interrupted" in _error_line(capsys.readouterr().err)
+    assert _hashes(out) == before and folder_leftovers(out) == []
+
+
+CHILD = """
+import os, sys, time
+real_rename = os.rename
+renames = []
+def rename(source, target):
+    real_rename(source, target)
+    renames.append(target)
+    if len(renames) == 2:  # the old folder was just renamed aside; the new one is not in place yet
+        print("WINDOW", flush=True)
+        time.sleep(120)
+os.rename = rename
+from hf_mla_vlm import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_real_sigint_in_the_worst_window_of_the_swap(previous, native_checkpoints, tmp_path):
+    """SIGINT from outside while the old folder is renamed aside and the new one is not yet in place."""
+    out, before = previous
+    argv = ["convert", str(native_checkpoints["llava"]), "--out", str(out), "--rope-dim", "8", "--kv-rank", "4"]
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, *argv, "--overwrite", "--quiet"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    try:
+        assert child.stdout.readline().strip() == "WINDOW"
+        assert not out.exists()  # really inside the window
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130, err
+    assert "interrupted" in _error_line(err)
+    assert _hashes(out) == before and verify_folder(out) == []  # the old checkpoint was put back, complete
+    (leftover,) = folder_leftovers(out)  # the complete new one, named, kept
+    assert leftover.name.startswith(".mla.new-") and verify_folder(leftover) == []
+    assert str(leftover) in err  # named when it happened ...
+    assert cli.main(argv + ["--overwrite"]) == 2  # ... and by the next run, which deletes nothing
+    assert leftover.is_dir()
+
+
+@pytest.mark.parametrize(
+    "extra, code, message",
+    [
+        (["--device", "gpu0"], 2, "'gpu0' (--device) is not a device torch knows"),
+        (["--device", "cuda"], 3, "no CUDA GPU is available here"),
+        (["--rope-strategy", "high", "--rope-min-per-axis", "h=1"], 2, "selects fixed pairs"),
+        (["--image-token-ids", "99999999"], 2, "outside the text vocabulary"),
+        (["--rope-min-per-axis", "h=x"], 2, "--rope-min-per-axis expects e.g. 't=0,h=2,w=2'"),
+    ],
+)
+def test_bad_input_and_environment_are_one_line(native_checkpoints, tmp_path, monkeypatch, capsys, extra, code,
+                                                 message):  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["convert", str(native_checkpoints["llava"]), "--out", str(tmp_path / "o"), "--rope-dim", "8"]
+    assert cli.main(argv + ["--kv-rank", "8", "--svd", "md", *extra]) == code
+    assert message in _error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_debug_adds_the_traceback(native_checkpoints, tmp_path, capsys):
+    argv = ["convert", str(native_checkpoints["llava"]), "--out", str(tmp_path / "o"), "--rope-dim", "7"]
+    assert cli.main(argv + ["--kv-rank", "8", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith(
+        "hf-mla-vlm convert: error: "
+    )
+
+
+def test_a_calibration_file_that_is_not_an_image(native_checkpoints, tmp_path, capsys):
+    (tmp_path / "cat.jpg").write_text("<html>not found</html>")
+    rows = [{"image": "cat.jpg", "conversations": [{"from": "human", "value": "<image>\nwhat?"}]}]
+    (tmp_path / "calib.json").write_text(json.dumps(rows))
+    argv = ["convert", str(native_checkpoints["llava"]), "--out", str(tmp_path / "o"), "--rope-dim", "8"]
+    assert cli.main(argv + ["--kv-rank", "8", "--svd", "md", "--calibration", str(tmp_path / "calib.json")]) == 2
+    assert f"Calibration image {tmp_path / 'cat.jpg'} is not an image" in _error_line(capsys.readouterr().err)
+
+
+def test_quiet_silences_transformers_progress_bars(native_checkpoints, tmp_path, capsys):
+    argv = ["convert", str(native_checkpoints["llava"]), "--rope-dim", "8", "--kv-rank", "8"]
+    assert cli.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert "Loading weights" in capsys.readouterr().err  # what there is to silence
+    assert cli.main(argv + ["--out", str(tmp_path / "b"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err
+
+
+def test_a_larger_cache_is_called_larger(native_checkpoints, tmp_path, capsys):
+    out = tmp_path / "full"  # full rank: latent 2 * 32 plus the side row 2 * 32 + 1 padded to 72, vs 2 * 2 * 32
+    argv = ["convert", str(native_checkpoints["qwen2_5_vl"]), "--out", str(out), "--rope-dim", "32", "--kv-rank", "32"]
+    assert cli.main(argv + ["--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "6.2% larger than the original cache" in printed and "smaller than the original" not in printed
+    card = (out / "README.md").read_text()
+    assert "6.25% larger than the real cache" in card and "the count includes the padding" in card
+    assert "| 136 |" in card and "the converted cache is larger than the original one" in card
+
+
+def test_verify_cli(previous, capsys):
+    out, _ = previous
+    assert cli.main(["verify", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(f"verified {out}")
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-3] ^= 1
+    (out / "model.safetensors").write_bytes(bytes(data))
+    assert cli.main(["verify", str(out)]) == 2
+    assert "does not match the sha256 recorded in mla_conversion_report.json" in capsys.readouterr().err
+
+
+def test_evaluate_checks_the_device_before_loading(native_checkpoints, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["evaluate", str(native_checkpoints["llava"]), "--device", "cuda"]) == 3
+    assert "no CUDA GPU is available here" in _error_line(capsys.readouterr().err, "evaluate")
+
+
+def test_push_to_hub_in_offline_mode_is_refused_before_converting(native_checkpoints, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    argv = ["convert", str(native_checkpoints["llava"]), "--out", str(tmp_path / "o"), "--rope-dim", "8"]
+    assert cli.main(argv + ["--kv-rank", "8", "--push-to-hub", "user/repo"]) == 3
+    assert "offline mode is on" in _error_line(capsys.readouterr().err) and list(tmp_path.iterdir()) == []

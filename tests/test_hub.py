@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 import huggingface_hub
 import pytest
+import torch
 import yaml
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
@@ -552,6 +553,15 @@ def _expected_files(folder: Path) -> dict[str, bytes]:
     }
 
 
+def _folder_bytes(folder: Path) -> dict[str, str]:
+    """sha256 of every file of `folder`, hidden ones included."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
 # --- push_to_hub ----------------------------------------------------------------------------------------------------
 def test_push_uploads_every_file_in_one_commit(fake_hub, folder):
     evaluation = {"logit_relative_error": 0.05, "greedy_agreement": 0.9}
@@ -560,6 +570,7 @@ def test_push_uploads_every_file_in_one_commit(fake_hub, folder):
     (folder / ".cache").mkdir()
     (folder / ".cache" / "x.lock").write_text("")
     (folder / "model.safetensors.incomplete").write_bytes(b"partial download")  # leftover: not uploaded
+    before = _folder_bytes(folder)
 
     url = hub.push_to_hub(
         folder, REPO, private=True, revision="mla-v1", commit_message="Add the tiny MLA model", api=_api(fake_hub)
@@ -576,6 +587,9 @@ def test_push_uploads_every_file_in_one_commit(fake_hub, folder):
     assert url == f"{fake_hub.base_url}/{REPO}/commit/{commit.oid}"
     assert (commit.repo_id, commit.revision, commit.summary) == (REPO, "mla-v1", "Add the tiny MLA model")
     expected = _expected_files(folder)
+    # The folder's card lacks the evaluation: the commit carries one generated from the report instead.
+    assert "logit_relative_error" not in expected["README.md"].decode()
+    expected["README.md"] = model_card(_report(folder)).encode()
     assert {"model.safetensors", "config.json", "README.md", "mla_attention.py", "tokenizer.json"} <= set(expected)
     assert commit.files.keys() == expected.keys()
     for name, data in expected.items():
@@ -584,14 +598,14 @@ def test_push_uploads_every_file_in_one_commit(fake_hub, folder):
     if fake_hub.lfs:
         assert commit.lfs_paths == {"model.safetensors"}
         assert hashlib.sha256(expected["model.safetensors"]).hexdigest() in fake_hub.lfs_blobs
-    else:
-        assert commit.lfs_paths == set() and fake_hub.pipelined_uploads == 1
-    # The card was completed from the report before the upload (and validated by the "Hub").
+    else:  # one create_commit, never the client's multi-commit upload_folder pipeline
+        assert commit.lfs_paths == set() and fake_hub.pipelined_uploads == 0
+    # The card was completed from the report for the upload (and validated by the "Hub").
     card = commit.files["README.md"].decode()
     assert "| logit_relative_error | 0.05 |" in card and "| 320 |" in card and "84.38%" in card
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\ntags:\n- hf-mla-vlm")
     assert fake_hub.validated_cards and all(c == card for c in fake_hub.validated_cards)
-    assert "logit_relative_error" not in (folder / ".README.md.before-push").read_text()  # the previous card
+    assert _folder_bytes(folder) == before  # push never writes into the folder
 
 
 def test_push_again_to_an_existing_repo_and_branch(fake_hub, folder):
@@ -649,15 +663,136 @@ def test_push_with_an_injected_client_object(folder):
         def create_branch(self, *args, **kwargs):
             self.calls.append(("create_branch", args, kwargs))
 
-        def upload_folder(self, *args, **kwargs):
-            self.calls.append(("upload_folder", args, kwargs))
+        def create_commit(self, *args, **kwargs):
+            self.calls.append(("create_commit", args, kwargs))
             return "0123abcd"
 
+    (folder / ".notes.txt").write_text("local notes")
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "mla_attention.cpython-311.pyc").write_bytes(b"\0")
     recorder = Recorder()
     assert hub.push_to_hub(folder, REPO, revision="refs/pr/1", token="t", api=recorder) == "0123abcd"
-    assert [name for name, _, _ in recorder.calls] == ["create_repo", "upload_folder"]  # no branch for a PR ref
+    assert [name for name, _, _ in recorder.calls] == ["create_repo", "create_commit"]  # no branch for a PR ref
     _, args, kwargs = recorder.calls[0]
     assert args == (REPO,) and kwargs == {"private": False, "exist_ok": True, "repo_type": "model", "token": "t"}
-    upload = recorder.calls[1][2]
-    assert upload["folder_path"] == str(folder) and upload["revision"] == "refs/pr/1"
-    assert ".*" in upload["ignore_patterns"] and "*.incomplete" in upload["ignore_patterns"]
+    commit = recorder.calls[1][2]
+    assert commit["revision"] == "refs/pr/1" and commit["repo_type"] == "model" and commit["token"] == "t"
+    paths = [op.path_in_repo for op in commit["operations"]]
+    assert sorted(paths) == sorted(n for n in _expected_files(folder) if "__pycache__" not in n)
+    assert len(paths) == len(set(paths)) and not any(p.startswith(".") or "__pycache__" in p for p in paths)
+    sources = {op.path_in_repo: op.path_or_fileobj for op in commit["operations"]}
+    assert sources["model.safetensors"] == str(folder / "model.safetensors")  # read from disk, not copied
+    assert sources["README.md"] == (folder / "README.md").read_bytes()  # the folder's complete card
+
+
+# --- verify ---------------------------------------------------------------------------------------------------------
+def _flip_a_byte(path: Path, offset_from_end: int = 7) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF  # inside the last tensor's data, far from the header
+    path.write_bytes(bytes(data))
+
+
+def _record_files(folder: Path) -> None:
+    from hf_mla_vlm.utils import weight_file_digests
+
+    _edit_json(folder / "mla_conversion_report.json", lambda r: r.update(files=weight_file_digests(folder)))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_a_converted_folder_verifies(arch, converted):
+    assert hub.verify_folder(converted[arch]) == []
+
+
+def test_flipped_bytes_load_silently_but_fail_verification(folder):
+    _flip_a_byte(folder / "model.safetensors")
+    assert hub.check_checkpoint_folder(folder) == []  # safetensors has no checksum: the structure is intact
+    from transformers import AutoModelForImageTextToText
+
+    AutoModelForImageTextToText.from_pretrained(folder)  # and the model loads
+    assert hub.verify_folder(folder) == [
+        "model.safetensors does not match the sha256 recorded in mla_conversion_report.json (bytes changed, e.g. a "
+        "corrupted disk or transfer): download or convert it again."
+    ]
+
+
+def test_verify_reports_changed_sizes_and_unrecorded_weight_files(folder):
+    save_file({"x": torch.zeros(2)}, folder / "extra.safetensors")
+    _edit_json(folder / "mla_conversion_report.json", lambda r: r["files"]["model.safetensors"].update(bytes=1))
+    problems = hub.verify_folder(folder, forward=False)
+    assert any("model.safetensors has" in p and "recorded 1" in p for p in problems), problems
+    assert any(
+        "extra.safetensors is a weight file that mla_conversion_report.json does not record" in p for p in problems
+    )
+
+
+def test_verify_runs_a_forward_pass(folder):
+    def poison(tensors):
+        key = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+
+    _rewrite_weights(folder, poison)
+    _record_files(folder)  # the hashes match: only the forward pass can tell
+    assert hub.verify_folder(folder, forward=False) == []
+    (problem,) = hub.verify_folder(folder)
+    assert "a forward pass on 8 text tokens gives logits" in problem and "with non-finite values" in problem
+
+
+def test_a_config_without_auto_map_says_how_to_fix_it(folder):
+    _edit_json(folder / "config.json", lambda c: c.pop("auto_map"))
+    (problem,) = hub.verify_folder(folder)
+    assert problem.startswith("config.json has no auto_map: the folder cannot load with trust_remote_code=True")
+    assert "Re-save it with hf_mla_vlm" in problem
+
+
+# --- push faults: the folder is never changed -----------------------------------------------------------------------
+def test_push_refuses_flipped_bytes_without_any_request(fake_hub, folder):
+    _flip_a_byte(folder / "model.safetensors")
+    before = _folder_bytes(folder)
+    with pytest.raises(ValueError, match="does not match the sha256 recorded"):
+        hub.push_to_hub(folder, REPO, api=_api(fake_hub))
+    assert fake_hub.requests == [] and _folder_bytes(folder) == before
+
+
+def _cli_push(folder: Path, monkeypatch, capsys, endpoint: str, token: str) -> tuple[int, str]:
+    from hf_mla_vlm import cli
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_TOKEN", token)
+    code = cli.main(["push", str(folder), REPO, "--no-forward-check"])
+    return code, capsys.readouterr().err
+
+
+def test_push_with_a_refused_token(fake_hub, folder, monkeypatch, capsys):
+    (folder / "README.md").write_text("# my own card\n")  # incomplete: the upload would carry a generated one
+    before = _folder_bytes(folder)
+    code, err = _cli_push(folder, monkeypatch, capsys, fake_hub.base_url, token="not-the-token")
+    assert code == 3 and fake_hub.commits == []
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert line.startswith("hf-mla-vlm push: error: the Hub refused the token (HTTP 401") and "hf auth login" in line
+    assert "Traceback" not in err and _folder_bytes(folder) == before
+
+
+def test_push_when_the_hub_cannot_be_reached(folder, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    huggingface_hub.set_client_factory(lambda: http_client.Client(event_hooks={"request": [_loopback_only]}))
+    try:
+        before = _folder_bytes(folder)
+        code, err = _cli_push(folder, monkeypatch, capsys, f"http://127.0.0.1:{port}", token=TOKEN)
+    finally:
+        huggingface_hub.set_client_factory(huggingface_hub.utils._http.default_client_factory)
+    assert code == 3
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert "cannot connect to the Hugging Face Hub (ConnectError" in line and "check the network connection" in line
+    assert _folder_bytes(folder) == before
+
+
+def test_push_in_offline_mode(folder, monkeypatch, capsys):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    before = _folder_bytes(folder)
+    code, err = _cli_push(folder, monkeypatch, capsys, "https://huggingface.co", token=TOKEN)
+    assert code == 3 and "offline mode" in err and "unset HF_HUB_OFFLINE" in err
+    assert _folder_bytes(folder) == before

@@ -41,6 +41,7 @@ from tests.test_evaluation import require
 
 
 zoo_train = importlib.import_module("hf_mla_vlm.zoo.train")
+zoo_models = importlib.import_module("hf_mla_vlm.zoo.models")
 CPU = torch.device("cpu")
 
 
@@ -463,6 +464,32 @@ def test_zoo_build_refuses_a_non_empty_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["zoo", "build", "llava2", "--out", str(tmp_path / "new")])
     assert exit_info.value.code == 2 and not (tmp_path / "new").exists()
+
+
+def test_zoo_build_keeps_the_old_folder_when_the_disk_fills_up(tmp_path, monkeypatch, capsys):
+    import errno
+
+    out = tmp_path / "zoo-llava"
+    out.mkdir()
+    (out / "config.json").write_text("the earlier build")
+
+    class Saves:
+        def save_pretrained(self, path):
+            (path / "model.safetensors").write_bytes(b"\0" * 100)
+
+    class FullDisk:
+        def save_pretrained(self, path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path / "tokenizer.json"))
+
+    monkeypatch.setattr(zoo_models, "build_zoo_model", lambda *args, **kwargs: (Saves(), FullDisk()))
+    assert cli.main(["zoo", "build", "llava", "--out", str(out), "--overwrite"]) == 3
+    assert "the disk is full" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["zoo-llava"] and (out / "config.json").read_text() == (
+        "the earlier build"
+    )
+    (tmp_path / ".zoo-llava.new-20261201-1").mkdir()  # as a kill in the middle of the swap leaves it
+    assert cli.main(["zoo", "build", "llava", "--out", str(out), "--overwrite"]) == 2
+    assert "complete new output that was not moved into place" in capsys.readouterr().err
 
 
 def test_zoo_train_cli_passes_its_settings(tmp_path, monkeypatch, capsys):

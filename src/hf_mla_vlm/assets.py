@@ -13,6 +13,7 @@ The packages are located with `importlib.util.find_spec`, which does not run the
 dependencies that `--no-deps` leaves out).
 """
 
+import glob
 import hashlib
 import importlib.util
 import json
@@ -26,6 +27,8 @@ from typing import Literal
 
 import torch
 from transformers.utils import logging
+
+from .utils import describe_leftovers, folder_leftovers, replace_folder
 
 
 logger = logging.get_logger(__name__)
@@ -148,20 +151,31 @@ def _fix_special_tokens(model, tokenizer) -> None:
 
 
 def _write_cache(model, tokenizer, folder: Path, stamp: dict) -> None:
-    """Write the cache in a unique staging folder and rename it into place (safe against concurrent writers)."""
+    """Write the cache in a unique staging folder (safe against concurrent writers) and move it into place with
+    `replace_folder`: an invalid cache being replaced is renamed aside and deleted only once the new one is in place,
+    so an interrupt never leaves a half-written cache. Leftovers of earlier interrupted writes are named in a
+    warning, not deleted."""
     folder.parent.mkdir(parents=True, exist_ok=True)
+    leftovers = folder_leftovers(folder) + sorted(folder.parent.glob(f".{glob.escape(folder.name)}.*.incomplete"))
+    if leftovers:
+        logger.warning(
+            f"Leftovers of an interrupted cache write (not deleted): {describe_leftovers(folder, leftovers)}."
+        )
     staging = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.incomplete"
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / _CACHE_STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            staging.rename(folder)
-        except OSError:  # another process finished first: its copy is as good as ours
-            logger.info(f"{folder} was written concurrently; keeping that copy.")
-    finally:
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        replace_folder(staging, folder)
+    except OSError:
+        if not _cache_is_valid(folder, stamp):
+            raise
+        # Another process finished first: its copy is as good as ours, which is a duplicate.
+        logger.info(f"{folder} was written concurrently; keeping that copy.")
         shutil.rmtree(staging, ignore_errors=True)
 
 

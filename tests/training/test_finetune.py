@@ -118,6 +118,17 @@ def test_saved_folder_reloads_with_the_same_logits(runs, case):
     assert not torch.allclose(_logits(load_model(source), batch), _logits(result.model, batch))
 
 
+@pytest.mark.parametrize("case", RUNS, ids=lambda case: f"{case[0]}-stage{case[1]}-{case[2]}")
+def test_saved_folder_verifies_against_its_recorded_hashes(runs, case):
+    from hf_mla_vlm.conversion_scripts.hub import verify_folder
+
+    out = runs[case][2].output_dir
+    files = json.loads((out / "finetune_report.json").read_text())["files"]
+    data = (out / "model.safetensors").read_bytes()
+    assert files["model.safetensors"] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert verify_folder(out) == []
+
+
 def test_report_counts_and_schedule(runs):
     report = runs["llava", 1, "paper"][2].report
     params = report["parameters"]
@@ -374,6 +385,26 @@ def test_interrupted_save_leaves_no_folder_that_looks_complete(converted, tmp_pa
     with pytest.raises(OSError, match="disk full"):
         finetune_module._save_atomically(model, BrokenProcessor(), {}, tmp_path / "out", torch.float32)
     assert not (tmp_path / "out").exists() and not staging.exists()
+
+
+def test_a_full_disk_while_replacing_an_output_keeps_the_old_one(converted, tmp_path, capsys):
+    """--overwrite of an earlier fine-tuning output on a disk that fills up: the old output stays complete."""
+    import errno
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the earlier output")
+
+    class FullDisk:
+        def save_pretrained(self, path):
+            (path / "tokenizer.json").write_text("{")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path / "tokenizer.json"))
+
+    with pytest.raises(OSError, match="No space left"):
+        finetune_module._save_atomically(load_model(converted["llava", 2]), FullDisk(), {}, out, torch.float32)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "model.safetensors").read_bytes() == (
+        b"the earlier output"
+    )
 
 
 def test_finetune_cli_two_steps_with_lora_from_a_json(converted, native_checkpoints, tmp_path, capsys):

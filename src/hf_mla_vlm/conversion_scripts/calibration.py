@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from jinja2 import TemplateError
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from ..errors import InputError
 
 
 COLORS = {
@@ -118,8 +121,14 @@ def _load_image(value, root: Path) -> Image.Image:
     path = path if path.is_absolute() else root / path
     if not path.is_file():
         raise FileNotFoundError(f"Calibration image {path} not found (set image_folder if paths are relative).")
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as error:  # not an image, truncated, unsupported mode
+        raise InputError(
+            f"Calibration image {path} is not an image PIL can read ({error}); replace it with a PNG / JPEG file or "
+            "drop its conversation."
+        ) from error
 
 
 def _row_to_conversation(row: dict, root: Path) -> Conversation:
@@ -150,9 +159,20 @@ def load_conversations(
         return builtin_conversations(num_samples, seed=seed)
     path = Path(source)
     if path.is_file() and path.suffix == ".json":
-        rows = json.loads(path.read_text())
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise InputError(
+                f"Calibration file {path} is not valid JSON ({error.msg} at line {error.lineno}, column "
+                f"{error.colno}); fix it (a list of LLaVA-style conversations, see hf_mla_vlm.conversion_scripts."
+                "calibration)."
+            ) from error
+        except UnicodeDecodeError as error:
+            raise InputError(f"Calibration file {path} is not UTF-8 text ({error}); save it as UTF-8 JSON.") from error
         if not isinstance(rows, list):
-            raise ValueError(f"{path} must hold a JSON list of conversations.")
+            raise InputError(
+                f"Calibration file {path} must hold a JSON list of conversations, not a {type(rows).__name__}."
+            )
         root = Path(image_folder) if image_folder else path.parent
     elif path.is_dir():
         try:
@@ -167,7 +187,15 @@ def load_conversations(
         )
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    return [_row_to_conversation(rows[i], root) for i in order[:num_samples]]
+    conversations = []
+    for i in order[:num_samples]:
+        try:
+            conversations.append(_row_to_conversation(rows[i], root))
+        except InputError:  # already names its file
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise InputError(f"Calibration source {path}, conversation {i}: {error}") from error
+    return conversations
 
 
 def wikipedia_conversations(num_samples: int, seed: int = 0, max_chars: int = 1500) -> list[Conversation]:
@@ -188,10 +216,41 @@ def wikipedia_conversations(num_samples: int, seed: int = 0, max_chars: int = 15
     ]
 
 
+def load_processor(source: str | os.PathLike, chat_template: str | os.PathLike | None = None, **kwargs):
+    """`AutoProcessor.from_pretrained(source)` with a chat template: the file `chat_template` when given, else the
+    source's own.
+
+    Raises:
+        `FileNotFoundError`: `chat_template` is not a file.
+        `InputError`: the processor has no chat template and none was given.
+    """
+    from transformers import AutoProcessor
+
+    if chat_template is not None and not Path(chat_template).is_file():
+        raise FileNotFoundError(f"Chat template file {chat_template} (--chat-template) not found.")
+    processor = AutoProcessor.from_pretrained(source, **kwargs)
+    if chat_template is not None:
+        processor.chat_template = Path(chat_template).read_text(encoding="utf-8")
+    if not getattr(processor, "chat_template", None):
+        raise InputError(
+            f"The processor of {source} has no chat template (no chat_template.jinja, nor a chat_template entry in "
+            "its processor or tokenizer config), and the calibration conversations are rendered with one: pass a "
+            "Jinja template file with --chat-template FILE (chat_template=FILE), e.g. the original model's "
+            "chat_template.jinja."
+        )
+    return processor
+
+
 def encode_conversations(processor, conversations: list[Conversation]) -> Iterator[dict]:
     """Each conversation as one batch-1 input dict, through the processor's chat template and image processing."""
     for conversation in conversations:
-        text = processor.apply_chat_template(conversation.messages, tokenize=False)
+        try:
+            text = processor.apply_chat_template(conversation.messages, tokenize=False)
+        except TemplateError as error:
+            raise InputError(
+                f"The chat template cannot render a calibration conversation ({type(error).__name__}: {error}); fix "
+                "the template or pass another with --chat-template FILE."
+            ) from error
         kwargs = {"images": conversation.images} if conversation.images else {}
         yield dict(processor(text=[text], return_tensors="pt", **kwargs))
 
@@ -215,5 +274,6 @@ __all__ = [
     "draw_scene",
     "encode_conversations",
     "load_conversations",
+    "load_processor",
     "wikipedia_conversations",
 ]

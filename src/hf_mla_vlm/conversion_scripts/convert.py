@@ -22,12 +22,21 @@ from transformers.initialization import no_init_weights
 from transformers.utils import logging
 
 from ..configuration.configuration_mla_common import text_head_dim
-from ..utils import staged_folder
-from .calibration import encode_conversations, load_conversations
+from ..errors import InputError
+from ..utils import (
+    check_output_folder,
+    progress_bars,
+    resolve_device,
+    staged_folder,
+    weight_file_digests,
+    write_text_atomically,
+)
+from .calibration import encode_conversations, load_conversations, load_processor
 from .registry import ArchSpec, arch_spec
 from .report import environment, kv_cache_size, model_card
 from .rope_selection import (
     aggregate_gqa,
+    check_axis_minimum,
     count_pairs_per_axis,
     enforce_axis_minimum,
     load_rank_file,
@@ -313,17 +322,86 @@ def calibration_statistics(
     seed: int = 0,
     device=None,
     progress: bool = True,
+    chat_template: str | os.PathLike | None = None,
 ) -> CalibrationStatistics:
     """Encode the calibration conversations with the source's own processor and collect the statistics."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(source_path)
-    conversations = load_conversations(calibration, num_samples, seed=seed, image_folder=image_folder)
-    samples = list(encode_conversations(processor, conversations))
+    samples = calibration_samples(
+        source_path, calibration, num_samples, image_folder=image_folder, seed=seed, chat_template=chat_template
+    )
     return collect_statistics(
         source_model, samples, image_token_ids, text_layers_path=spec.text_layers, device=device, seed=seed,
         progress=progress,
     )  # fmt: skip
+
+
+def calibration_samples(
+    source_path: Path,
+    calibration: str | os.PathLike,
+    num_samples: int,
+    *,
+    image_folder: str | os.PathLike | None = None,
+    seed: int = 0,
+    chat_template: str | os.PathLike | None = None,
+) -> list[dict]:
+    """The calibration conversations encoded by the source's processor (with `chat_template` if given): reads every
+    file and image and renders every conversation, so that bad input fails before any weight is read."""
+    processor = load_processor(source_path, chat_template)
+    conversations = load_conversations(calibration, num_samples, seed=seed, image_folder=image_folder)
+    return list(encode_conversations(processor, conversations))
+
+
+def check_image_token_ids(source_config, image_token_ids: list[int]) -> list[int]:
+    """`image_token_ids` as a list, after checking each is a token id of the source's text vocabulary."""
+    ids = list(image_token_ids)
+    vocab = source_config.text_config.vocab_size
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise InputError(f"image_token_ids (--image-token-ids) must be a non-empty list of token ids, got {ids!r}.")
+    outside = [i for i in ids if not 0 <= i < vocab]
+    if outside:
+        raise InputError(
+            f"image_token_ids {outside} (--image-token-ids) are outside the text vocabulary (0 .. {vocab - 1}); pass "
+            "the ids of the image placeholder tokens, or leave the option out to use the config's."
+        )
+    return ids
+
+
+def check_rope_options(
+    config,
+    rope_dim: int,
+    rope_strategy: str,
+    rope_ranks: str | os.PathLike | None,
+    rope_min_per_axis: dict[str, int] | None,
+) -> None:
+    """Refuse rotary settings of a native source that could only fail (or be ignored) after calibration:
+    `rope_min_per_axis` with a rank file, with a fixed strategy, on a model without M-RoPE, or with minima the axes
+    or `rope_dim` cannot hold."""
+    if not rope_min_per_axis:
+        return
+    if rope_ranks is not None:
+        raise InputError(
+            f"rope_min_per_axis={rope_min_per_axis} (--rope-min-per-axis) applies to the calibrated strategies "
+            f"2-norm and mkl, but the rank file {rope_ranks} fixes the pairs already: drop one of the two."
+        )
+    if rope_strategy not in CALIBRATED_STRATEGIES:
+        raise InputError(
+            f"rope_min_per_axis={rope_min_per_axis} (--rope-min-per-axis) applies to the calibrated strategies "
+            f"2-norm and mkl, but rope_strategy={rope_strategy!r} selects fixed pairs: drop it or use "
+            "--rope-strategy mkl."
+        )
+    section = (getattr(config.text_config, "rope_parameters", None) or {}).get("mrope_section")
+    if section is None:
+        raise InputError("rope_min_per_axis applies to M-RoPE models (Qwen2.5-VL) only.")
+    check_axis_minimum(list(section), rope_dim, rope_min_per_axis)
+
+
+def _check_given_statistics(stats: CalibrationStatistics, source_config, stage: str) -> None:
+    if len(stats.layers) != source_config.text_config.num_hidden_layers:
+        raise ValueError("The given statistics were collected on a model with a different number of layers.")
+    if stats.settings.get("attention", "native") != stage:
+        raise ValueError(
+            f"The given statistics were collected on a {stats.settings.get('attention', 'native')} model, but "
+            f"the source is {stage}: collect them on the source model itself."
+        )
 
 
 def _check_statistics(stats: CalibrationStatistics, svd: str, modality_split: bool) -> None:
@@ -355,6 +433,7 @@ def convert(
     calibration: str | os.PathLike = "builtin",
     num_samples: int = 64,
     image_folder: str | os.PathLike | None = None,
+    chat_template: str | os.PathLike | None = None,
     statistics: CalibrationStatistics | str | os.PathLike | None = None,
     damping: float = 1e-6,
     dtype: str = "auto",
@@ -375,8 +454,9 @@ def convert(
             `mla_stage="mla"` only: its `q_proj`, `k_rope_proj`, `o_proj` and every non-attention weight are kept,
             `[k_nope_proj; v_proj]` is factorised, calibration statistics are collected on it, and its rotary pairs
             are kept (they cannot be re-selected after stage-1 training).
-        output_dir: folder to write. It is assembled in a hidden sibling folder and renamed at the end, so an
-            interrupted run never leaves a folder that looks complete.
+        output_dir: folder to write. It is assembled in a hidden sibling folder and renamed into place at the end
+            (an existing folder is renamed aside first and deleted last), so an interrupted run leaves either the
+            complete old or the complete new folder, never a half-written one (`hf_mla_vlm.utils.staged_folder`).
         rope_dim: rotary dims kept per head (even, at most head_dim). Required for a native source; for a stage-1
             source it may be omitted (the source's is used) and must otherwise equal it.
         kv_rank: latent width per kv head (the cached latent has `num_kv_heads * kv_rank` elements).
@@ -393,14 +473,17 @@ def convert(
             folder; used by `2-norm`, `mkl`, `joint-act` and `md`.
         num_samples: calibration conversations.
         image_folder: root of relative image paths in a calibration JSON.
-        statistics: precomputed statistics (object or file from `CalibrationStatistics.save`), to reuse them across
-            settings; must come from the same source model (a stage-1 source needs statistics of that model).
+        chat_template: Jinja chat-template file to render the calibration conversations with (for a source whose
+            processor has none, or to replace its own); calibration only, the output keeps the source's files.
+        statistics: precomputed statistics (object or safetensors file from `CalibrationStatistics.save`; old
+            pickle files are refused), to reuse them across settings; must come from the same source model (a
+            stage-1 source needs statistics of that model).
         damping: relative diagonal damping of the activation covariances (`lambda = damping * tr(C) / d`).
         dtype: `auto` (the source's dtype), `float32`, `bfloat16` or `float16`.
         mla_stage: `mla`, or `partial_rope` (stage-1 form for recovery fine-tuning; native sources only).
         modality_split: separate image/text projections.
         image_token_ids: token ids of the image branch (default: the architecture's image tokens).
-        device: where calibration layers run (default: CUDA if available).
+        device: where calibration layers run (default: CUDA if available); checked to exist before any work.
         seed: calibration sampling seed.
         overwrite: replace an existing non-empty `output_dir`.
         progress: show progress bars.
@@ -408,11 +491,8 @@ def convert(
     """
     started = time.perf_counter()
     timings, memory = {}, {}
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it."
-        )
+    # Every input is checked before the first weight is read.
+    output_dir = check_output_folder(output_dir, overwrite)
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}.")
     if svd not in ("weight", "joint-act", "md"):
@@ -421,6 +501,7 @@ def convert(
         raise ValueError(
             f"rope_strategy must be one of {FIXED_STRATEGIES + CALIBRATED_STRATEGIES}, got {rope_strategy!r}."
         )
+    calibration_device = resolve_device(device)
     source_path, is_hub_id = resolve_source(source)
     source_config = AutoConfig.from_pretrained(source_path)
     spec = arch_spec(source_config.model_type)
@@ -433,108 +514,126 @@ def convert(
     rope_strategy = rope_strategy or "high"
     selects_pairs = stage == "native" and rope_ranks is None and rope_strategy in CALIBRATED_STRATEGIES
     needs_stats = selects_pairs or (svd != "weight" and mla_stage == "mla")
-    # Validate the settings before any weight is read (default rotary pairs; the selected ones come later).
+    if chat_template is not None and not (needs_stats and statistics is None):
+        raise InputError(
+            "chat_template (--chat-template) renders calibration conversations, but this conversion runs no "
+            "calibration (it needs one for --rope-strategy 2-norm / mkl or --svd joint-act / md, without "
+            "precomputed statistics): drop it."
+        )
     mla_settings = dict(rope_dim=rope_dim, kv_rank=kv_rank, modality_split=modality_split, mla_stage=mla_stage)
     if image_token_ids is not None:
-        mla_settings["image_token_ids"] = list(image_token_ids)
+        mla_settings["image_token_ids"] = check_image_token_ids(source_config, image_token_ids)
+    # Validates the settings (default rotary pairs; the selected ones come later).
     mla_config = build_mla_config(source_config, spec, **mla_settings)
-
-    t = time.perf_counter()
-    source_class = getattr(transformers, spec.source_class) if stage == "native" else spec.mla_model_class
-    source_model = source_class.from_pretrained(source_path, dtype=torch.float32).eval()
-    source_dtype = getattr(source_config, "dtype", None) or getattr(source_config.text_config, "dtype", None)
-    target_dtype = DTYPES[dtype] if dtype != "auto" else _as_dtype(source_dtype)
-    timings["load_source_s"] = time.perf_counter() - t
-
-    stats = None
-    if needs_stats:
-        t = time.perf_counter()
-        if statistics is None:
-            stats = calibration_statistics(
-                source_model, source_path, spec, mla_config.image_token_ids, calibration=calibration,
-                num_samples=num_samples, image_folder=image_folder, seed=seed, device=device, progress=progress,
-            )  # fmt: skip
-        else:
-            stats = (
-                statistics if isinstance(statistics, CalibrationStatistics) else CalibrationStatistics.load(statistics)
-            )
-            if len(stats.layers) != source_config.text_config.num_hidden_layers:
-                raise ValueError("The given statistics were collected on a model with a different number of layers.")
-            if stats.settings.get("attention", "native") != stage:
-                raise ValueError(
-                    f"The given statistics were collected on a {stats.settings.get('attention', 'native')} model, but "
-                    f"the source is {stage}: collect them on the source model itself."
-                )
-        _check_statistics(stats, svd if mla_stage == "mla" else "weight", modality_split)
-        timings["calibration_s"] = time.perf_counter() - t
-        if torch.cuda.is_available() and str(device or "cuda").startswith("cuda"):
-            memory["peak_device_bytes_during_calibration"] = torch.cuda.max_memory_allocated()
-
-    t = time.perf_counter()
+    planned = None
     if stage == "native":
-        rope_pairs, rope_source, ranks = select_rope_pairs(
-            source_config, rope_dim, rope_strategy, rope_ranks, stats, rope_min_per_axis
+        check_rope_options(source_config, rope_dim, rope_strategy, rope_ranks, rope_min_per_axis)
+        if not selects_pairs:  # a fixed strategy or a rank file: the pairs are known now
+            planned = select_rope_pairs(source_config, rope_dim, rope_strategy, rope_ranks)
+    samples, stats = None, None
+    if needs_stats and statistics is None:
+        t = time.perf_counter()
+        samples = calibration_samples(
+            source_path, calibration, num_samples, image_folder=image_folder, seed=seed, chat_template=chat_template
         )
-    else:  # trained with these pairs in stage 1
-        rope_pairs, rope_source, ranks = source_config.rope_pairs, "stage-1 source", None
-    mla_config.rope_pairs = rope_pairs
-    mla_config.validate_mla()
-    timings["rope_selection_s"] = time.perf_counter() - t
+        timings["calibration_inputs_s"] = time.perf_counter() - t
+    elif needs_stats:
+        stats = statistics if isinstance(statistics, CalibrationStatistics) else CalibrationStatistics.load(statistics)
+        _check_given_statistics(stats, source_config, stage)
+    elif statistics is not None:
+        logger.warning(
+            "statistics were given, but this conversion uses none (a fixed rope strategy or a rank file, and "
+            "svd='weight'); they are ignored."
+        )
 
-    t = time.perf_counter()
-    mla_config.dtype = target_dtype
-    model, layer_reports = convert_model(
-        source_model, mla_config, spec, svd=svd if mla_stage == "mla" else "weight", stats=stats, damping=damping,
-        dtype=target_dtype, progress=progress,
-    )  # fmt: skip
-    del source_model
-    timings["convert_s"] = time.perf_counter() - t
+    with progress_bars(progress):  # also Transformers' own (loading and saving weights)
+        t = time.perf_counter()
+        source_class = getattr(transformers, spec.source_class) if stage == "native" else spec.mla_model_class
+        source_model = source_class.from_pretrained(source_path, dtype=torch.float32).eval()
+        source_dtype = getattr(source_config, "dtype", None) or getattr(source_config.text_config, "dtype", None)
+        target_dtype = DTYPES[dtype] if dtype != "auto" else _as_dtype(source_dtype)
+        timings["load_source_s"] = time.perf_counter() - t
 
-    settings = {
-        "architecture": spec.source_model_type,
-        "mla_stage": mla_stage,
-        "source_stage": stage,
-        "rope_dim": rope_dim,
-        "kv_rank": kv_rank,
-        "latent_dim": mla_config.mla_latent_dim,
-        "rope_strategy": rope_source,
-        "svd": svd,
-        "modality_split": modality_split,
-        "image_token_ids": mla_config.image_token_ids,
-        "dtype": str(target_dtype).removeprefix("torch."),
-    }
-    report = {
-        "source": str(source),
-        "source_is_hub_id": is_hub_id,
-        "model_type": mla_config.model_type,
-        "settings": settings,
-        "kv_cache": kv_cache_size(mla_config, target_dtype).to_dict(),
-        "layers": layer_reports,
-        "timings_s": timings,
-        "memory": memory,
-        "environment": environment(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    memory["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    if stats is not None:
-        report["calibration"] = {
-            "source": str(calibration) if statistics is None else "precomputed statistics",
-            "num_samples": stats.num_samples,
-            "tokens": {"text": stats.token_counts.text, "image": stats.token_counts.image},
-            "heldout_tokens": {"text": stats.heldout_counts.text, "image": stats.heldout_counts.image},
-            **stats.settings,
+        if samples is not None or stats is not None:
+            t = time.perf_counter()
+            if stats is None:
+                stats = collect_statistics(
+                    source_model, samples, mla_config.image_token_ids, text_layers_path=spec.text_layers,
+                    device=calibration_device, seed=seed, progress=progress,
+                )  # fmt: skip
+                del samples
+            _check_statistics(stats, svd if mla_stage == "mla" else "weight", modality_split)
+            timings["calibration_s"] = time.perf_counter() - t
+            if calibration_device.type == "cuda":
+                memory["peak_device_bytes_during_calibration"] = torch.cuda.max_memory_allocated()
+
+        t = time.perf_counter()
+        if planned is not None:
+            rope_pairs, rope_source, ranks = planned
+        elif stage == "native":
+            rope_pairs, rope_source, ranks = select_rope_pairs(
+                source_config, rope_dim, rope_strategy, rope_ranks, stats, rope_min_per_axis
+            )
+        else:  # trained with these pairs in stage 1
+            rope_pairs, rope_source, ranks = source_config.rope_pairs, "stage-1 source", None
+        mla_config.rope_pairs = rope_pairs
+        mla_config.validate_mla()
+        timings["rope_selection_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        mla_config.dtype = target_dtype
+        model, layer_reports = convert_model(
+            source_model, mla_config, spec, svd=svd if mla_stage == "mla" else "weight", stats=stats, damping=damping,
+            dtype=target_dtype, progress=progress,
+        )  # fmt: skip
+        del source_model
+        timings["convert_s"] = time.perf_counter() - t
+
+        settings = {
+            "architecture": spec.source_model_type,
+            "mla_stage": mla_stage,
+            "source_stage": stage,
+            "rope_dim": rope_dim,
+            "kv_rank": kv_rank,
+            "latent_dim": mla_config.mla_latent_dim,
+            "rope_strategy": rope_source,
+            "svd": svd,
+            "modality_split": modality_split,
+            "image_token_ids": mla_config.image_token_ids,
+            "dtype": str(target_dtype).removeprefix("torch."),
         }
-    section = (getattr(source_config.text_config, "rope_parameters", None) or {}).get("mrope_section")
-    if spec.rope == "mrope" and section:
-        report["mrope_axis_pairs"] = count_pairs_per_axis(rope_pairs, list(section))
+        report = {
+            "source": str(source),
+            "source_is_hub_id": is_hub_id,
+            "model_type": mla_config.model_type,
+            "settings": settings,
+            "kv_cache": kv_cache_size(mla_config, target_dtype).to_dict(),
+            "layers": layer_reports,
+            "timings_s": timings,
+            "memory": memory,
+            "environment": environment(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        memory["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        if stats is not None:
+            report["calibration"] = {
+                "source": str(calibration) if statistics is None else "precomputed statistics",
+                "num_samples": stats.num_samples,
+                "tokens": {"text": stats.token_counts.text, "image": stats.token_counts.image},
+                "heldout_tokens": {"text": stats.heldout_counts.text, "image": stats.heldout_counts.image},
+                **stats.settings,
+            }
+        section = (getattr(source_config.text_config, "rope_parameters", None) or {}).get("mrope_section")
+        if spec.rope == "mrope" and section:
+            report["mrope_axis_pairs"] = count_pairs_per_axis(rope_pairs, list(section))
 
-    t = time.perf_counter()
-    write_checkpoint_atomically(model, report, source_path, output_dir, ranks=ranks)
-    timings["save_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - started
-    (output_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-    logger.info(f"Converted {source} -> {output_dir} in {timings['total_s']:.1f}s")
-    return ConversionResult(output_dir=output_dir, report=report, model=model if return_model else None)
+        t = time.perf_counter()
+        write_checkpoint_atomically(model, report, source_path, output_dir, ranks=ranks, progress=progress)
+        timings["save_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - started
+        write_text_atomically(output_dir / REPORT_NAME, json.dumps(report, indent=2) + "\n")  # with the save timings
+        logger.info(f"Converted {source} -> {output_dir} in {timings['total_s']:.1f}s")
+        return ConversionResult(output_dir=output_dir, report=report, model=model if return_model else None)
 
 
 def _as_dtype(value) -> torch.dtype:
@@ -559,15 +658,17 @@ def copy_processor_files(source_path: Path, output_dir: Path) -> list[str]:
 
 
 def write_checkpoint_atomically(
-    model, report: dict, source_path: Path, output_dir: Path, ranks: torch.Tensor | None = None
+    model, report: dict, source_path: Path, output_dir: Path, ranks: torch.Tensor | None = None, progress: bool = False
 ) -> None:
     """Write weights, config, remote code, processor files, card and report in a hidden sibling folder, then
-    move it into place. A crash leaves only `.<name>.incomplete`, never a folder that looks complete."""
+    move it into place (`staged_folder`: an interrupted run never leaves a half-written folder, and a replaced one
+    is deleted only once the new one is in place). The report records the sha256 of every weight file."""
     with staged_folder(output_dir) as staging:
         model.save_pretrained(staging)
         report["copied_from_source"] = copy_processor_files(source_path, staging)
         if ranks is not None:  # reusable with --rope-ranks
             save_rank_file(ranks, staging / RANKS_NAME, metadata={"strategy": report["settings"]["rope_strategy"]})
+        report["files"] = weight_file_digests(staging, progress=progress)
         (staging / "README.md").write_text(model_card(report))
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
 
@@ -575,6 +676,10 @@ def write_checkpoint_atomically(
 __all__ = [
     "ConversionResult",
     "build_mla_config",
+    "calibration_samples",
+    "calibration_statistics",
+    "check_image_token_ids",
+    "check_rope_options",
     "check_stages",
     "convert",
     "convert_model",

@@ -2,9 +2,10 @@
 """Check a converted checkpoint folder and publish it to the Hugging Face Hub.
 
 `check_checkpoint_folder` lists what would make the folder unusable as a Hub repo (config, `auto_map`, flat remote
-code, safetensors weights with every layer's MLA attention, a config that validates). `push_to_hub` refuses such a
-folder, makes sure the model card carries the Hub metadata and the measured numbers of
-`mla_conversion_report.json`, and uploads the folder in one commit.
+code, safetensors weights with every layer's MLA attention, a config that validates). `verify_folder` adds the
+integrity checks (the sha256 of every weight file against the one its report recorded) and a tiny forward pass.
+`push_to_hub` refuses a folder that fails them, uploads it in one commit with a model card that carries the Hub
+metadata and the measured numbers of `mla_conversion_report.json`, and never writes into the folder.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from transformers.utils import logging
 
+from ..errors import InputError
+from ..utils import file_digest, progress_bars, weight_file_names
 from .registry import MLA_MODEL_TYPES
-from .report import evaluation_rows, model_card
+from .report import cache_change, evaluation_rows, model_card
 
 
 if TYPE_CHECKING:
@@ -32,6 +35,7 @@ logger = logging.get_logger(__name__)
 
 CONFIG_NAME = "config.json"
 REPORT_NAME = "mla_conversion_report.json"
+FINETUNE_REPORT_NAME = "finetune_report.json"
 CARD_NAME = "README.md"
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -89,11 +93,136 @@ def check_checkpoint_folder(folder: str | os.PathLike) -> list[str]:
 
 
 def assert_checkpoint_folder(folder: str | os.PathLike) -> None:
-    """Raise `ValueError` listing every problem `check_checkpoint_folder` finds in `folder`."""
-    problems = check_checkpoint_folder(folder)
+    """Raise `InputError` (a `ValueError`) listing every problem `check_checkpoint_folder` finds in `folder`."""
+    raise_for_problems(folder, check_checkpoint_folder(folder))
+
+
+def raise_for_problems(folder: str | os.PathLike, problems: list[str]) -> None:
+    """Raise `InputError` listing the `problems` of `folder` (`check_checkpoint_folder`, `verify_folder`), if any."""
     if problems:
         listing = "\n".join(f"  - {problem}" for problem in problems)
-        raise ValueError(f"{folder} is not a valid converted checkpoint folder:\n{listing}")
+        raise InputError(f"{folder} is not a valid converted checkpoint folder:\n{listing}")
+
+
+def verify_folder(folder: str | os.PathLike, *, forward: bool = True, progress: bool = False) -> list[str]:
+    """Problems of `folder` as a converted checkpoint: [`check_checkpoint_folder`], the integrity of its weight files
+    and (with `forward`) a tiny forward pass; an empty list means it is fine. What `hf-mla-vlm verify` and
+    `push_to_hub` run.
+
+    Integrity: the size and sha256 of every weight file recorded under `"files"` in `mla_conversion_report.json` (or
+    `finetune_report.json`) are recomputed, so flipped bytes, which safetensors cannot detect, are reported; weight
+    files the report does not list are reported too. (A folder written before reports recorded hashes gets a warning.)
+    Forward: the model loads through the package's own classes (never the folder's remote code, which is checked
+    statically above) with every weight used, and a forward pass on a few text tokens gives finite logits.
+
+    Args:
+        folder: the converted checkpoint folder.
+        forward: also load the model and run the forward pass (reads all weights once).
+        progress: show progress bars (hashing, loading).
+
+    Returns:
+        Human-readable problems, one string each.
+    """
+    folder = Path(folder)
+    problems = check_checkpoint_folder(folder)
+    if not folder.is_dir():
+        return problems
+    problems += _digest_problems(folder, progress)
+    if forward and not problems:
+        problems += _forward_problems(folder, progress)
+    return problems
+
+
+def _digest_problems(folder: Path, progress: bool) -> list[str]:
+    problems, records = [], {}
+    for name in (REPORT_NAME, FINETUNE_REPORT_NAME):
+        if not (folder / name).is_file():
+            continue
+        try:
+            files = json.loads((folder / name).read_text(encoding="utf-8")).get("files")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+            problems.append(f"{name} is not a readable JSON report ({error}).")
+            continue
+        if files is not None and not isinstance(files, dict):
+            problems.append(
+                f"{name} has a malformed 'files' entry (expected an object of file name -> sha256, bytes)."
+            )
+        elif files is not None:
+            records[name] = files
+    if not records:
+        if not problems:
+            logger.warning(
+                f"{folder}: no report records the sha256 of the weight files (written by an older hf-mla-vlm); "
+                "their integrity is not checked. Convert again to record them."
+            )
+        return problems
+    present = set(weight_file_names(folder))
+    for report_name, files in records.items():
+        for name in sorted(present - set(files)):
+            problems.append(
+                f"{name} is a weight file that {report_name} does not record (added after the conversion)."
+            )
+        for name, entry in sorted(files.items()):
+            path = folder / str(name)
+            if Path(str(name)).name != name or not path.is_file():
+                problems.append(f"{name}, recorded in {report_name}, is missing.")
+                continue
+            actual = file_digest(path, progress=progress)
+            expected = entry if isinstance(entry, dict) else {}
+            if actual["bytes"] != expected.get("bytes"):
+                problems.append(
+                    f"{name} has {actual['bytes']} bytes, {report_name} recorded {expected.get('bytes')}: the file "
+                    "was truncated or replaced; download or convert it again."
+                )
+            elif actual["sha256"] != expected.get("sha256"):
+                problems.append(
+                    f"{name} does not match the sha256 recorded in {report_name} (bytes changed, e.g. a corrupted "
+                    "disk or transfer): download or convert it again."
+                )
+    return problems
+
+
+def _forward_problems(folder: Path, progress: bool) -> list[str]:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        with progress_bars(progress):
+            model, info = AutoModelForImageTextToText.from_pretrained(
+                folder, trust_remote_code=False, output_loading_info=True
+            )
+    except Exception as error:  # whatever stops the load is the problem to report
+        return [f"the model does not load ({type(error).__name__}: {' '.join(str(error).split())[:500]})."]
+    problems = [
+        f"loading left {kind.replace('_', ' ')}: {_some(str(key) for key in keys)}."
+        for kind, keys in info.items()
+        if kind in ("missing_keys", "unexpected_keys", "mismatched_keys") and keys
+    ]
+    config = model.config
+    special = set(getattr(config, "image_token_ids", None) or [])
+    for name in (
+        "image_token_id",
+        "image_token_index",
+        "video_token_id",
+        "vision_start_token_id",
+        "vision_end_token_id",
+    ):
+        if isinstance(getattr(config, name, None), int):
+            special.add(getattr(config, name))
+    vocab = config.text_config.vocab_size
+    ids = torch.tensor([[i for i in range(1, vocab) if i not in special][:8]])
+    try:
+        with torch.no_grad():
+            logits = model.eval()(input_ids=ids).logits
+    except Exception as error:
+        return problems + [f"a forward pass on {ids.shape[1]} text tokens fails ({type(error).__name__}: {error})."]
+    if tuple(logits.shape) != (1, ids.shape[1], vocab) or not bool(torch.isfinite(logits).all()):
+        problems.append(
+            f"a forward pass on {ids.shape[1]} text tokens gives logits of shape {tuple(logits.shape)} "
+            f"{'with' if not bool(torch.isfinite(logits).all()) else 'without'} non-finite values; expected finite "
+            f"logits of shape {(1, ids.shape[1], vocab)}."
+        )
+    return problems
 
 
 def _read_config(folder: Path, problems: list[str]) -> dict | None:
@@ -121,7 +250,12 @@ def _read_config(folder: Path, problems: list[str]) -> dict | None:
 def _check_auto_map(folder: Path, config: dict, problems: list[str]) -> None:
     auto_map = config.get("auto_map")
     if not isinstance(auto_map, dict):
-        problems.append(f"{CONFIG_NAME} has no auto_map: the folder cannot load with trust_remote_code=True.")
+        problems.append(
+            f"{CONFIG_NAME} has no auto_map: the folder cannot load with trust_remote_code=True where hf_mla_vlm is "
+            "not installed (Transformers then reports an unknown model type and suggests upgrading). Re-save it with "
+            "hf_mla_vlm: run `hf-mla-vlm convert` again, or `import hf_mla_vlm` and "
+            "`AutoModelForImageTextToText.from_pretrained(folder).save_pretrained(new_folder)`."
+        )
         return
     missing_modules: dict[str, list[str]] = {}
     for auto_class in REQUIRED_AUTO_CLASSES:
@@ -411,13 +545,33 @@ def _measured_fragments(report: dict) -> list[str]:
         f"| {kv['original_bytes_per_token']} |",
         f"| {kv['converted_bytes_per_token']} |",
         f"| {kv['mha_equivalent_bytes_per_token']} |",
-        f"{100 * kv['reduction_vs_original_gqa_cache']:.2f}%",
-        f"{100 * kv['reduction_vs_mha_equivalent_paper_convention']:.2f}%",
+        f"{cache_change(kv['reduction_vs_original_gqa_cache'], 2)} the real cache",
+        f"{cache_change(kv['reduction_vs_mha_equivalent_paper_convention'], 2)} it (paper-style)",
     ]
     evaluation = report.get("evaluation")
     if evaluation not in (None, {}, []):
         fragments += [f"| {metric} | {value} |" for metric, value in evaluation_rows(evaluation)]
     return fragments
+
+
+def _read_report(folder: Path) -> dict:
+    report_path = folder / REPORT_NAME
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        report["kv_cache"]["converted_bytes_per_token"]  # noqa: B018  (fails early on a report without numbers)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise InputError(
+            f"{report_path} is missing or unreadable ({error!r}); the model card needs its measured KV-cache numbers."
+        ) from error
+    return report
+
+
+def _card_state(folder: Path) -> tuple[dict, str | None, list[str]]:
+    """The report, the folder's card (None when absent) and what the card lacks."""
+    report = _read_report(folder)
+    card_path = folder / CARD_NAME
+    card = card_path.read_text(encoding="utf-8") if card_path.is_file() else None
+    return report, card, card_problems(card, report) if card is not None else ["there is no README.md"]
 
 
 def prepare_model_card(folder: str | os.PathLike) -> bool:
@@ -430,24 +584,32 @@ def prepare_model_card(folder: str | os.PathLike) -> bool:
         ValueError: the report is missing or unreadable, so the card cannot be checked or written.
     """
     folder = Path(folder)
-    report_path = folder / REPORT_NAME
-    try:
-        report = json.loads(report_path.read_text(encoding="utf-8"))
-        report["kv_cache"]["converted_bytes_per_token"]  # noqa: B018  (fails early on a report without numbers)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"{report_path} is missing or unreadable ({error!r}); the model card needs its measured KV-cache numbers."
-        ) from error
-    card_path = folder / CARD_NAME
-    card = card_path.read_text(encoding="utf-8") if card_path.is_file() else None
-    missing = card_problems(card, report) if card is not None else ["there is no README.md"]
+    report, card, missing = _card_state(folder)
     if not missing:
         return False
+    card_path = folder / CARD_NAME
     logger.warning(f"Regenerating {card_path} from {REPORT_NAME}: {'; '.join(missing)}.")
     if card is not None:
         (folder / f".{CARD_NAME}.before-push").write_text(card, encoding="utf-8")
     card_path.write_text(model_card(report), encoding="utf-8")
     return True
+
+
+def card_for_upload(folder: str | os.PathLike) -> str:
+    """The model card an upload of `folder` carries, without writing anything: the folder's `README.md` when it has
+    the Hub metadata and the numbers of `mla_conversion_report.json`, else one generated from the report.
+
+    Raises:
+        ValueError: the report is missing or unreadable.
+    """
+    report, card, missing = _card_state(Path(folder))
+    if not missing:
+        return card
+    logger.warning(
+        f"The uploaded card is generated from {REPORT_NAME} ({'; '.join(missing)}); the folder's own "
+        f"{CARD_NAME} is left as it is."
+    )
+    return model_card(report)
 
 
 # --- upload ---------------------------------------------------------------------------------------------------------
@@ -460,15 +622,17 @@ def push_to_hub(
     commit_message: str | None = None,
     token: str | None = None,
     api: huggingface_hub.HfApi | None = None,
+    forward_check: bool = True,
+    progress: bool = False,
 ) -> str:
-    """Upload a converted checkpoint folder to the Hub as one commit.
+    """Upload a converted checkpoint folder to the Hub as one commit, without writing into the folder.
 
-    The folder is checked first (`check_checkpoint_folder`) and refused with `ValueError` before any request when
-    it has problems. The model card is completed from `mla_conversion_report.json` if needed (`prepare_model_card`).
-    Then the repo is created (`exist_ok=True`), the branch `revision` is created when given and missing, and the
-    folder is uploaded with `upload_folder` in a single commit, without hidden files, `.incomplete` staging
-    leftovers or bytecode. (With `hf_xet` installed, `upload_folder` splits only folders of more than 256 files or
-    more than 100 MB of non-LFS content into several commits; a converted checkpoint is far below both.)
+    The folder is verified first (`verify_folder`: structure, weight-file hashes, and with `forward_check` a tiny
+    forward pass) and refused with `InputError` before any request when it has problems. The commit carries every
+    file of the folder except hidden files, `.incomplete` staging leftovers and bytecode, and a model card that has
+    the Hub metadata and the report's numbers: the folder's own `README.md` when it is complete, else one generated
+    from `mla_conversion_report.json` in memory (`card_for_upload`). The repo is created (`exist_ok=True`), the
+    branch `revision` is created when given and missing, and everything is committed with one `create_commit`.
 
     Args:
         folder: the converted checkpoint folder.
@@ -478,13 +642,23 @@ def push_to_hub(
         commit_message: defaults to a summary of the conversion settings.
         token: Hub token; default: the client's token (`HF_TOKEN` or the saved login).
         api: the client to use (default `huggingface_hub.HfApi(token=token)`); tests inject one.
+        forward_check: run the forward pass of `verify_folder` (loads the model once on CPU).
+        progress: show progress bars while verifying.
 
     Returns:
         The commit URL (or, for a client that returns no URL, the commit id).
     """
+    from huggingface_hub import CommitOperationAdd
+
     folder = Path(folder)
-    assert_checkpoint_folder(folder)
-    prepare_model_card(folder)
+    raise_for_problems(folder, verify_folder(folder, forward=forward_check, progress=progress))
+    card = card_for_upload(folder)
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
+        for name in upload_file_names(folder)
+        if name != CARD_NAME
+    ]
+    operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode("utf-8")))
     if api is None:
         from huggingface_hub import HfApi
 
@@ -495,18 +669,27 @@ def push_to_hub(
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
     if revision is not None and revision != "main" and not revision.startswith("refs/"):
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model", token=token)
-    info = api.upload_folder(
+    info = api.create_commit(
         repo_id=repo_id,
-        folder_path=str(folder),
+        operations=operations,
+        commit_message=commit_message,
         repo_type="model",
         revision=revision,
-        commit_message=commit_message,
-        ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
         token=token,
     )
     commit = getattr(info, "commit_url", None) or getattr(info, "oid", None) or str(info)
     logger.info(f"Pushed {folder} to {repo_id} ({revision or 'main'}): {commit}")
     return str(commit)
+
+
+def upload_file_names(folder: str | os.PathLike) -> list[str]:
+    """Files of `folder` (relative POSIX paths, sorted) that an upload carries: all but `UPLOAD_IGNORE_PATTERNS`
+    (hidden files and folders, `.incomplete` leftovers, bytecode) and huggingface_hub's own ignored paths."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    folder = Path(folder)
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return list(filter_repo_objects(names, ignore_patterns=list(UPLOAD_IGNORE_PATTERNS)))
 
 
 def _default_commit_message(folder: Path) -> str:
@@ -523,10 +706,14 @@ def _default_commit_message(folder: Path) -> str:
 
 __all__ = [
     "assert_checkpoint_folder",
+    "card_for_upload",
     "card_problems",
     "check_checkpoint_folder",
     "expected_attention_keys",
     "prepare_model_card",
     "push_to_hub",
+    "raise_for_problems",
     "remote_code_problems",
+    "upload_file_names",
+    "verify_folder",
 ]

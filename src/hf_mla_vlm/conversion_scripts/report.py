@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..configuration.configuration_mla_common import text_head_dim
-from ..modeling.latent_cache import side_row_width
+from ..modeling.latent_cache import SIDE_ROW_MULTIPLE, side_row_width
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,23 @@ def evaluation_section(evaluation) -> list[str]:
     return lines + [""]
 
 
+# What the converted cache holds per token and layer (the model card's size row): its element count includes the
+# zero padding of the side row.
+CONVERTED_CACHE_TERMS = (
+    "latent `n_kv * kv_rank` + side row of `n_kv * rope_dim` rope keys and 1 modality flag, zero-padded to a "
+    f"multiple of {SIDE_ROW_MULTIPLE} elements; the count includes the padding"
+)
+
+
+def cache_change(reduction: float, digits: int = 1) -> str:
+    """`reduction` (`1 - converted / original`) in words: "47.9% smaller than", "3.1% larger than" or "the same
+    size as" (followed by what it is compared with)."""
+    percent = round(100 * reduction, digits)
+    if percent == 0:
+        return "the same size as"
+    return f"{abs(percent):.{digits}f}% {'smaller' if percent > 0 else 'larger'} than"
+
+
 def model_card(report: dict) -> str:
     """README.md of a converted folder: Hub metadata, settings, KV bytes, the measured evaluation (when the report
     has an `"evaluation"` entry) and how to load it."""
@@ -176,13 +193,19 @@ def model_card(report: dict) -> str:
         "| cache | elements per layer | bytes per token | reduction |",
         "|---|---|---|---|",
         f"| original GQA cache (`2 * n_kv * head_dim`) | {kv['original']} | {kv['original_bytes_per_token']} | - |",
-        f"| converted (`n_kv * (rope_dim + kv_rank)` + 1 flag) | {kv['converted']} | "
-        f"{kv['converted_bytes_per_token']} | {100 * kv['reduction_vs_original_gqa_cache']:.2f}% vs the real cache |",
+        f"| converted ({CONVERTED_CACHE_TERMS}) | {kv['converted']} | {kv['converted_bytes_per_token']} | "
+        f"{cache_change(kv['reduction_vs_original_gqa_cache'], 2)} the real cache |",
         f"| MHA-equivalent (`2 * n_q * head_dim`, the paper's convention) | {kv['mha_equivalent']} | "
-        f"{kv['mha_equivalent_bytes_per_token']} | {100 * kv['reduction_vs_mha_equivalent_paper_convention']:.2f}% "
-        "(paper-style) |",
+        f"{kv['mha_equivalent_bytes_per_token']} | "
+        f"{cache_change(kv['reduction_vs_mha_equivalent_paper_convention'], 2)} it (paper-style) |",
         "",
     ]
+    if kv["converted"] > kv["original"]:
+        lines += [
+            "At this setting the converted cache is larger than the original one: the latent plus the padded side row "
+            "exceed `2 * n_kv * head_dim` elements (choose a smaller `kv_rank` or `rope_dim` to save memory).",
+            "",
+        ]
     lines += evaluation_section(report.get("evaluation"))
     lines += [
         "## Use",
@@ -202,7 +225,9 @@ def model_card(report: dict) -> str:
 
 
 __all__ = [
+    "CONVERTED_CACHE_TERMS",
     "KVCacheSize",
+    "cache_change",
     "cache_nbytes",
     "environment",
     "evaluation_rows",

@@ -629,6 +629,37 @@ def count_pairs_per_axis(pairs: list[list[list[int]]], mrope_section: list[int])
     return counts
 
 
+def check_axis_minimum(mrope_section: list[int], rope_dim: int, min_per_axis: dict[str, int]) -> dict[str, int]:
+    """Validates per-axis minima of kept M-RoPE pairs against the axis sizes and `rope_dim` (before any calibration).
+
+    Args:
+        mrope_section (`list[int]`):
+            Number of pairs per axis `[t, h, w]`.
+        rope_dim (`int`):
+            Rotary dims kept per head (even); `rope_dim // 2` pairs are kept.
+        min_per_axis (`dict[str, int]`):
+            Minimum kept pairs per axis, keys among `"t"`, `"h"`, `"w"` (missing keys mean 0).
+
+    Returns:
+        `dict[str, int]`: the minimum of every axis.
+    """
+    sections = _check_mrope_section(mrope_section)
+    num_kept = _check_head_geometry(2 * sum(sections), rope_dim)
+    unknown = set(min_per_axis) - set(MROPE_AXES)
+    if unknown:
+        raise ValueError(f"Unknown M-RoPE axes {sorted(unknown)} in `min_per_axis`; use 't', 'h' and 'w'.")
+    minima = {axis: int(min_per_axis.get(axis, 0)) for axis in MROPE_AXES}
+    for axis, size in zip(MROPE_AXES, sections):
+        if minima[axis] < 0 or minima[axis] > size:
+            raise ValueError(f"min_per_axis[{axis!r}]={minima[axis]} must lie in [0, {size}] (the axis size).")
+    if sum(minima.values()) > num_kept:
+        raise ValueError(
+            f"The per-axis minima {minima} sum to {sum(minima.values())}, more than the {num_kept} pairs kept with "
+            f"rope_dim={rope_dim}; lower the minima or raise rope_dim."
+        )
+    return minima
+
+
 def enforce_axis_minimum(
     scores: torch.Tensor, rope_dim: int, mrope_section: list[int], min_per_axis: dict[str, int]
 ) -> list[list[list[int]]]:
@@ -661,18 +692,7 @@ def enforce_axis_minimum(
             "(head_dim/2)."
         )
     num_kept = _check_head_geometry(2 * num_pairs, rope_dim)
-    unknown = set(min_per_axis) - set(MROPE_AXES)
-    if unknown:
-        raise ValueError(f"Unknown M-RoPE axes {sorted(unknown)} in `min_per_axis`; use 't', 'h' and 'w'.")
-    minima = {axis: int(min_per_axis.get(axis, 0)) for axis in MROPE_AXES}
-    for axis, size in zip(MROPE_AXES, sections):
-        if minima[axis] < 0 or minima[axis] > size:
-            raise ValueError(f"min_per_axis[{axis!r}]={minima[axis]} must lie in [0, {size}] (the axis size).")
-    if sum(minima.values()) > num_kept:
-        raise ValueError(
-            f"The per-axis minima {minima} sum to {sum(minima.values())}, more than the {num_kept} pairs kept with "
-            f"rope_dim={rope_dim}; lower the minima or raise rope_dim."
-        )
+    minima = check_axis_minimum(sections, rope_dim, min_per_axis)
 
     scores = scores.detach().cpu().to(torch.float64)
     if not bool(torch.isfinite(scores).all()):
@@ -704,6 +724,7 @@ def enforce_axis_minimum(
 __all__ = [
     "MROPE_AXES",
     "aggregate_gqa",
+    "check_axis_minimum",
     "count_pairs_per_axis",
     "enforce_axis_minimum",
     "load_rank_file",

@@ -18,25 +18,36 @@ Device memory therefore peaks at one decoder layer plus the activations of one s
 inputs of all samples and the statistics (four `d x d` float64 matrices per layer).
 """
 
+import json
 import math
+import os
 import random
 from collections.abc import Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..configuration.configuration_mla_common import text_head_dim
+from ..errors import InputError
 from ..modeling.mla_attention import MLAAttention
 from ..modeling.partial_rope import rotate_half
-from ..utils import to_device
+from ..utils import atomic_file, resolve_device, to_device
 from .calibration import TokenCounts
 from .rope_selection import mkl_pair_sensitivity, pair_norms
 
 
 logger = logging.get_logger(__name__)
+
+
+STATISTICS_FORMAT = "hf_mla_vlm.calibration_statistics"
+_MODALITY_FIELDS = ("cov", "heldout")
+_TENSOR_FIELDS = ("q_pair_norm", "k_pair_norm", "mkl")
 
 
 class _StopForward(Exception):
@@ -68,15 +79,85 @@ class CalibrationStatistics:
         """`[num_layers, ...]` stack of a per-layer tensor field (`q_pair_norm`, `k_pair_norm`, `mkl`)."""
         return torch.stack([getattr(layer, name) for layer in self.layers])
 
-    def save(self, path) -> None:
-        torch.save(self, path)
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the statistics as one safetensors file: the tensors, and the counts and settings as JSON in its
+        header (no pickle). Written atomically; `.safetensors` is the suggested suffix."""
+        tensors = {}
+        for i, layer in enumerate(self.layers):
+            for name in _TENSOR_FIELDS:
+                tensors[f"layers.{i}.{name}"] = getattr(layer, name).contiguous()
+            for name in _MODALITY_FIELDS:
+                for modality, tensor in getattr(layer, name).items():
+                    tensors[f"layers.{i}.{name}.{modality}"] = tensor.contiguous()
+        description = {
+            "num_layers": len(self.layers),
+            "tokens": [layer.tokens for layer in self.layers],
+            "heldout_tokens": [layer.heldout_tokens for layer in self.layers],
+            "token_counts": asdict(self.token_counts),
+            "heldout_counts": asdict(self.heldout_counts),
+            "num_samples": self.num_samples,
+            "settings": self.settings,
+        }
+        metadata = {"format": STATISTICS_FORMAT, "version": "1", "statistics": json.dumps(description)}
+        with atomic_file(path) as temporary:
+            save_file(tensors, str(temporary), metadata=metadata)
 
     @classmethod
-    def load(cls, path) -> "CalibrationStatistics":
-        stats = torch.load(path, weights_only=False)
-        if not isinstance(stats, cls):
-            raise ValueError(f"{path} does not hold hf-mla-vlm calibration statistics.")
-        return stats
+    def load(cls, path: str | os.PathLike) -> "CalibrationStatistics":
+        """Read statistics written by [`~CalibrationStatistics.save`] (safetensors; never unpickles anything).
+
+        Raises:
+            `FileNotFoundError`: no file at `path`.
+            `InputError`: the file is not hf-mla-vlm statistics, or is an old pickle file (`torch.save`), which is
+                refused because loading it could run code.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Calibration statistics {path} not found.")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except (SafetensorError, OSError, ValueError) as error:
+            with open(path, "rb") as handle:
+                head = handle.read(4)
+            if head.startswith((b"PK\x03\x04", b"\x80")):
+                raise InputError(
+                    f"{path} holds calibration statistics saved with pickle (torch.save) by an older hf-mla-vlm; "
+                    "pickle files can run code when loaded and are refused. Regenerate them (convert without "
+                    "statistics=, or collect_statistics(...).save(path)): they are now written as safetensors."
+                ) from error
+            raise InputError(f"{path} is not a calibration statistics file ({error}).") from error
+        if metadata.get("format") != STATISTICS_FORMAT:
+            raise InputError(
+                f"{path} is a safetensors file but not hf-mla-vlm calibration statistics (its header has no "
+                f"format={STATISTICS_FORMAT!r}); pass a file written by CalibrationStatistics.save."
+            )
+        try:
+            description = json.loads(metadata["statistics"])
+            layers = []
+            for i in range(description["num_layers"]):
+                modality = {
+                    name: {m: tensors[f"layers.{i}.{name}.{m}"] for m in ("text", "image")}
+                    for name in _MODALITY_FIELDS
+                }
+                layers.append(
+                    LayerStatistics(
+                        **modality,
+                        tokens=description["tokens"][i],
+                        heldout_tokens=description["heldout_tokens"][i],
+                        **{name: tensors[f"layers.{i}.{name}"] for name in _TENSOR_FIELDS},
+                    )
+                )
+            return cls(
+                layers=layers,
+                token_counts=TokenCounts(**description["token_counts"]),
+                heldout_counts=TokenCounts(**description["heldout_counts"]),
+                num_samples=description["num_samples"],
+                settings=description["settings"],
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise InputError(f"{path}: incomplete calibration statistics ({error!r}); regenerate the file.") from error
 
 
 @contextmanager
@@ -149,7 +230,7 @@ def collect_statistics(
         seed: sampling seed (held-out split, query rows).
         progress: show progress bars.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     text_layers = model.get_submodule(text_layers_path)
     text = model.config.text_config
     n_q, n_kv = text.num_attention_heads, text.num_key_value_heads

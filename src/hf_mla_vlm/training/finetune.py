@@ -61,7 +61,7 @@ from transformers.utils import logging
 from ..conversion_scripts.calibration import Conversation, load_conversations
 from ..conversion_scripts.registry import ARCHITECTURES, MLA_MODEL_TYPES
 from ..conversion_scripts.report import environment
-from ..utils import staged_folder
+from ..utils import check_output_folder, staged_folder, weight_file_digests
 from .data import ChatCollator, TextWindow
 from .distill import TEXT_SOURCES, mixed_training_items, text_windows
 from .trainer import DistillationTrainer, RecoveryTrainer, TimingCallback, wsd_steps
@@ -414,13 +414,15 @@ def _parameter_digest(model: nn.Module, names: Sequence[str]) -> str:
 
 def _save_atomically(model: nn.Module, processor, report: dict, output_dir: Path, save_dtype: torch.dtype) -> None:
     """Weights (the model's own Hub-ready `save_pretrained`), processor and report in a hidden sibling folder,
-    renamed into place at the end: an interrupted run leaves only `.<name>.incomplete`."""
+    renamed into place at the end (`staged_folder`: an interrupted run never leaves a half-written folder, and a
+    replaced one is deleted only once the new one is in place). The report records the sha256 of every weight file."""
     with staged_folder(output_dir) as staging:
         if any(p.dtype != save_dtype for p in model.parameters() if p.is_floating_point()):
             model.to(save_dtype)
         model.config.dtype = save_dtype
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
+        report["files"] = weight_file_digests(staging)
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
@@ -512,8 +514,9 @@ def finetune(
         data: `"zoo-vqa"` (procedural VQA train split), a LLaVA-style conversation JSON (or `"builtin"`, or a saved
             `datasets` folder), `"wikipedia"` (packed plain text), comma-separated sources to mix (e.g.
             `"wikipedia,zoo-vqa"`, see `mix`), or a list of `Conversation` / `TextWindow`.
-        output_dir: folder of the fine-tuned checkpoint (Hub-ready, with remote code), written atomically by the
-            main process. Trainer checkpoints (`save_steps`) go to the hidden sibling `.<name>.checkpoints`.
+        output_dir: folder of the fine-tuned checkpoint (Hub-ready, with remote code), written crash-safely by the
+            main process (`hf_mla_vlm.utils.staged_folder`). Trainer checkpoints (`save_steps`) go to the hidden
+            sibling `.<name>.checkpoints`.
         stage: 1 or 2, or 0: the control (the original model trained with the same data, steps and schedule; the
             `paper` set is then its text attention, `q/k/v/o_proj`, what stages 1-2 replace and train).
         trainable: `"paper"`, `"official"` (see the module docstring) or regexes (`re.search`) over parameter names.
@@ -551,11 +554,7 @@ def finetune(
         [`FinetuneResult`]; the report is also written to `output_dir/finetune_report.json`.
     """
     started = time.perf_counter()
-    output_dir = Path(output_dir).resolve()
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it."
-        )
+    output_dir = check_output_folder(Path(output_dir).resolve(), overwrite)
     if not 0.0 <= warmup_ratio < 1.0 or not 0.0 <= decay_ratio <= 1.0 or warmup_ratio + decay_ratio > 1.0:
         raise ValueError(
             f"warmup_ratio must be in [0, 1), decay_ratio in [0, 1] and their sum at most 1; got {warmup_ratio} "

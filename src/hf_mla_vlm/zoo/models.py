@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers.utils import logging
 
 from hf_mla_vlm.graft import GraftArch, VisionSpec, build_smollm2_vlm
-from hf_mla_vlm.utils import staged_folder
+from hf_mla_vlm.utils import atomic_file, check_output_folder, staged_folder
 
 
 logger = logging.get_logger(__name__)
@@ -104,7 +104,8 @@ def save_vision_weights(
     if bad:
         raise ValueError(f"Vision tensors not finite in {dtype}: {bad[:5]}")
     header = {"zoo_spec": json.dumps(spec.to_dict()), "training": json.dumps(metadata)}
-    save_file(state, str(path), metadata=header)
+    with atomic_file(path) as temporary:  # never a half-written weights file
+        save_file(state, str(temporary), metadata=header)
     return path
 
 
@@ -188,15 +189,15 @@ def save_zoo_model(
     """`build_zoo_model(name)` saved as a native checkpoint folder (what `hf-mla-vlm zoo build` writes).
 
     The folder also holds `zoo.json` (the spec, and the render size to use for the VQA task). It is written in a
-    hidden sibling folder and renamed at the end, so an interrupted build never leaves a complete-looking folder;
-    with `overwrite`, an existing folder is replaced as a whole.
+    hidden sibling folder and renamed at the end (`hf_mla_vlm.utils.staged_folder`), so an interrupted build never
+    leaves a half-written folder; with `overwrite`, an existing folder is replaced as a whole and deleted only once
+    the new one is in place.
 
     Raises:
         `FileExistsError`: `out_dir` exists and is not empty, and `overwrite` is false.
+        `LeftoverError`: an earlier interrupted build left hidden folders beside `out_dir`.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
+    out_dir = check_output_folder(out_dir, overwrite)
     model, processor = build_zoo_model(name, weights=weights, dtype=dtype, smollm2=smollm2)
     with staged_folder(out_dir) as staging:
         model.save_pretrained(staging)

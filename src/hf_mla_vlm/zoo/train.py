@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from hf_mla_vlm.training.data import IGNORE_INDEX, ChatCollator
-from hf_mla_vlm.utils import to_device
+from hf_mla_vlm.utils import resolve_device, to_device, write_text_atomically
 from hf_mla_vlm.zoo.models import (
     build_zoo_model,
     is_vision_parameter,
@@ -134,8 +134,8 @@ def train_vision(
     """
     spec = zoo_spec(name)
     out_dir = Path(out_dir)
+    device = resolve_device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     torch.manual_seed(seed)
     model, processor = build_zoo_model(name, trained=False, smollm2=smollm2)
@@ -230,10 +230,8 @@ def train_vision(
         versions={"torch": torch.__version__, "transformers": transformers.__version__},
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    partial = out_dir / f".{name}.safetensors.partial"
-    save_vision_weights(model, spec, partial, metadata=settings)
-    partial.replace(out_dir / f"{name}.safetensors")
-    (out_dir / f"{name}_train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    save_vision_weights(model, spec, out_dir / f"{name}.safetensors", metadata=settings)  # atomically
+    write_text_atomically(out_dir / f"{name}_train_log.json", json.dumps(log, indent=2) + "\n")
     return log
 
 

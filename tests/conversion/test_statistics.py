@@ -1,0 +1,84 @@
+"""Calibration statistics are saved and loaded as safetensors + JSON; pickle files are refused without running."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hf_mla_vlm.conversion_scripts.calibration import builtin_conversations, encode_conversations
+from hf_mla_vlm.conversion_scripts.convert import convert
+from hf_mla_vlm.conversion_scripts.statistics import STATISTICS_FORMAT, CalibrationStatistics, collect_statistics
+from hf_mla_vlm.errors import InputError
+from tests.utils import load_native
+
+
+@pytest.fixture(scope="module")
+def stats(native_checkpoints) -> CalibrationStatistics:
+    model, processor = load_native(native_checkpoints["llava"])
+    samples = list(encode_conversations(processor, builtin_conversations(3)))
+    return collect_statistics(model, samples, [model.config.image_token_id], device="cpu", progress=False)
+
+
+def test_statistics_round_trip_through_safetensors(stats, tmp_path):
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    with safe_open(str(path), framework="pt") as handle:  # a plain safetensors file, JSON in its header
+        metadata = handle.metadata()
+    assert metadata["format"] == STATISTICS_FORMAT and json.loads(metadata["statistics"])["num_samples"] == 3
+    loaded = CalibrationStatistics.load(path)
+    assert (loaded.num_samples, loaded.token_counts, loaded.heldout_counts, loaded.settings) == (
+        stats.num_samples, stats.token_counts, stats.heldout_counts, stats.settings,
+    )  # fmt: skip
+    assert len(loaded.layers) == len(stats.layers)
+    for ours, theirs in zip(stats.layers, loaded.layers):
+        assert ours.tokens == theirs.tokens and ours.heldout_tokens == theirs.heldout_tokens
+        for modality in ("text", "image"):
+            assert torch.equal(ours.cov[modality], theirs.cov[modality])
+            assert torch.equal(ours.heldout[modality], theirs.heldout[modality])
+        for name in ("q_pair_norm", "k_pair_norm", "mkl"):
+            assert torch.equal(getattr(ours, name), getattr(theirs, name))
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.safetensors"]  # written atomically, no temporary left
+
+
+class _Payload:
+    """Unpickling this creates a marker file: what a crafted statistics file could do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_a_pickle_statistics_file_is_refused_without_running_it(tmp_path, native_checkpoints, writer):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "stats.pt"
+    if writer == "torch.save":
+        torch.save({"layers": _Payload(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps(_Payload(marker)))
+    assert not marker.exists()
+    with pytest.raises(InputError, match="saved with pickle .* refused. Regenerate them"):
+        CalibrationStatistics.load(path)
+    with pytest.raises(InputError, match="saved with pickle"):
+        convert(native_checkpoints["llava"], tmp_path / "out", rope_dim=8, kv_rank=8, rope_strategy="mkl",
+                statistics=path, progress=False)  # fmt: skip
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_other_files_are_refused(tmp_path):
+    save_file({"x": torch.zeros(2)}, tmp_path / "weights.safetensors")
+    with pytest.raises(InputError, match="not hf-mla-vlm calibration statistics"):
+        CalibrationStatistics.load(tmp_path / "weights.safetensors")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InputError, match="is not a calibration statistics file"):
+        CalibrationStatistics.load(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        CalibrationStatistics.load(tmp_path / "absent.safetensors")
+    save_file({"x": torch.zeros(2)}, tmp_path / "cut.safetensors", metadata={"format": STATISTICS_FORMAT})
+    with pytest.raises(InputError, match="incomplete calibration statistics"):
+        CalibrationStatistics.load(tmp_path / "cut.safetensors")
