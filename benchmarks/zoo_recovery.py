@@ -60,23 +60,30 @@ def statistics_of(path: Path, image_token_ids: list[int], args):
     return collect_statistics(model, encoded, image_token_ids, device=args.device, progress=False)
 
 
-def tune(source: Path, out: Path, stage: int, steps: int, lr: float, args) -> dict:
+def tune(source: Path, out: Path, stage: int, steps: int, lr: float, args, data="zoo-vqa", seed=None, **options):
+    """`finetune` for `steps` steps of `args.train_batch` samples of `data` (default: the zoo VQA train split), bf16
+    on a GPU; `options` go to `finetune` (e.g. `objective`, `teacher`). Returns the stage's budget and losses."""
     started = time.perf_counter()
     result = finetune(
-        source, "zoo-vqa", out, stage=stage, learning_rate=lr, per_device_train_batch_size=args.train_batch,
+        source, data, out, stage=stage, learning_rate=lr, per_device_train_batch_size=args.train_batch,
         gradient_accumulation_steps=1, max_steps=steps, num_samples=steps * args.train_batch,
-        image_size=zoo_spec(args.model).render_size, bf16=torch.cuda.is_available(), seed=args.seed,
-        logging_steps=25, training_args={"dataloader_num_workers": args.workers}, overwrite=True,
+        image_size=zoo_spec(args.model).render_size, bf16=torch.cuda.is_available(),
+        seed=args.seed if seed is None else seed, logging_steps=25,
+        training_args={"dataloader_num_workers": args.workers}, overwrite=True, **options,
     )  # fmt: skip
     report = result.report
     training, parameters = report["training"], report["parameters"]
+    train_time = training["train_time_s"]
     return {
         "stage": stage,
+        "objective": report["settings"]["objective"],
         "steps": training["steps"],
         "learning_rate": lr,
         "batch_size": args.train_batch,
         "samples": training["steps"] * args.train_batch,
         "tokens": training["tokens_seen"],
+        "train_time_s": train_time,
+        "tokens_per_s": training["tokens_seen"] / train_time if train_time else None,
         "trainable_parameters": parameters["trainable"],
         "trainable_fraction": parameters["trainable_fraction"],
         "minutes": (time.perf_counter() - started) / 60,

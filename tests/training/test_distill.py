@@ -5,6 +5,7 @@ import torch
 
 import hf_mla_vlm  # noqa: F401  (registers the MLA classes)
 from hf_mla_vlm.conversion_scripts.convert import convert
+from hf_mla_vlm.evaluation.perplexity import token_stream
 from hf_mla_vlm.training.data import IGNORE_INDEX, ChatCollator, TextWindow
 from hf_mla_vlm.training.distill import distillation_kl, distilled_positions, mixed_training_items, text_windows
 from hf_mla_vlm.training.finetune import finetune, load_model
@@ -124,5 +125,7 @@ def test_text_windows_pack_the_token_stream(native_checkpoints):
     _, processor = load_native(native_checkpoints["llava"])
     windows = text_windows(processor, ["a cat . the dog"] * 10, 7, 3)
     assert [len(w.input_ids) for w in windows] == [7, 7, 7] and isinstance(windows[0], TextWindow)
+    every = text_windows(processor, ["a cat . the dog"] * 10, 7)  # every whole window of the stream
+    assert every[:3] == windows and len(every) == len(token_stream(processor, ["a cat . the dog"] * 10)) // 7
     with pytest.raises(ValueError, match="fewer than"):
         text_windows(processor, ["a cat"], 7, 3)

@@ -30,17 +30,19 @@ from .data import IGNORE_INDEX, TextWindow
 TEXT_SOURCES = ("wikipedia",)  # plain-text sources by name: the Wikipedia calibration split (80% of the articles)
 
 
-def text_windows(tokenizer, texts: Sequence[str], seq_len: int, count: int) -> list[TextWindow]:
-    """The first `count` non-overlapping windows of `seq_len` tokens of `texts` packed into one stream.
+def text_windows(tokenizer, texts: Sequence[str], seq_len: int, count: int | None = None) -> list[TextWindow]:
+    """The first `count` (default: every whole) non-overlapping windows of `seq_len` tokens of `texts` packed into
+    one stream.
 
     Raises:
-        `ValueError`: the texts hold fewer than `count * seq_len` tokens.
+        `ValueError`: the texts hold fewer than `count * seq_len` tokens (fewer than `seq_len` without `count`).
     """
-    if seq_len < 2 or count < 1:
+    if seq_len < 2 or (count is not None and count < 1):
         raise ValueError(f"seq_len must be >= 2 and count >= 1, got {seq_len} and {count}.")
-    ids = token_stream(tokenizer, texts, max_tokens=count * seq_len)
-    if len(ids) < count * seq_len:
-        raise ValueError(f"The texts hold {len(ids)} tokens, fewer than {count} windows of {seq_len}.")
+    ids = token_stream(tokenizer, texts, max_tokens=None if count is None else count * seq_len)
+    count = len(ids) // seq_len if count is None else count
+    if count < 1 or len(ids) < count * seq_len:
+        raise ValueError(f"The texts hold {len(ids)} tokens, fewer than {max(count, 1)} windows of {seq_len}.")
     return [TextWindow(tuple(ids[i * seq_len : (i + 1) * seq_len])) for i in range(count)]
 
 

@@ -1,0 +1,65 @@
+"""benchmarks/recovery_quality.py end to end on a tiny random LLaVA (CPU, 1 training step per stage)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+REQUIRED = ("model", "rope_dim", "kv_rank", "kv_ratio", "route", "init", "rope_strategy", "seed", "vqa", "ppl", "kl",
+            "tokens", "gpu_minutes", "tokens_per_s", "vqa_per_type", "ppl_scenes", "top1")  # fmt: skip
+TINY = ["--stage1-steps", "1", "--stage2-steps", "1", "--train-batch", "2", "--workers", "0", "--calibration", "4",
+        "--num-samples", "4", "--batch-size", "4", "--seq-len", "32", "--max-sequences", "2", "--scene-texts", "20",
+        "--scene-seq-len", "32", "--scene-windows", "2", "--kl-text", "2", "--kl-seq-len", "32", "--kl-vqa", "2",
+        "--kl-batch", "2", "--text-seq-len", "32", "--rope-dim", "8", "--progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def recovery_quality():
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import each other as top-level modules
+    try:
+        import recovery_quality
+
+        yield recovery_quality
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_rows_merge_and_page(recovery_quality, native_checkpoints, tmp_path):
+    common = ["--model", "llava", "--native", str(native_checkpoints["llava"]), "--seeds", "0", *TINY]
+    common += ["--out", str(tmp_path / "parts"), "--workdir", str(tmp_path / "work")]
+    main = recovery_quality.main
+    headline = main(["run", *common, "--levels", "62.5", "75", "--routes", "none", "distill", "control"])
+    ablation = main(["run", *common, "--routes", "--ablations", "--ablation-routes", "none"])
+    rows = json.loads(headline.read_text())["rows"]
+    assert [(r["route"], r["level"]) for r in rows] == [
+        ("original", None), ("control", None), ("none", "62.5"), ("distill", "62.5"), ("none", "75"),
+        ("distill", "75"),
+    ]  # fmt: skip
+    for row in rows:
+        assert all(key in row for key in REQUIRED), set(REQUIRED) - set(row)
+        if row["level"]:
+            assert row["kv_ratio"] <= 1 - float(row["level"]) / 100
+            real = row["kv_cache_report"]
+            assert row["kv_ratio"] == pytest.approx(real["converted"] / real["original"])
+    original, control, _, distill62, _, distill75 = rows
+    assert original["kl"] == pytest.approx(0.0, abs=1e-6) and original["top1"] == 1.0
+    assert control["tokens"] == distill62["tokens"] > 0  # the same items
+    assert [s["stage"] for s in control["stages"]] == [0, 0] and [s["stage"] for s in distill75["stages"]] == [1, 2]
+    assert distill75["stages"][0]["reused"] and distill75["gpu_minutes"] > distill75["wall_minutes"]  # stage 1 shared
+    ablations = json.loads(ablation.read_text())["rows"][1:]
+    assert {(r["init"], r["rope_strategy"]) for r in ablations} == set(recovery_quality.ABLATIONS)
+    assert all(r["route"] == "none" and r["level"] == "62.5" and not r["headline"] for r in ablations)
+
+    out = tmp_path / "merged.json"
+    main(["merge", str(headline), str(ablation), "--out", str(out)])
+    merged = json.loads(out.read_text())["models"][0]
+    assert len(merged["rows"]) == 6 + 4 and len(merged["runs"]) == 2
+    page = out.with_suffix(".md").read_text()
+    assert "| - | - | 1.000 | original |" in page and "| weight | mkl | - |" in page and "recovery_quality.py" in page
+    with pytest.raises(ValueError, match="in two parts"):
+        main(["merge", str(headline), str(headline), "--out", str(out)])
+    with pytest.raises(SystemExit, match="CPU"):  # smoke numbers never land in benchmarks/results
+        main(["merge", str(headline), "--out", str(recovery_quality.RESULTS / "recovery_quality.json")])
