@@ -1,4 +1,5 @@
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -13,6 +14,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _default_sigint():
+    """Ctrl-C raises KeyboardInterrupt in every test, also where the suite was started in the background (a shell
+    starts background jobs with SIGINT ignored, and Python then installs no handler): the fault-injection tests send
+    real SIGINTs."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from hf_mla_vlm import cli
 from hf_mla_vlm.conversion_scripts import convert as convert_module
 from hf_mla_vlm.conversion_scripts.hub import verify_folder
 from hf_mla_vlm.utils import folder_leftovers
+from tests.utils import default_sigint_in_child
 
 
 def test_convert_cli_writes_a_complete_folder(native_checkpoints, tmp_path, capsys):
@@ -193,6 +194,7 @@ def test_a_real_sigint_in_the_worst_window_of_the_swap(previous, native_checkpoi
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, *argv, "--overwrite", "--quiet"], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        preexec_fn=default_sigint_in_child,
     )  # fmt: skip
     try:
         assert child.stdout.readline().strip() == "WINDOW"

@@ -11,12 +11,13 @@ from transformers import LlavaImageProcessorPil, LlavaProcessor, PreTrainedToken
 
 from hf_mla_vlm import cli
 from hf_mla_vlm.evaluation import evaluate, vqa_accuracy, vqa_image_size
-from hf_mla_vlm.tiny_models import LLAVA_CHAT_TEMPLATE, SPECIAL_TOKENS, TINY_ARCHS, build_tiny_vlm
+from hf_mla_vlm.tiny_models import LLAVA_CHAT_TEMPLATE, QWEN_STYLE, SPECIAL_TOKENS, TINY_ARCHS, build_tiny_vlm
 from hf_mla_vlm.zoo import ANSWERS, QTYPES, generate_split
 from tests.utils import load_native
 
 
-NATIVE_SIZE = {"llava": 28, "llava_next": 56, "qwen2_5_vl": 112}  # crop, largest square pinpoint, isqrt(max_pixels)
+# crop, largest square pinpoint, isqrt(max_pixels)
+NATIVE_SIZE = {"llava": 28, "llava_next": 56, "qwen2_5_vl": 112, "qwen2_vl": 112, "llava_onevision": 56}
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_vqa_image_size_is_the_native_resolution(tiny, arch):
     assert size == NATIVE_SIZE[arch]
     image = generate_split("test", 1, image_size=size)[0].image
     encoded = processor.image_processor(images=[image], return_tensors="pt")
-    if arch == "qwen2_5_vl":  # smart_resize keeps the size: one 14-pixel patch per 14 pixels
+    if arch in QWEN_STYLE:  # smart_resize keeps the size: one 14-pixel patch per 14 pixels
         assert encoded["image_grid_thw"].tolist() == [[1, size // 14, size // 14]]
     elif arch == "llava":
         assert tuple(encoded["pixel_values"].shape[-2:]) == (size, size)

@@ -1,5 +1,7 @@
 """Helpers shared by the tests (not fixtures)."""
 
+import signal
+
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -31,3 +33,9 @@ def perturb_image_branch(model, std: float = 0.05, seed: int = 1) -> None:
             for proj in (attn.kv_a_proj["image"], attn.kv_b_proj["image"]):
                 for param in proj.parameters():
                     param.add_(torch.randn(param.shape, generator=generator) * std)
+
+
+def default_sigint_in_child() -> None:
+    """`preexec_fn` for a child Python process that a test interrupts with SIGINT: a shell starts background jobs
+    with SIGINT ignored, and a Python started that way installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -456,11 +456,35 @@ def _add_finetune(sub) -> None:
         help="two-stage recovery fine-tuning on transformers.Trainer (stage 1: partial_rope form, stage 2: mla form)",
         description="Runs under python, torchrun or accelerate launch (DDP / FSDP / DeepSpeed) unchanged.",
     )
-    p.add_argument("model", help="converted checkpoint folder (--stage partial_rope for stage 1, mla for stage 2)")
-    p.add_argument("--stage", type=int, choices=[1, 2], required=True, help="recovery stage")
     p.add_argument(
-        "--data", default="zoo-vqa", help="'zoo-vqa' (procedural VQA), 'builtin' or a LLaVA-style conversation JSON"
+        "model",
+        help="converted checkpoint folder (--stage partial_rope for stage 1, mla for stage 2), or the native "
+        "original for --stage 0 (the control)",
     )
+    p.add_argument(
+        "--stage",
+        type=int,
+        choices=[0, 1, 2],
+        required=True,
+        help="recovery stage; 0 = the control: the original model fine-tuned with the same data and schedule",
+    )
+    p.add_argument(
+        "--data",
+        default="zoo-vqa",
+        help="'zoo-vqa' (procedural VQA), 'builtin', 'wikipedia' (packed plain text), a LLaVA-style conversation "
+        "JSON, or comma-separated sources to mix (e.g. wikipedia,zoo-vqa with --mix)",
+    )
+    p.add_argument("--mix", type=float, nargs="+", default=None, help="weights of the --data sources (default: equal)")
+    p.add_argument(
+        "--objective",
+        choices=["sft", "distill"],
+        default="sft",
+        help="sft: labels (the paper); distill: KL to --teacher at every position but the image placeholders",
+    )
+    p.add_argument("--teacher", default=None, help="the original (native) checkpoint, with --objective distill")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    p.add_argument("--label-weight", type=float, default=0.0, help="weight of the label loss added to the KL")
+    p.add_argument("--text-seq-len", type=int, default=512, help="tokens per packed window of plain-text sources")
     p.add_argument("--out", required=True, help="output folder (written atomically by the main process)")
     p.add_argument(
         "--trainable",
@@ -498,7 +522,9 @@ def _run_finetune(args) -> int:
         alpha = args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r
         lora = LoraSettings(r=args.lora_r, alpha=alpha)
     result = finetune(
-        args.model, args.data, args.out, stage=args.stage, trainable=trainable, lora=lora, learning_rate=args.lr,
+        args.model, args.data, args.out, stage=args.stage, trainable=trainable, objective=args.objective,
+        teacher=args.teacher, temperature=args.temperature, label_weight=args.label_weight, mix=args.mix,
+        text_seq_len=args.text_seq_len, lora=lora, learning_rate=args.lr,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         max_steps=args.max_steps, num_train_epochs=args.epochs, warmup_ratio=args.warmup_ratio,
         decay_ratio=args.decay_ratio, seed=args.seed, num_samples=args.num_samples, image_size=args.image_size,

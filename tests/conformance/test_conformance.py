@@ -20,7 +20,13 @@ import transformers
 
 
 TREE = Path(__file__).resolve().parents[3] / "shared" / "conformance" / "transformers-tests"
-ARCHS = {"llava": "NativeLlavaTest", "llava_next": "NativeLlavaNextTest", "qwen2_5_vl": "NativeQwen2_5_VLTest"}
+ARCHS = {
+    "llava": "NativeLlavaTest",
+    "llava_next": "NativeLlavaNextTest",
+    "qwen2_5_vl": "NativeQwen2_5_VLTest",
+    "qwen2_vl": "NativeQwen2VLTest",
+    "llava_onevision": "NativeLlavaOnevisionTest",
+}
 SETTINGS = ("full", "compressed")
 RESULTS = os.environ.get("MLA_CONFORMANCE_RESULTS")  # optional JSON-lines file the counts are appended to
 

@@ -1,5 +1,7 @@
 """Self-distillation and mixed text + image training data (CPU, tiny random models)."""
 
+import json
+
 import pytest
 import torch
 
@@ -129,3 +131,20 @@ def test_text_windows_pack_the_token_stream(native_checkpoints):
     assert every[:3] == windows and len(every) == len(token_stream(processor, ["a cat . the dog"] * 10)) // 7
     with pytest.raises(ValueError, match="fewer than"):
         text_windows(processor, ["a cat"], 7, 3)
+
+
+def test_finetune_cli_mixes_sources_and_distils(stage2, native_checkpoints, tmp_path):
+    from hf_mla_vlm import cli
+
+    out = tmp_path / "cli"
+    assert cli.main(["finetune", str(stage2), "--stage", "2", "--objective", "distill", "--out", str(out)]) == 2
+    assert not out.exists()  # refused before anything was written
+    code = cli.main([
+        "finetune", str(stage2), "--stage", "2", "--objective", "distill", "--teacher",
+        str(native_checkpoints["llava"]), "--data", "wikipedia,zoo-vqa", "--mix", "1", "3", "--num-samples", "4",
+        "--text-seq-len", "32", "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    settings = json.loads((out / "finetune_report.json").read_text())["settings"]
+    assert settings["objective"] == "distill" and settings["data"] == "wikipedia:1,zoo-vqa:3"
+    assert settings["num_conversations"] == 4

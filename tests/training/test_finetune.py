@@ -16,7 +16,7 @@ import hf_mla_vlm  # noqa: F401  (registers the MLA classes)
 from hf_mla_vlm import cli
 from hf_mla_vlm.conversion_scripts.calibration import Conversation
 from hf_mla_vlm.conversion_scripts.convert import convert
-from hf_mla_vlm.tiny_models import TINY_ARCHS, tiny_image
+from hf_mla_vlm.tiny_models import QWEN_STYLE, TINY_ARCHS, tiny_image
 from hf_mla_vlm.training.data import IGNORE_INDEX, ChatCollator, assistant_spans
 from hf_mla_vlm.training.finetune import (
     LoraSettings,
@@ -36,7 +36,7 @@ from hf_mla_vlm.zoo.vqa_data import generate_split
 
 # the module itself (a package attribute of the same name could be the function)
 finetune_module = importlib.import_module("hf_mla_vlm.training.finetune")
-END_OF_TURN = {"llava": "</s>", "llava_next": "</s>", "qwen2_5_vl": "<|im_end|>"}
+END_OF_TURN = {arch: "<|im_end|>" if arch in QWEN_STYLE else "</s>" for arch in TINY_ARCHS}
 LAYERS = (0, 1)  # tiny models: 2 decoder layers
 
 

@@ -50,8 +50,8 @@ def vqa_image_size(processor) -> int:
       smaller `image_size` explicitly for those.
 
     Args:
-        processor: the model's processor (`LlavaProcessor`, `LlavaNextProcessor`, `Qwen2_5_VLProcessor` or
-            `Qwen2VLProcessor`).
+        processor: the model's processor (`LlavaProcessor`, `LlavaNextProcessor`, `LlavaOnevisionProcessor`,
+            `Qwen2_5_VLProcessor` or `Qwen2VLProcessor`).
 
     Returns:
         `int`: the side length in pixels.
@@ -59,10 +59,16 @@ def vqa_image_size(processor) -> int:
     Raises:
         `ValueError`: for another kind of processor (e.g. a tokenizer), or one without the needed settings.
     """
-    from transformers import LlavaNextProcessor, LlavaProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
+    from transformers import (
+        LlavaNextProcessor,
+        LlavaOnevisionProcessor,
+        LlavaProcessor,
+        Qwen2_5_VLProcessor,
+        Qwen2VLProcessor,
+    )
 
     image_processor = getattr(processor, "image_processor", None)
-    if isinstance(processor, LlavaNextProcessor):
+    if isinstance(processor, (LlavaNextProcessor, LlavaOnevisionProcessor)):
         pinpoints = getattr(image_processor, "image_grid_pinpoints", None)
         if not pinpoints:
             raise ValueError(f"{type(image_processor).__name__} has no image_grid_pinpoints.")

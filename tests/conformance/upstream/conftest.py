@@ -41,10 +41,12 @@ except ImportError:
     sys.modules["transformers.distributed.parallel_utils"] = parallel_utils
 
 
-MLA_MODEL_TYPES = {"llava": "llava_mla", "llava_next": "llava_next_mla", "qwen2_5_vl": "qwen2_5_vl_mla"}
+MLA_MODEL_TYPES = {
+    native: f"{native}_mla" for native in ("llava", "llava_next", "qwen2_5_vl", "qwen2_vl", "llava_onevision")
+}
 MLA_CLASS_NAMES = {
     f"{native}{suffix}": f"{native}MLA{suffix}"
-    for native in ("Llava", "LlavaNext", "Qwen2_5_VL")
+    for native in ("Llava", "LlavaNext", "Qwen2_5_VL", "Qwen2VL", "LlavaOnevision")
     for suffix in ("Model", "ForConditionalGeneration")
 }
 for _name, _mapping in vars(modeling_auto).items():

@@ -5,7 +5,17 @@ from tests.models.llava.test_modeling_llava import LlavaForConditionalGeneration
 from tests.models.llava_next.test_modeling_llava_next import (
     LlavaNextForConditionalGenerationModelTest as NativeLlavaNextTest,
 )
+from tests.models.llava_onevision.test_modeling_llava_onevision import (
+    LlavaOnevisionForConditionalGenerationModelTest as NativeLlavaOnevisionTest,
+)
 from tests.models.qwen2_5_vl.test_modeling_qwen2_5_vl import Qwen2_5_VLModelTest as NativeQwen2_5_VLTest
+from tests.models.qwen2_vl.test_modeling_qwen2_vl import Qwen2VLModelTest as NativeQwen2VLTest
 
 
-__all__ = ["NativeLlavaNextTest", "NativeLlavaTest", "NativeQwen2_5_VLTest"]
+__all__ = [
+    "NativeLlavaNextTest",
+    "NativeLlavaOnevisionTest",
+    "NativeLlavaTest",
+    "NativeQwen2VLTest",
+    "NativeQwen2_5_VLTest",
+]
