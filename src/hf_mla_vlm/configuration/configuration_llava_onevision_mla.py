@@ -13,9 +13,7 @@ class LlavaOnevisionMLAConfig(MLAConfigMixin, LlavaOnevisionConfig):
     """
 
     model_type = "llava_onevision_mla"
-
-    def default_image_token_ids(self) -> list[int]:
-        return [int(i) for i in (self.image_token_index, self.video_token_index) if i is not None]
+    image_token_attributes = ("image_token_index", "video_token_index")
 
 
 __all__ = ["LlavaOnevisionMLAConfig"]

@@ -9,6 +9,7 @@ This file is part of the remote-code bundle: it imports only ``transformers`` an
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 MLA_STAGES = ("partial_rope", "mla")
@@ -62,9 +63,12 @@ class MLAConfigMixin:
         self._resolve_mla_defaults()
         self.validate_mla()
 
+    # Config attributes holding the token ids of the image branch, per architecture (set by each config class).
+    image_token_attributes: ClassVar[tuple[str, ...]] = ()
+
     def default_image_token_ids(self) -> list[int]:
-        """Token ids of the image modality for this architecture (overridden per architecture)."""
-        raise NotImplementedError
+        """Token ids of the image branch for this architecture: the values of `image_token_attributes`."""
+        return [int(getattr(self, name)) for name in self.image_token_attributes if getattr(self, name) is not None]
 
     # --- derived sizes (read by the attention module) ---
     @property

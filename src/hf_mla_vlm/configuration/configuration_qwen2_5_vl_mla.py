@@ -15,10 +15,7 @@ class Qwen2_5_VLMLAConfig(MLAConfigMixin, Qwen2_5_VLConfig):
     """
 
     model_type = "qwen2_5_vl_mla"
-
-    def default_image_token_ids(self) -> list[int]:
-        ids = (self.image_token_id, self.vision_start_token_id, self.vision_end_token_id, self.video_token_id)
-        return [int(i) for i in ids if i is not None]
+    image_token_attributes = ("image_token_id", "vision_start_token_id", "vision_end_token_id", "video_token_id")
 
 
 __all__ = ["Qwen2_5_VLMLAConfig"]

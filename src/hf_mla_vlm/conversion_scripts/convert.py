@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import transformers
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 from transformers.initialization import no_init_weights
@@ -23,6 +22,7 @@ from transformers.utils import logging
 
 from ..configuration.configuration_mla_common import text_head_dim
 from ..errors import InputError
+from ..registry import ArchSpec, arch_spec
 from ..utils import (
     check_output_folder,
     progress_bars,
@@ -32,7 +32,6 @@ from ..utils import (
     write_text_atomically,
 )
 from .calibration import encode_conversations, load_conversations, load_processor
-from .registry import ArchSpec, arch_spec
 from .report import environment, kv_cache_size, model_card
 from .rope_selection import (
     aggregate_gqa,
@@ -548,7 +547,7 @@ def convert(
 
     with progress_bars(progress):  # also Transformers' own (loading and saving weights)
         t = time.perf_counter()
-        source_class = getattr(transformers, spec.source_class) if stage == "native" else spec.mla_model_class
+        source_class = spec.native_class if stage == "native" else spec.mla_model_class
         source_model = source_class.from_pretrained(source_path, dtype=torch.float32).eval()
         source_dtype = getattr(source_config, "dtype", None) or getattr(source_config.text_config, "dtype", None)
         target_dtype = DTYPES[dtype] if dtype != "auto" else _as_dtype(source_dtype)

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from transformers.utils import logging
 
 from ..errors import InputError
+from ..registry import MLA_MODEL_TYPES
 from ..utils import file_digest, progress_bars, weight_file_names
-from .registry import MLA_MODEL_TYPES
 from .report import cache_change, evaluation_rows, model_card
 
 

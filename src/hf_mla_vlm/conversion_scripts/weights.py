@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ..modeling.mla_attention import attention_bias_layout
 from ..modeling.partial_rope import key_rows, query_row_order
 from .svd import LowRankFactors
 
@@ -42,13 +41,13 @@ def attention_source_stage(attention: Mapping[str, torch.Tensor]) -> str:
     return "partial_rope" if "k_nope_proj.weight" in attention else "native"
 
 
-def attention_keys(text_config, stage: str) -> set[str]:
-    """Weight names of one attention of `text_config` in the `native` or `partial_rope` layout."""
-    qkv_bias, o_bias = attention_bias_layout(text_config)
+def attention_keys(attention: Mapping[str, torch.Tensor], stage: str) -> set[str]:
+    """Weight names one attention in the `native` or `partial_rope` layout must have: every projection's weight,
+    and the q/k/v biases of all projections or of none (as present in `attention`), and the o bias if present."""
     names = _PROJECTIONS[stage]
     keys = {f"{name}.weight" for name in names} | {"o_proj.weight"}
-    keys |= {f"{name}.bias" for name in names} if qkv_bias else set()
-    keys |= {"o_proj.bias"} if o_bias else set()
+    keys |= {f"{name}.bias" for name in names} if "q_proj.bias" in attention else set()
+    keys |= {"o_proj.bias"} if "o_proj.bias" in attention else set()
     return keys
 
 
@@ -112,7 +111,7 @@ def convert_attention_weights(
     num_kv, head_dim = text.num_key_value_heads, config.mla_head_dim
     nope_dim = head_dim - config.rope_dim
     stage = attention_source_stage(attention)
-    expected = attention_keys(text, stage)
+    expected = attention_keys(attention, stage)
     if set(attention) != expected:
         raise ValueError(
             f"Layer {layer_idx}: attention weights {sorted(attention)} do not match the expected {sorted(expected)}."

@@ -15,6 +15,7 @@ from transformers import DynamicCache, StaticCache
 from ..compat import CACHE_ARG
 from ..configuration.configuration_mla_common import text_head_dim
 from ..conversion_scripts.report import cache_nbytes
+from ..registry import arch_spec
 
 
 Mode = Literal["eager", "static-compile"]
@@ -65,7 +66,7 @@ def bench_decode(model, batch: int, context: int, *, steps: int = 16, warmup: in
 
     def step(position: int):
         pos = torch.full((batch, 1), position, dtype=torch.long, device=device)
-        if model.config.model_type.startswith("qwen2_5_vl"):
+        if arch_spec(model.config.model_type).rope == "mrope":  # (3, B, 1): the t/h/w positions of a text token
             pos = pos.unsqueeze(0).expand(3, batch, 1)
         # eager: the mask covers the cache and the new token; static: fixed width, unfilled rows masked
         width = position + 1 if mode == "eager" else total

@@ -66,30 +66,17 @@ def register_decode_kernel(device_type: str, kernel: Callable) -> None:
     DECODE_KERNELS[device_type] = kernel
 
 
-# q/k/v and o projection biases of the text models we convert, by text `model_type`; anything else reads
-# `config.attention_bias` (Llama, Mistral).
-_BIAS_LAYOUT = {
-    model_type: (True, False) for model_type in ("qwen2", "qwen2_vl_text", "qwen2_vl", "qwen2_5_vl_text", "qwen2_5_vl")
-}
-
-
-def attention_bias_layout(text_config) -> tuple[bool, bool]:
-    """(q/k/v bias, o bias) of the original attention of `text_config`."""
-    if text_config.model_type in _BIAS_LAYOUT:
-        return _BIAS_LAYOUT[text_config.model_type]
-    bias = bool(getattr(text_config, "attention_bias", False))
-    return bias, bias
-
-
 class MLAAttention(nn.Module):
     """Text attention of a converted VLM decoder layer (see the module docstring for the maths).
 
     Args:
-        config: the top-level MLA config (`LlavaMLAConfig`, `LlavaNextMLAConfig` or `Qwen2_5_VLMLAConfig`).
+        config: the top-level MLA config (`LlavaMLAConfig`, `Qwen2_5_VLMLAConfig`, ...).
         layer_idx: index of the decoder layer; selects `config.rope_pairs[layer_idx]`.
+        qkv_bias, o_bias: whether the q/k/v and the o projections have biases: those of the native attention this
+            one replaces (`modeling_mla_common.with_mla_attention` reads them off it).
     """
 
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config, layer_idx: int, *, qkv_bias: bool, o_bias: bool):
         super().__init__()
         text = config.text_config
         self.config = text  # the attention interface reads `self.config._attn_implementation`
@@ -110,7 +97,6 @@ class MLAAttention(nn.Module):
         # Absorbed single-token decode; tests switch it off to compare against the decompressed path.
         self.use_absorbed_decode = True
 
-        qkv_bias, o_bias = attention_bias_layout(text)
         hidden, n_kv = text.hidden_size, self.num_key_value_heads
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
         self.k_rope_proj = nn.Linear(hidden, n_kv * self.rope_dim, bias=qkv_bias)
@@ -354,4 +340,4 @@ def eager_attention(module, query, key, value, attention_mask, scaling, dropout=
     return out, weights
 
 
-__all__ = ["PEFT_TARGET_MODULES", "MLAAttention", "attention_bias_layout"]
+__all__ = ["PEFT_TARGET_MODULES", "MLAAttention"]

@@ -83,14 +83,17 @@ def mla_text_model_class(native_class: type) -> type:
 
 def with_mla_attention(text_model, config):
     """The decoder `text_model` rebuilt as its `mla_text_model_class`, with every attention an [`MLAAttention`] of
-    `config` (the top-level MLA config). The new instance is built on the meta device and takes over the native
-    sub-modules, so nothing is allocated twice."""
+    `config` (the top-level MLA config) that has the biases of the native attention it replaces (Qwen2-style
+    models have q/k/v biases, Llama-style ones follow `attention_bias`; nothing needs a table). The new instance is
+    built on the meta device and takes over the native sub-modules, so nothing is allocated twice."""
     with torch.device("meta"):
         mla_text_model = mla_text_model_class(type(text_model))(text_model.config)
     for name, child in text_model.named_children():
         setattr(mla_text_model, name, child)
     for layer_idx, layer in enumerate(mla_text_model.layers):
-        layer.self_attn = MLAAttention(config, layer_idx)
+        native = layer.self_attn
+        qkv_bias, o_bias = native.q_proj.bias is not None, native.o_proj.bias is not None
+        layer.self_attn = MLAAttention(config, layer_idx, qkv_bias=qkv_bias, o_bias=o_bias)
     return mla_text_model
 
 

@@ -6,7 +6,7 @@ modality low-rank `kv_a_proj` / `kv_b_proj`). Everything runs through a stock `T
 `accelerate launch` with DDP, FSDP or DeepSpeed work unchanged; this module holds no distributed code of its own
 beyond asking the `Trainer`'s accelerator for a full state dict when parameters are sharded.
 
-Trainable sets (`trainable=`), as named rules over in-memory parameter names (see `RULES` and `TRAINABLE_SETS`):
+Trainable sets (`trainable=`), as named rules over in-memory parameter names (`trainable_rules`, `TRAINABLE_SETS`):
 
 | set        | stage 1 (`partial_rope`)                            | stage 2 (`mla`)                                  |
 |------------|-----------------------------------------------------|--------------------------------------------------|
@@ -59,8 +59,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from ..conversion_scripts.calibration import Conversation, load_conversations
-from ..conversion_scripts.registry import ARCHITECTURES, MLA_MODEL_TYPES
 from ..conversion_scripts.report import environment
+from ..registry import ARCHITECTURES, MLA_MODEL_TYPES, ArchSpec, arch_spec
 from ..utils import check_output_folder, staged_folder, weight_file_digests
 from .data import ChatCollator, TextWindow
 from .distill import TEXT_SOURCES, mixed_training_items, text_windows
@@ -78,23 +78,21 @@ REPORT_NAME = "finetune_report.json"
 ZOO_VQA = "zoo-vqa"
 DEFAULT_ZOO_SAMPLES = 1000
 
-_TEXT = r"^model\.language_model\."
-_ATTENTION = _TEXT + r"layers\.\d+\.self_attn\."
-# Named rules over in-memory parameter names (Transformers v5: `model.language_model.layers.N...` for the text
-# decoder of all three architectures). Each rule must match at least one parameter of the model it is applied to.
-RULES: dict[str, str] = {
-    "q_proj": _ATTENTION + r"q_proj\.",
-    "k_rope_proj": _ATTENTION + r"k_rope_proj\.",
-    "k_proj": _ATTENTION + r"k_proj\.",  # native attention (the control)
-    "k_nope_proj": _ATTENTION + r"k_nope_proj\.",
-    "v_proj": _ATTENTION + r"v_proj\.",
-    "kv_a_proj": _ATTENTION + r"kv_a_proj\.",
-    "kv_b_proj": _ATTENTION + r"kv_b_proj\.",
-    "o_proj": _ATTENTION + r"o_proj\.",
-    "text_attn": _TEXT + r".*attn",  # official stage 2: "attn" anywhere in a text-decoder name
-    "text_norms": _TEXT + r".*norm",  # every RMSNorm of the text decoder, the final one included
-    "aligner": r"^model\.(multi_modal_projector\.|image_newline$|visual\.merger\.)",
-}
+
+def trainable_rules(spec: ArchSpec) -> dict[str, str]:
+    """Named rules over the in-memory parameter names of an architecture (its text-layer path and aligner come from
+    the registry). Each rule must match at least one parameter of the model it is applied to."""
+    text = "^" + re.escape(spec.text_layers.removesuffix("layers"))  # `model\.language_model\.`
+    attention = text + r"layers\.\d+\.self_attn\."
+    projections = ("q_proj", "k_rope_proj", "k_proj", "k_nope_proj", "v_proj", "kv_a_proj", "kv_b_proj", "o_proj")
+    return {
+        **{name: attention + re.escape(name) + r"\." for name in projections},  # k_proj: the native attention
+        "text_attn": text + r".*attn",  # official stage 2: "attn" anywhere in a text-decoder name
+        "text_norms": text + r".*norm",  # every RMSNorm of the text decoder, the final one included
+        "aligner": spec.aligner,
+    }
+
+
 TRAINABLE_SETS: dict[str, dict[int, tuple[str, ...]]] = {
     "paper": {
         0: ("q_proj", "k_proj", "v_proj", "o_proj"),  # the native attention: what stages 1-2 replace
@@ -149,15 +147,17 @@ class FinetuneResult:
 # ------------------------------------------------------------------------------------------------ trainable sets
 
 
-def _rule_patterns(stage: int, trainable: str | Sequence[str]) -> dict[str, str]:
-    """`{label: regex}` of a named set for `stage`, or of user regexes (labelled by themselves)."""
+def _rule_patterns(stage: int, trainable: str | Sequence[str], spec: ArchSpec) -> dict[str, str]:
+    """`{label: regex}` of a named set for `stage` and the architecture of `spec`, or of user regexes (labelled by
+    themselves)."""
     if isinstance(trainable, str):
         if trainable not in TRAINABLE_SETS:
             raise ValueError(
                 f"trainable must be one of {sorted(TRAINABLE_SETS)} or a sequence of parameter-name regexes, "
                 f"got {trainable!r}."
             )
-        return {rule: RULES[rule] for rule in TRAINABLE_SETS[trainable][stage]}
+        rules = trainable_rules(spec)
+        return {rule: rules[rule] for rule in TRAINABLE_SETS[trainable][stage]}
     patterns = list(trainable)
     if not patterns:
         raise ValueError("trainable regexes must not be empty.")
@@ -181,7 +181,7 @@ def trainable_parameter_names(
         raise ValueError(f"stage must be 0 (control), 1 or 2, got {stage!r}.")
     names = [name for name, _ in model.named_parameters()]
     selected = {}
-    for label, pattern in _rule_patterns(stage, trainable).items():
+    for label, pattern in _rule_patterns(stage, trainable, arch_spec(model.config.model_type)).items():
         regex = re.compile(pattern)
         selected[label] = [name for name in names if regex.search(name)]
         if not selected[label]:
@@ -674,7 +674,7 @@ def finetune(
             "temperature": temperature if objective == "distill" else None,
             "label_weight": label_weight if objective == "distill" else None,
             "trainable": trainable if isinstance(trainable, str) else list(trainable),
-            "trainable_rules": _rule_patterns(stage, trainable),
+            "trainable_rules": _rule_patterns(stage, trainable, arch_spec(config.model_type)),
             "lora": asdict(lora) if lora is not None else None,
             "data": data_label,
             "num_conversations": len(conversations),
@@ -762,7 +762,6 @@ def _environment() -> dict[str, str]:
 
 
 __all__ = [
-    "RULES",
     "TRAINABLE_SETS",
     "ConversationDataset",
     "FinetuneResult",
@@ -777,5 +776,6 @@ __all__ = [
     "merge_lora",
     "plain_model_from_state_dict",
     "trainable_parameter_names",
+    "trainable_rules",
     "wsd_steps",
 ]
