@@ -126,7 +126,7 @@ def test_md_statistics_come_from_the_stage1_model(stage1, native_checkpoints, tm
 
     prefix = f"model.language_model.layers.{layer}.self_attn."
     attention = {k[len(prefix) :]: v for k, v in tuned_model.state_dict().items() if k.startswith(prefix)}
-    weight, _ = kv_source_matrix(attention, tuned_model.config, layer)
+    weight, _ = kv_source_matrix(attention)
     for modality in ("text", "image"):
         expected = activation_aware_svd(weight, tuned_stats.layers[layer].cov[modality], rank)
         other = activation_aware_svd(weight, native_stats.layers[layer].cov[modality], rank)

@@ -47,7 +47,7 @@ from .rope_selection import (
 )
 from .statistics import CalibrationStatistics, collect_statistics
 from .svd import LowRankFactors, activation_aware_svd, activation_error, decoupled_vs_joint, weight_svd
-from .weights import convert_attention_weights, kv_source_matrix
+from .weights import kv_source_matrix, mla_attention_weights, stage1_attention_weights
 
 
 logger = logging.get_logger(__name__)
@@ -285,16 +285,13 @@ def convert_model(
         attn_prefix = f"{prefix}.{layer_idx}.self_attn."
         attention = {k[len(attn_prefix) :]: v for k, v in state.items() if k.startswith(attn_prefix)}
         entry = {"layer": layer_idx}
+        converted = stage1_attention_weights(attention, mla_config, layer_idx)
         if mla_config.mla_stage == "mla":
             layer_stats = stats.layers[layer_idx] if stats is not None else None
-            weight, _ = kv_source_matrix({k: v.float() for k, v in attention.items()}, mla_config, layer_idx)
+            weight, bias = kv_source_matrix(converted)
             factors = low_rank_factors(weight, rank, svd, layer_stats, damping)
             entry.update(layer_report(weight, factors, rank, layer_stats, damping))
-            converted = convert_attention_weights(
-                attention, mla_config, layer_idx, lambda _, branch, f=factors: f[branch]
-            )
-        else:
-            converted = convert_attention_weights(attention, mla_config, layer_idx)
+            converted = mla_attention_weights(converted, factors, bias, mla_config, layer_idx)
         new_state.update({attn_prefix + k: v for k, v in converted.items()})
         layer_reports.append(entry)
 
@@ -522,8 +519,8 @@ def convert(
     mla_settings = dict(rope_dim=rope_dim, kv_rank=kv_rank, modality_split=modality_split, mla_stage=mla_stage)
     if image_token_ids is not None:
         mla_settings["image_token_ids"] = check_image_token_ids(source_config, image_token_ids)
-    # Validates the settings (default rotary pairs; the selected ones come later).
-    mla_config = build_mla_config(source_config, spec, **mla_settings)
+    # The settings are validated now (with the default rotary pairs); the config is built once the pairs are known.
+    mla_settings["image_token_ids"] = build_mla_config(source_config, spec, **mla_settings).image_token_ids
     planned = None
     if stage == "native":
         check_rope_options(source_config, rope_dim, rope_strategy, rope_ranks, rope_min_per_axis)
@@ -557,7 +554,7 @@ def convert(
             t = time.perf_counter()
             if stats is None:
                 stats = collect_statistics(
-                    source_model, samples, mla_config.image_token_ids, text_layers_path=spec.text_layers,
+                    source_model, samples, mla_settings["image_token_ids"], text_layers_path=spec.text_layers,
                     device=calibration_device, seed=seed, progress=progress,
                 )  # fmt: skip
                 del samples
@@ -575,12 +572,10 @@ def convert(
             )
         else:  # trained with these pairs in stage 1
             rope_pairs, rope_source, ranks = source_config.rope_pairs, "stage-1 source", None
-        mla_config.rope_pairs = rope_pairs
-        mla_config.validate_mla()
+        mla_config = build_mla_config(source_config, spec, rope_pairs=rope_pairs, dtype=target_dtype, **mla_settings)
         timings["rope_selection_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        mla_config.dtype = target_dtype
         model, layer_reports = convert_model(
             source_model, mla_config, spec, svd=svd if mla_stage == "mla" else "weight", stats=stats, damping=damping,
             dtype=target_dtype, progress=progress,

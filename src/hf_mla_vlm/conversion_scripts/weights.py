@@ -8,16 +8,12 @@ The source of a layer is either the native attention (`q_proj`, `k_proj`, `v_pro
 Everything here is a pure function of tensors and the MLA config: no model, no I/O.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 
 from ..modeling.partial_rope import key_rows, query_row_order
 from .svd import LowRankFactors
-
-
-LowRankInit = Callable[[torch.Tensor, str], LowRankFactors]
-"""`(W [N*P + N*D, d] = [W_k_nope; W_v], branch) -> factors` with `up @ down ~ W` at rank `N * kv_rank`."""
 
 
 def up_row_order(num_kv_heads: int, nope_dim: int, head_dim: int) -> list[int]:
@@ -51,19 +47,12 @@ def attention_keys(attention: Mapping[str, torch.Tensor], stage: str) -> set[str
     return keys
 
 
-def kv_source_matrix(
-    attention: Mapping[str, torch.Tensor], config, layer_idx: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`W = [W_k_nope; W_v]` of one layer (and its bias), the matrix the low-rank initialisations factorise, from
-    native (`k_proj` NoPE rows, `v_proj`) or stage-1 (`k_nope_proj`, `v_proj`) weights."""
-    if attention_source_stage(attention) == "partial_rope":
-        k_weight, k_bias = attention["k_nope_proj.weight"], attention.get("k_nope_proj.bias")
-    else:
-        _, nope = key_rows(config.rope_pairs[layer_idx], config.mla_head_dim)
-        k_weight = attention["k_proj.weight"][nope]
-        k_bias = attention["k_proj.bias"][nope] if "k_proj.bias" in attention else None
-    weight = torch.cat([k_weight, attention["v_proj.weight"]], dim=0)
-    bias = None if k_bias is None else torch.cat([k_bias, attention["v_proj.bias"]], dim=0)
+def kv_source_matrix(stage1: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`W = [W_k_nope; W_v]` of one layer's stage-1 weights (and its bias): the matrix the low-rank initialisations
+    factorise, computed once per layer."""
+    weight = torch.cat([stage1["k_nope_proj.weight"], stage1["v_proj.weight"]], dim=0)
+    k_bias = stage1.get("k_nope_proj.bias")
+    bias = None if k_bias is None else torch.cat([k_bias, stage1["v_proj.bias"]], dim=0)
     return weight, bias
 
 
@@ -89,27 +78,15 @@ def partial_rope_weights(attention: Mapping[str, torch.Tensor], config, layer_id
     return out
 
 
-def convert_attention_weights(
-    attention: Mapping[str, torch.Tensor],
-    config,
-    layer_idx: int,
-    low_rank: LowRankInit | None = None,
-) -> dict[str, torch.Tensor]:
-    """Converted weights of one layer's attention.
+def stage1_attention_weights(attention: Mapping[str, torch.Tensor], config, layer_idx: int) -> dict[str, torch.Tensor]:
+    """The stage-1 (`partial_rope`) weights of one layer's attention, in float32.
 
     Args:
         attention: the native attention's weights (`q_proj.weight`, `k_proj.weight`, ...) or a stage-1 attention's
             (`q_proj.weight`, `k_rope_proj.weight`, `k_nope_proj.weight`, ...; already permuted), biases if any.
-        config: the target MLA config (`rope_pairs`, `rope_dim`, `kv_rank`, `mla_stage`, `modality_split`).
+        config: the target MLA config (`rope_pairs`, `rope_dim`).
         layer_idx: decoder layer index.
-        low_rank: factorisation of `[W_k_nope; W_v]` per modality branch (required for `mla_stage="mla"`).
-
-    Returns:
-        The state dict of [`MLAAttention`] (keys relative to the attention module), in float32.
     """
-    text = config.text_config
-    num_kv, head_dim = text.num_key_value_heads, config.mla_head_dim
-    nope_dim = head_dim - config.rope_dim
     stage = attention_source_stage(attention)
     expected = attention_keys(attention, stage)
     if set(attention) != expected:
@@ -117,38 +94,43 @@ def convert_attention_weights(
             f"Layer {layer_idx}: attention weights {sorted(attention)} do not match the expected {sorted(expected)}."
         )
     attention = {name: tensor.float() for name, tensor in attention.items()}
-    stage1 = attention if stage == "partial_rope" else partial_rope_weights(attention, config, layer_idx)
-    if config.mla_stage == "partial_rope":
-        return stage1
+    return attention if stage == "partial_rope" else partial_rope_weights(attention, config, layer_idx)
 
-    if low_rank is None:
-        raise ValueError("mla_stage='mla' needs a low-rank initialisation (`low_rank`).")
-    weight, bias = kv_source_matrix(stage1, config, layer_idx)
+
+def mla_attention_weights(
+    stage1: Mapping[str, torch.Tensor],
+    factors: Mapping[str, LowRankFactors],
+    bias: torch.Tensor | None,
+    config,
+    layer_idx: int,
+) -> dict[str, torch.Tensor]:
+    """The state dict of one [`MLAAttention`] (keys relative to the module, float32) from its stage-1 weights and the
+    low-rank factors of `[W_k_nope; W_v]` per branch (`kv_source_matrix` gave the matrix and its `bias`):
+    `kv_a_proj = down`, `kv_b_proj = up` (rows per kv head `[k_nope | v]`), `q_proj`, `k_rope_proj`, `o_proj` kept."""
+    num_kv, head_dim = config.text_config.num_key_value_heads, config.mla_head_dim
+    order = up_row_order(num_kv, head_dim - config.rope_dim, head_dim)
+    latent, (rows, cols) = config.mla_latent_dim, (len(order), stage1["q_proj.weight"].shape[1])
     out = {name: tensor for name, tensor in stage1.items() if not name.startswith(("k_nope_proj.", "v_proj."))}
-    order = up_row_order(num_kv, nope_dim, head_dim)
-    latent = config.mla_latent_dim
     for branch in ("text", "image") if config.modality_split else ("text",):
-        factors = low_rank(weight, branch)
-        if factors.down.shape != (latent, weight.shape[1]) or factors.up.shape != (weight.shape[0], latent):
+        down, up = factors[branch].down, factors[branch].up
+        if down.shape != (latent, cols) or up.shape != (rows, latent):
             raise ValueError(
-                f"Layer {layer_idx} branch {branch}: low-rank factors have shapes {tuple(factors.up.shape)} @ "
-                f"{tuple(factors.down.shape)}, expected ({weight.shape[0]}, {latent}) @ ({latent}, {weight.shape[1]})."
+                f"Layer {layer_idx} branch {branch}: low-rank factors have shapes {tuple(up.shape)} @ "
+                f"{tuple(down.shape)}, expected ({rows}, {latent}) @ ({latent}, {cols})."
             )
-        out[f"kv_a_proj.{branch}.weight"] = factors.down.float()
-        out[f"kv_b_proj.{branch}.weight"] = factors.up.float()[order]
+        out[f"kv_a_proj.{branch}.weight"] = down.float()
+        out[f"kv_b_proj.{branch}.weight"] = up.float()[order]
         if bias is not None:
             out[f"kv_b_proj.{branch}.bias"] = bias[order]
     return out
 
 
 __all__ = [
-    "LowRankInit",
     "attention_keys",
     "attention_source_stage",
-    "convert_attention_weights",
-    "key_rows",
     "kv_source_matrix",
+    "mla_attention_weights",
     "partial_rope_weights",
-    "query_row_order",
+    "stage1_attention_weights",
     "up_row_order",
 ]
