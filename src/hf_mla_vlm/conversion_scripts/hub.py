@@ -416,20 +416,22 @@ def _validated_config(folder: Path, problems: list[str]) -> Any | None:
     return config
 
 
-def expected_attention_keys(config: dict, layer_prefix: str = "model.language_model.layers") -> list[str]:
-    """Attention weight names every text layer of a converted checkpoint must hold (from the raw config.json)."""
-    text = config.get("text_config") or {}
-    num_layers = text.get("num_hidden_layers")
-    if not isinstance(num_layers, int):
-        return []
-    stage = config.get("mla_stage", "mla")
-    branches = ("text", "image") if config.get("modality_split", True) else ("text",)
-    if stage == "partial_rope":
-        names = ["k_nope_proj.weight", "v_proj.weight"]
-    else:
-        names = [f"{proj}.{branch}.weight" for branch in branches for proj in ("kv_a_proj", "kv_b_proj")]
-    names = ["q_proj.weight", "k_rope_proj.weight", *names, "o_proj.weight"]
-    return [f"{layer_prefix}.{i}.self_attn.{name}" for i in range(num_layers) for name in names]
+def attention_weight_schema(mla_config) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """The weights of one converted attention layer: name (under `self_attn.`) -> (shape, required).
+
+    Derived from `MLAAttention` itself, built on the meta device from the validated config, so the check cannot drift
+    from the model: weights are required, biases optional (a layer takes the biases of the native attention it
+    replaced, which the config does not record) but must have the shape the module gives them.
+    """
+    import torch
+
+    from ..modeling.mla_attention import MLAAttention
+
+    with torch.device("meta"):
+        attention = MLAAttention(mla_config, 0, qkv_bias=True, o_bias=True)
+    return {
+        name: (tuple(parameter.shape), not name.endswith(".bias")) for name, parameter in attention.named_parameters()
+    }
 
 
 def _check_attention_weights(
@@ -441,63 +443,38 @@ def _check_attention_weights(
     if not isinstance(num_layers, int) or num_layers < 1:
         problems.append(f"{CONFIG_NAME} has no valid text_config.num_hidden_layers ({num_layers!r}).")
         return
-    missing = [key for key in expected_attention_keys(config, prefix) if key not in keys]
+    layer_key = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
+    beyond = sorted({int(m.group(1)) for m in map(layer_key.match, keys) if m and int(m.group(1)) >= num_layers})
+    if beyond:
+        problems.append(f"Weights for text layers {beyond} but text_config.num_hidden_layers = {num_layers}.")
+    if mla_config is None:
+        return  # the config problem is reported; without a valid config there is no schema to check against
+    schema = attention_weight_schema(mla_config)
+    missing, wrong, leftovers = [], [], []
+    for layer in range(num_layers):
+        attention = f"{prefix}.{layer}.self_attn."
+        for name, (shape, required) in schema.items():
+            key = attention + name
+            if key not in keys:
+                if required:
+                    missing.append(key)
+            elif shapes.get(key, shape) != shape:
+                wrong.append(f"{key} is {list(shapes[key])}, expected {list(shape)}")
+        leftovers += [key for key in keys if key.startswith(attention) and key[len(attention) :] not in schema]
     if missing:
         layers = sorted({int(key[len(prefix) + 1 :].split(".")[0]) for key in missing})
         problems.append(
             f"Missing MLA attention weights ({len(missing)}) in text layers {layers} "
-            f"(mla_stage={config.get('mla_stage', 'mla')!r}): {_some(missing)}."
+            f"(mla_stage={mla_config.mla_stage!r}): {_some(missing)}."
         )
-    layer_key = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
-    leftovers, beyond = [], set()
-    # `v_proj` is part of the partial_rope stage; in the mla stage keys and values come from the latent.
-    native = (
-        ("self_attn.k_proj.",)
-        if config.get("mla_stage") == "partial_rope"
-        else ("self_attn.k_proj.", "self_attn.v_proj.")
-    )
-    for key in keys:
-        match = layer_key.match(key)
-        if match is None:
-            continue
-        if int(match.group(1)) >= num_layers:
-            beyond.add(int(match.group(1)))
-        if match.group(2).startswith(native):
-            leftovers.append(key)
     if leftovers:
-        problems.append(f"Leftover native attention weights (not converted): {_some(leftovers)}.")
-    if beyond:
-        problems.append(f"Weights for text layers {sorted(beyond)} but text_config.num_hidden_layers = {num_layers}.")
-    if mla_config is not None:
-        _check_attention_shapes(mla_config, prefix, shapes, problems)
-
-
-def _check_attention_shapes(mla_config, prefix: str, shapes: dict[str, tuple[int, ...]], problems: list[str]) -> None:
-    """The attention weights have the shapes the (validated) config implies, so the folder loads."""
-    text = mla_config.text_config
-    n_q, n_kv, hidden = text.num_attention_heads, text.num_key_value_heads, text.hidden_size
-    head_dim, rope_dim = mla_config.mla_head_dim, mla_config.rope_dim
-    nope_dim, latent = head_dim - rope_dim, mla_config.mla_latent_dim
-    expected = {
-        "q_proj.weight": (n_q * head_dim, hidden),
-        "k_rope_proj.weight": (n_kv * rope_dim, hidden),
-        "o_proj.weight": (hidden, n_q * head_dim),
-        "k_nope_proj.weight": (n_kv * nope_dim, hidden),
-        "v_proj.weight": (n_kv * head_dim, hidden),
-    }
-    for branch in ("text", "image"):
-        expected[f"kv_a_proj.{branch}.weight"] = (latent, hidden)
-        expected[f"kv_b_proj.{branch}.weight"] = (n_kv * (nope_dim + head_dim), latent)
-    wrong = []
-    for layer in range(text.num_hidden_layers):
-        for name, shape in expected.items():
-            key = f"{prefix}.{layer}.self_attn.{name}"
-            if key in shapes and shapes[key] != shape:
-                wrong.append(f"{key} is {list(shapes[key])}, expected {list(shape)}")
+        problems.append(
+            f"Leftover attention weights the MLA layer does not have (native, not converted): {_some(leftovers)}."
+        )
     if wrong:
         problems.append(
-            f"Attention weights do not match config.json (rope_dim={rope_dim}, kv_rank={mla_config.kv_rank}): "
-            f"{_some(wrong)}."
+            f"Attention weights do not match config.json (rope_dim={mla_config.rope_dim}, "
+            f"kv_rank={mla_config.kv_rank}): {_some(wrong)}."
         )
 
 
@@ -706,10 +683,10 @@ def _default_commit_message(folder: Path) -> str:
 
 __all__ = [
     "assert_checkpoint_folder",
+    "attention_weight_schema",
     "card_for_upload",
     "card_problems",
     "check_checkpoint_folder",
-    "expected_attention_keys",
     "prepare_model_card",
     "push_to_hub",
     "raise_for_problems",

@@ -1,30 +1,15 @@
-"""Checking converted folders and pushing them to a local stand-in of the Hub HTTP API (never the network).
+"""Checking converted folders, verifying them, and pushing them to a local stand-in of the Hub HTTP API
+(`tests/fixtures/fake_hub.py`; never the network)."""
 
-The stand-in (`FakeHub`) is a small HTTP server on 127.0.0.1 that answers the requests `huggingface_hub.HfApi` makes
-for `create_repo`, `create_branch` and `upload_folder`: repo creation, branch creation, README metadata validation,
-the preupload endpoint (which decides "regular" or "lfs" per file), the git-LFS batch endpoint with a basic PUT
-upload and a verify call, and the NDJSON commit endpoint (base64 content for regular files, sha256 references to
-uploaded blobs for LFS files). It keeps the repos' branches and commits in memory so the tests can compare what
-arrived with the folder, byte for byte.
-"""
-
-import base64
 import hashlib
-import importlib
 import json
-import re
 import shutil
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import huggingface_hub
 import pytest
 import torch
-import yaml
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 
@@ -32,13 +17,9 @@ from hf_mla_vlm.conversion_scripts import hub
 from hf_mla_vlm.conversion_scripts.convert import convert
 from hf_mla_vlm.conversion_scripts.report import model_card
 from hf_mla_vlm.tiny_models import TINY_ARCHS
+from tests.fixtures.fake_hub import TOKEN, FakeHub, http_client, loopback_only, running_fake_hub
 
 
-# The HTTP client of the installed huggingface_hub: `httpx2` from 2.0 on, `httpx` before (Transformers 5.17's).
-http_client = importlib.import_module("httpx2" if int(huggingface_hub.__version__.split(".")[0]) >= 2 else "httpx")
-
-
-TOKEN = "fake"
 REPO = "tiny-user/tiny-llava-next-mla"
 LAYER = "model.language_model.layers"
 
@@ -85,6 +66,19 @@ def _truncate(path: Path, keep: int) -> None:
 def test_a_converted_folder_passes(arch, converted):
     assert hub.check_checkpoint_folder(converted[arch]) == []
     hub.assert_checkpoint_folder(converted[arch])
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_the_weight_schema_is_the_attention_module(arch, converted):
+    """The schema the check reads is what a loaded model's attention holds (biases where the native had them)."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(converted[arch])
+    schema = hub.attention_weight_schema(model.config)
+    for layer in model.get_decoder().layers:
+        held = {name: tuple(p.shape) for name, p in layer.self_attn.named_parameters()}
+        assert {name for name, (_, required) in schema.items() if required} <= held.keys()
+        assert held == {name: schema[name][0] for name in held}
 
 
 def test_partial_rope_stage_and_sharded_weights_pass(native_checkpoints, converted, tmp_path):
@@ -172,7 +166,8 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
                 {f"{LAYER}.0.self_attn.k_proj.weight": t[f"{LAYER}.0.self_attn.q_proj.weight"].clone()}
             ),
         ),
-        f"Leftover native attention weights (not converted): {LAYER}.0.self_attn.k_proj.weight.",
+        "Leftover attention weights the MLA layer does not have (native, not converted): "
+        f"{LAYER}.0.self_attn.k_proj.weight.",
     ),
     "weights_of_an_extra_layer": (
         lambda f: _rewrite_weights(
@@ -279,264 +274,12 @@ def test_a_card_without_report_is_refused(folder):
         hub.prepare_model_card(folder)
 
 
-# --- the local Hub stand-in -----------------------------------------------------------------------------------------
-@dataclass
-class Commit:
-    repo_id: str
-    revision: str
-    summary: str
-    description: str
-    files: dict[str, bytes]
-    lfs_paths: set[str]
-    oid: str
-
-
-@dataclass
-class FakeRepo:
-    private: bool
-    branches: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"main": {}})
-
-
-class FakeHub:
-    """State of the stand-in: repos, branches, LFS blobs, commits and the log of requests."""
-
-    def __init__(self, lfs: bool) -> None:
-        self.lfs = lfs  # answer "lfs" for binary files (else every file is "regular")
-        self.repos: dict[str, FakeRepo] = {}
-        self.lfs_blobs: dict[str, bytes] = {}
-        self.commits: list[Commit] = []
-        self.requests: list[tuple[str, str]] = []
-        self.create_payloads: list[dict] = []
-        self.branch_requests: list[tuple[str, str, dict]] = []
-        self.validated_cards: list[str] = []
-        self.pipelined_uploads = 0  # upload_folder calls that took the client's default hf_xet pipeline
-        self.errors: list[str] = []  # requests the stand-in does not implement, or malformed ones
-        self.lock = threading.Lock()
-        self.base_url = ""
-
-    # Each handler returns (status, JSON body, extra headers).
-    def handle(self, method: str, path: str, query: str, headers, body: bytes) -> tuple[int, dict, dict]:
-        if not path.startswith("/_lfs/upload/") and headers.get("authorization") != f"Bearer {TOKEN}":
-            return 401, {"error": "Invalid credentials in Authorization header"}, {}
-        routes = [
-            ("POST", r"/api/repos/create", self.create_repo),
-            ("POST", r"/api/validate-yaml", self.validate_yaml),
-            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/branch/(?P<branch>[^/]+)", self.create_branch),
-            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)", self.preupload),
-            ("POST", r"/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)", self.commit),
-            ("POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", self.lfs_batch),
-            ("PUT", r"/_lfs/upload/(?P<oid>[0-9a-f]{64})", self.lfs_upload),
-            ("POST", r"/_lfs/verify", self.lfs_verify),
-        ]
-        for route_method, pattern, handler in routes:
-            match = re.fullmatch(pattern, path)
-            if match and method == route_method:
-                params = {k: unquote(v) for k, v in match.groupdict().items()}
-                return handler(body=body, query=query, **params)
-        self.errors.append(f"not implemented: {method} {path}")
-        return 404, {"error": f"{method} {path} is not implemented by the stand-in"}, {}
-
-    def _repo(self, repo: str, rev: str | None = None) -> tuple[FakeRepo | None, tuple[int, dict, dict] | None]:
-        if repo not in self.repos:
-            return None, (404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
-        if rev is not None and rev not in self.repos[repo].branches:
-            return None, (404, {"error": f"Invalid rev id: {rev}"}, {"X-Error-Code": "RevisionNotFound"})
-        return self.repos[repo], None
-
-    def create_repo(self, body: bytes, query: str) -> tuple[int, dict, dict]:
-        payload = json.loads(body)
-        self.create_payloads.append(payload)
-        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
-        url = f"{self.base_url}/{repo_id}"
-        if repo_id in self.repos:
-            return 409, {"error": "You already created this model repo", "url": url}, {}
-        self.repos[repo_id] = FakeRepo(private=payload.get("visibility") == "private")
-        return 200, {"url": url, "name": repo_id}, {}
-
-    def validate_yaml(self, body: bytes, query: str) -> tuple[int, dict, dict]:
-        content = json.loads(body)["content"]
-        self.validated_cards.append(content)
-        match = re.match(r"^---\n(.*?)\n---\n", content, flags=re.DOTALL)
-        try:
-            metadata = yaml.safe_load(match.group(1)) if match else {}
-        except yaml.YAMLError as error:
-            return 400, {"errors": [{"message": str(error)}], "warnings": []}, {}
-        if not isinstance(metadata, dict):
-            return 400, {"errors": [{"message": "metadata must be a mapping"}], "warnings": []}, {}
-        return 200, {"errors": [], "warnings": []}, {}
-
-    def create_branch(self, body: bytes, query: str, repo: str, branch: str) -> tuple[int, dict, dict]:
-        payload = json.loads(body or b"{}")
-        self.branch_requests.append((repo, branch, payload))
-        fake, error = self._repo(repo)
-        if error:
-            return error
-        if branch in fake.branches:
-            return 409, {"error": f"Reference already exists: refs/heads/{branch}"}, {}
-        start = payload.get("startingPoint", "main")
-        fake.branches[branch] = dict(fake.branches[start])
-        return 200, {}, {}
-
-    def preupload(self, body: bytes, query: str, repo: str, rev: str) -> tuple[int, dict, dict]:
-        _, error = self._repo(repo, rev)
-        if error:
-            return error
-        files = []
-        for item in json.loads(body)["files"]:
-            sample = base64.b64decode(item["sample"])
-            binary = item["path"].endswith(".safetensors") or b"\x00" in sample or item["size"] > 10_000_000
-            mode = "lfs" if self.lfs and binary else "regular"
-            files.append({"path": item["path"], "uploadMode": mode, "shouldIgnore": False, "oid": None})
-        return 200, {"files": files, "commitOid": "0" * 40}, {}
-
-    def lfs_batch(self, body: bytes, query: str, repo: str) -> tuple[int, dict, dict]:
-        _, error = self._repo(repo)
-        if error:
-            return error
-        payload = json.loads(body)
-        if payload.get("operation") != "upload" or "basic" not in payload.get("transfers", []):
-            self.errors.append(f"unexpected LFS batch request {payload}")
-            return 400, {"message": "only basic uploads are supported"}, {}
-        objects = []
-        for obj in payload["objects"]:
-            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
-            if obj["oid"] not in self.lfs_blobs:  # already stored blobs need no upload
-                entry["actions"] = {
-                    "upload": {"href": f"{self.base_url}/_lfs/upload/{obj['oid']}"},
-                    "verify": {"href": f"{self.base_url}/_lfs/verify"},
-                }
-            objects.append(entry)
-        return 200, {"transfer": "basic", "objects": objects}, {}
-
-    def lfs_upload(self, body: bytes, query: str, oid: str) -> tuple[int, dict, dict]:
-        if hashlib.sha256(body).hexdigest() != oid:
-            self.errors.append(f"LFS upload of {oid} has a different sha256")
-            return 400, {"error": "sha256 mismatch"}, {}
-        self.lfs_blobs[oid] = body
-        return 200, {}, {}
-
-    def lfs_verify(self, body: bytes, query: str) -> tuple[int, dict, dict]:
-        payload = json.loads(body)
-        blob = self.lfs_blobs.get(payload["oid"])
-        if blob is None or len(blob) != payload["size"]:
-            return 404, {"error": "object not found"}, {}
-        return 200, {}, {}
-
-    def commit(self, body: bytes, query: str, repo: str, rev: str) -> tuple[int, dict, dict]:
-        fake, error = self._repo(repo, rev)
-        if error:
-            return error
-        header, files, lfs_paths = None, {}, set()
-        for line in body.decode().splitlines():
-            item = json.loads(line)
-            key, value = item["key"], item["value"]
-            if key == "header":
-                header = value
-            elif key == "file":
-                assert value["encoding"] == "base64"
-                files[value["path"]] = base64.b64decode(value["content"])
-            elif key == "lfsFile":
-                blob = self.lfs_blobs.get(value["oid"])
-                if blob is None or len(blob) != value["size"]:
-                    self.errors.append(f"commit references LFS object {value['oid']} that was never uploaded")
-                    return 422, {"error": f"LFS pointer pointed to a file that does not exist: {value['path']}"}, {}
-                files[value["path"]] = blob
-                lfs_paths.add(value["path"])
-            else:
-                self.errors.append(f"unexpected commit operation {key}")
-                return 400, {"error": f"unsupported operation {key}"}, {}
-        if header is None:
-            return 400, {"error": "missing header"}, {}
-        oid = hashlib.sha1(f"{len(self.commits)}:{repo}:{rev}:{header['summary']}".encode()).hexdigest()
-        fake.branches[rev].update(files)
-        self.commits.append(Commit(repo, rev, header["summary"], header.get("description", ""), files, lfs_paths, oid))
-        return 200, {"success": True, "commitOid": oid, "commitUrl": f"{self.base_url}/{repo}/commit/{oid}"}, {}
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 30  # a stuck connection cannot keep a server thread forever
-
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-    def _serve(self) -> None:
-        fake: FakeHub = self.server.fake_hub  # type: ignore[attr-defined]
-        url = urlsplit(self.path)
-        body = self._read_body()
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        with fake.lock:
-            fake.requests.append((self.command, url.path))
-            try:
-                status, payload, extra = fake.handle(self.command, url.path, url.query, headers, body)
-            except Exception as error:  # a bug in the stand-in: fail the request, do not let the client retry
-                fake.errors.append(f"{self.command} {url.path}: {error!r}")
-                status, payload, extra = 400, {"error": repr(error)}, {}
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        for key, value in {"Content-Type": "application/json", "Content-Length": str(len(data)), **extra}.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    do_GET = do_POST = do_PUT = do_DELETE = _serve
-
-    def log_message(self, format: str, *args) -> None:  # quiet
-        pass
-
-
-def _loopback_only(request: http_client.Request) -> None:
-    if request.url.host != "127.0.0.1":
-        raise RuntimeError(f"The test tried to reach {request.url}; only the local stand-in may be contacted.")
-
-
+# --- the local Hub stand-in (tests/fixtures/fake_hub.py) -----------------------------------------------------------
 @pytest.fixture(params=["lfs", "regular"])
 def fake_hub(request) -> Iterator[FakeHub]:
-    """A running stand-in. `lfs`: binary files go through git-LFS batch + PUT (the client's Xet path is switched
-    off); `regular`: every file is a regular blob, and the client takes its default upload_folder pipeline."""
-    fake = FakeHub(lfs=request.param == "lfs")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    server.block_on_close = False
-    server.fake_hub = fake  # type: ignore[attr-defined]
-    fake.base_url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    patch = pytest.MonkeyPatch()
-    if fake.lfs:
-        patch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    else:  # record that upload_folder took its default (hf_xet) pipeline
-        from huggingface_hub import _upload_pipeline
-
-        def spy(*args, **kwargs):
-            fake.pipelined_uploads += 1
-            return pipelined_upload(*args, **kwargs)
-
-        pipelined_upload = _upload_pipeline.pipelined_upload
-        patch.setattr(_upload_pipeline, "pipelined_upload", spy)
-    # Every request of huggingface_hub goes through this client: bounded, and only to 127.0.0.1. It replaces the
-    # default client whose hook refuses requests under HF_HUB_OFFLINE=1 (set for the whole test session).
-    huggingface_hub.set_client_factory(
-        lambda: http_client.Client(event_hooks={"request": [_loopback_only]}, follow_redirects=False, timeout=30)
-    )
-    try:
+    """A running stand-in: `lfs` sends binary files through git-LFS, `regular` through the default pipeline."""
+    with running_fake_hub(lfs=request.param == "lfs") as fake:
         yield fake
-    finally:
-        huggingface_hub.set_client_factory(huggingface_hub.utils._http.default_client_factory)
-        patch.undo()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def _api(fake: FakeHub) -> HfApi:
@@ -778,7 +521,7 @@ def test_push_when_the_hub_cannot_be_reached(folder, monkeypatch, capsys):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    huggingface_hub.set_client_factory(lambda: http_client.Client(event_hooks={"request": [_loopback_only]}))
+    huggingface_hub.set_client_factory(lambda: http_client.Client(event_hooks={"request": [loopback_only]}))
     try:
         before = _folder_bytes(folder)
         code, err = _cli_push(folder, monkeypatch, capsys, f"http://127.0.0.1:{port}", token=TOKEN)
