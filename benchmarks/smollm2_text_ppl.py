@@ -30,8 +30,9 @@ from hf_mla_vlm.conversion_scripts.calibration import (
     encode_conversations,
     wikipedia_conversations,
 )
-from hf_mla_vlm.conversion_scripts.convert import build_mla_config, convert_model, select_rope_pairs
+from hf_mla_vlm.conversion_scripts.convert import build_mla_config, convert_model
 from hf_mla_vlm.conversion_scripts.report import environment, kv_cache_size
+from hf_mla_vlm.conversion_scripts.rope_selection import select_rope_pairs
 from hf_mla_vlm.conversion_scripts.statistics import collect_statistics
 from hf_mla_vlm.evaluation.perplexity import perplexity
 from hf_mla_vlm.graft import save_smollm2_vlm

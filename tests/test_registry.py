@@ -7,7 +7,7 @@ import pytest
 import hf_mla_vlm
 from hf_mla_vlm.registry import ARCH_NAMES, ARCHITECTURES, MLA_MODEL_TYPES, ZOO_NAMES, arch_spec
 from hf_mla_vlm.tiny_models import TINY_BUILDERS, build_tiny_vlm
-from hf_mla_vlm.training.finetune import trainable_rules
+from hf_mla_vlm.training.trainable import trainable_rules
 from hf_mla_vlm.zoo.models import ZOO
 
 

@@ -1,7 +1,9 @@
 """Helpers shared by the tests (not fixtures)."""
 
+import importlib.util
 import signal
 
+import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -39,3 +41,10 @@ def default_sigint_in_child() -> None:
     """`preexec_fn` for a child Python process that a test interrupts with SIGINT: a shell starts background jobs
     with SIGINT ignored, and a Python started that way installs no KeyboardInterrupt handler."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def require(*packages: str) -> None:
+    """Skip unless every package is installed (without importing it)."""
+    for package in packages:
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"needs the offline asset package {package!r}")

@@ -516,7 +516,8 @@ def _add_finetune(sub) -> None:
 
 
 def _run_finetune(args) -> int:
-    from .training.finetune import LoraSettings, finetune
+    from .training.finetune import finetune
+    from .training.trainable import LoraSettings
 
     trainable = args.trainable[0] if args.trainable in (["paper"], ["official"]) else args.trainable
     lora = None

@@ -1,5 +1,5 @@
-"""Checking converted folders, verifying them, and pushing them to a local stand-in of the Hub HTTP API
-(`tests/fixtures/fake_hub.py`; never the network)."""
+"""Checking converted folders (`conversion_scripts/checks.py`), verifying them, and pushing them (`hub.py`) to a local
+stand-in of the Hub HTTP API (`tests/fixtures/fake_hub.py`; never the network)."""
 
 import hashlib
 import json
@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 
-from hf_mla_vlm.conversion_scripts import hub
+from hf_mla_vlm.conversion_scripts import checks, hub
 from hf_mla_vlm.conversion_scripts.convert import convert
 from hf_mla_vlm.conversion_scripts.report import model_card
 from hf_mla_vlm.tiny_models import TINY_ARCHS
@@ -64,8 +64,8 @@ def _truncate(path: Path, keep: int) -> None:
 # --- check_checkpoint_folder ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_a_converted_folder_passes(arch, converted):
-    assert hub.check_checkpoint_folder(converted[arch]) == []
-    hub.assert_checkpoint_folder(converted[arch])
+    assert checks.check_checkpoint_folder(converted[arch]) == []
+    checks.assert_checkpoint_folder(converted[arch])
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -74,7 +74,7 @@ def test_the_weight_schema_is_the_attention_module(arch, converted):
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(converted[arch])
-    schema = hub.attention_weight_schema(model.config)
+    schema = checks.attention_weight_schema(model.config)
     for layer in model.get_decoder().layers:
         held = {name: tuple(p.shape) for name, p in layer.self_attn.named_parameters()}
         assert {name for name, (_, required) in schema.items() if required} <= held.keys()
@@ -90,7 +90,7 @@ def test_partial_rope_stage_and_sharded_weights_pass(native_checkpoints, convert
         mla_stage="partial_rope",
         progress=False,
     ).output_dir
-    assert hub.check_checkpoint_folder(stage1) == []  # its v_proj is legitimate
+    assert checks.check_checkpoint_folder(stage1) == []  # its v_proj is legitimate
     from transformers import AutoModelForImageTextToText
 
     sharded = tmp_path / "sharded"
@@ -100,10 +100,10 @@ def test_partial_rope_stage_and_sharded_weights_pass(native_checkpoints, convert
     for name in ("README.md", "mla_conversion_report.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(converted["qwen2_5_vl"] / name, sharded / name)
     assert len(list(sharded.glob("model-*.safetensors"))) > 1
-    assert hub.check_checkpoint_folder(sharded) == []
+    assert checks.check_checkpoint_folder(sharded) == []
     shard = sorted(sharded.glob("model-*.safetensors"))[1]
     shard.unlink()
-    assert hub.check_checkpoint_folder(sharded) == [
+    assert checks.check_checkpoint_folder(sharded) == [
         f"Weight shard '{shard.name}' listed in model.safetensors.index.json is missing."
     ]
 
@@ -207,18 +207,18 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
 def test_each_corruption_is_reported(name, folder):
     corrupt, expected = CORRUPTIONS[name]
     corrupt(folder)
-    problems = hub.check_checkpoint_folder(folder)
+    problems = checks.check_checkpoint_folder(folder)
     matching = [p for p in problems if expected in p]
     assert matching, f"{expected!r} not in {problems}"
     if name != "native_model_type":  # a native model_type also has a config the package cannot validate
         assert len(problems) == 1, problems  # the specific problem, not a cascade
     with pytest.raises(ValueError, match="is not a valid converted checkpoint folder") as raised:
-        hub.assert_checkpoint_folder(folder)
+        checks.assert_checkpoint_folder(folder)
     assert expected in str(raised.value)
 
 
 def test_not_a_folder(tmp_path):
-    assert hub.check_checkpoint_folder(tmp_path / "nowhere") == [f"{tmp_path / 'nowhere'} is not a folder."]
+    assert checks.check_checkpoint_folder(tmp_path / "nowhere") == [f"{tmp_path / 'nowhere'} is not a folder."]
 
 
 # --- model card -----------------------------------------------------------------------------------------------------
@@ -443,16 +443,16 @@ def _record_files(folder: Path) -> None:
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_a_converted_folder_verifies(arch, converted):
-    assert hub.verify_folder(converted[arch]) == []
+    assert checks.verify_folder(converted[arch]) == []
 
 
 def test_flipped_bytes_load_silently_but_fail_verification(folder):
     _flip_a_byte(folder / "model.safetensors")
-    assert hub.check_checkpoint_folder(folder) == []  # safetensors has no checksum: the structure is intact
+    assert checks.check_checkpoint_folder(folder) == []  # safetensors has no checksum: the structure is intact
     from transformers import AutoModelForImageTextToText
 
     AutoModelForImageTextToText.from_pretrained(folder)  # and the model loads
-    assert hub.verify_folder(folder) == [
+    assert checks.verify_folder(folder) == [
         "model.safetensors does not match the sha256 recorded in mla_conversion_report.json (bytes changed, e.g. a "
         "corrupted disk or transfer): download or convert it again."
     ]
@@ -461,7 +461,7 @@ def test_flipped_bytes_load_silently_but_fail_verification(folder):
 def test_verify_reports_changed_sizes_and_unrecorded_weight_files(folder):
     save_file({"x": torch.zeros(2)}, folder / "extra.safetensors")
     _edit_json(folder / "mla_conversion_report.json", lambda r: r["files"]["model.safetensors"].update(bytes=1))
-    problems = hub.verify_folder(folder, forward=False)
+    problems = checks.verify_folder(folder, forward=False)
     assert any("model.safetensors has" in p and "recorded 1" in p for p in problems), problems
     assert any(
         "extra.safetensors is a weight file that mla_conversion_report.json does not record" in p for p in problems
@@ -475,14 +475,14 @@ def test_verify_runs_a_forward_pass(folder):
 
     _rewrite_weights(folder, poison)
     _record_files(folder)  # the hashes match: only the forward pass can tell
-    assert hub.verify_folder(folder, forward=False) == []
-    (problem,) = hub.verify_folder(folder)
+    assert checks.verify_folder(folder, forward=False) == []
+    (problem,) = checks.verify_folder(folder)
     assert "a forward pass on 8 text tokens gives logits" in problem and "with non-finite values" in problem
 
 
 def test_a_config_without_auto_map_says_how_to_fix_it(folder):
     _edit_json(folder / "config.json", lambda c: c.pop("auto_map"))
-    (problem,) = hub.verify_folder(folder)
+    (problem,) = checks.verify_folder(folder)
     assert problem.startswith("config.json has no auto_map: the folder cannot load with trust_remote_code=True")
     assert "Re-save it with hf_mla_vlm" in problem
 

@@ -8,9 +8,10 @@ import torch
 import hf_mla_vlm  # noqa: F401  (registers the MLA classes)
 from hf_mla_vlm.conversion_scripts.convert import convert
 from hf_mla_vlm.evaluation.perplexity import token_stream
+from hf_mla_vlm.training.checkpoint import load_model
 from hf_mla_vlm.training.data import IGNORE_INDEX, ChatCollator, TextWindow
 from hf_mla_vlm.training.distill import distillation_kl, distilled_positions, mixed_training_items, text_windows
-from hf_mla_vlm.training.finetune import finetune, load_model
+from hf_mla_vlm.training.finetune import finetune
 from hf_mla_vlm.zoo.vqa_data import generate_split
 from tests.utils import load_native
 

@@ -17,20 +17,18 @@ from hf_mla_vlm import cli
 from hf_mla_vlm.conversion_scripts.calibration import Conversation
 from hf_mla_vlm.conversion_scripts.convert import convert
 from hf_mla_vlm.tiny_models import QWEN_STYLE, TINY_ARCHS, tiny_image
+from hf_mla_vlm.training.checkpoint import load_model, plain_model_from_state_dict, save_atomically
 from hf_mla_vlm.training.data import IGNORE_INDEX, ChatCollator, assistant_spans
-from hf_mla_vlm.training.finetune import (
+from hf_mla_vlm.training.finetune import check_stage, finetune
+from hf_mla_vlm.training.trainable import (
     LoraSettings,
     apply_lora,
     apply_trainable_set,
-    check_stage,
-    finetune,
-    load_model,
     lora_target_modules,
     merge_lora,
-    plain_model_from_state_dict,
     trainable_parameter_names,
-    wsd_steps,
 )
+from hf_mla_vlm.training.trainer import wsd_steps
 from hf_mla_vlm.zoo.vqa_data import generate_split
 
 
@@ -383,7 +381,7 @@ def test_interrupted_save_leaves_no_folder_that_looks_complete(converted, tmp_pa
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        finetune_module._save_atomically(model, BrokenProcessor(), {}, tmp_path / "out", torch.float32)
+        save_atomically(model, BrokenProcessor(), {}, tmp_path / "out", torch.float32)
     assert not (tmp_path / "out").exists() and not staging.exists()
 
 
@@ -401,7 +399,7 @@ def test_a_full_disk_while_replacing_an_output_keeps_the_old_one(converted, tmp_
             raise OSError(errno.ENOSPC, "No space left on device", str(path / "tokenizer.json"))
 
     with pytest.raises(OSError, match="No space left"):
-        finetune_module._save_atomically(load_model(converted["llava", 2]), FullDisk(), {}, out, torch.float32)
+        save_atomically(load_model(converted["llava", 2]), FullDisk(), {}, out, torch.float32)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "model.safetensors").read_bytes() == (
         b"the earlier output"
     )

@@ -2,7 +2,13 @@
 """`convert(...)`: a native LLaVA / LLaVA-NeXT / Qwen2.5-VL checkpoint in, a converted MLA checkpoint folder out.
 
 The source may also be a (fine-tuned) stage-1 `partial_rope` checkpoint: stage 2 (`mla`) is then built from its
-weights, its rotary pairs and statistics collected on it (method.md 4, "Pipeline")."""
+weights, its rotary pairs and statistics collected on it (method.md 4, "Pipeline").
+
+`convert` is a linear orchestrator: resolve the source -> validate every setting -> calibrate -> select the rotary
+pairs -> build the MLA config once -> factorise each layer -> build the model -> write the folder and its report. It
+is longer than the package's usual ~400 lines because the up-front validation of every argument (so that a bad
+input fails before the first weight is read) and the stage-1 / stage-2 source handling live next to the steps they
+guard; the method pieces themselves live in their own modules."""
 
 import json
 import os
@@ -20,7 +26,7 @@ from transformers import AutoConfig
 from transformers.initialization import no_init_weights
 from transformers.utils import logging
 
-from ..configuration.configuration_mla_common import text_head_dim
+from ..dtypes import as_torch_dtype, check_dtype_name, torch_dtype
 from ..errors import InputError
 from ..registry import ArchSpec, arch_spec
 from ..utils import (
@@ -34,16 +40,12 @@ from ..utils import (
 from .calibration import encode_conversations, load_conversations, load_processor
 from .report import environment, kv_cache_size, model_card
 from .rope_selection import (
-    aggregate_gqa,
+    CALIBRATED_STRATEGIES,
+    FIXED_STRATEGIES,
     check_axis_minimum,
     count_pairs_per_axis,
-    enforce_axis_minimum,
-    load_rank_file,
-    ranks_to_pairs,
     save_rank_file,
-    scores_to_ranks,
-    select_fixed_pairs,
-    two_norm_scores,
+    select_rope_pairs,
 )
 from .statistics import CalibrationStatistics, collect_statistics
 from .svd import LowRankFactors, activation_aware_svd, activation_error, decoupled_vs_joint, weight_svd
@@ -54,10 +56,7 @@ logger = logging.get_logger(__name__)
 
 RopeStrategy = Literal["high", "low", "uniform", "2-norm", "mkl"]
 SvdMethod = Literal["weight", "joint-act", "md"]
-FIXED_STRATEGIES = ("high", "low", "uniform")
-CALIBRATED_STRATEGIES = ("2-norm", "mkl")
 RANKS_NAME = "mla_rope_ranks.safetensors"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Files of the source folder that must not be copied: the converter writes its own weights, config and card.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".py", ".gguf", ".msgpack", ".h5")
 _NOT_COPIED_NAMES = {
@@ -100,57 +99,6 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, bool]:
         raise FileNotFoundError(
             f"{source!r} is neither a local checkpoint folder nor a Hub repo available here ({error})."
         ) from error
-
-
-def rope_scores(stats: CalibrationStatistics, strategy: str, num_kv_heads: int) -> torch.Tensor:
-    """`[layers, kv_heads, head_dim/2]` importance of every rotary pair (larger = keep) from calibration statistics."""
-    if strategy == "2-norm":
-        return two_norm_scores(stats.stacked("q_pair_norm"), stats.stacked("k_pair_norm"), num_kv_heads)
-    if strategy == "mkl":
-        return aggregate_gqa(stats.stacked("mkl"), num_kv_heads)
-    raise ValueError(f"rope strategy {strategy!r} does not use calibration statistics.")
-
-
-def select_rope_pairs(
-    config,
-    rope_dim: int,
-    rope_strategy: str,
-    rope_ranks: str | os.PathLike | None = None,
-    stats: CalibrationStatistics | None = None,
-    rope_min_per_axis: dict[str, int] | None = None,
-) -> tuple[list[list[list[int]]], str, torch.Tensor | None]:
-    """Kept rotary pairs per layer and kv head, from a fixed strategy, a rank file or calibration statistics.
-
-    Returns the pairs, a label of where they came from, and the ranks when they were computed here."""
-    text = config.text_config
-    head_dim = text_head_dim(text)
-    if rope_ranks is not None:
-        ranks = load_rank_file(rope_ranks)
-        expected = (text.num_hidden_layers, text.num_key_value_heads)
-        if tuple(ranks.shape[:2]) != expected:
-            raise ValueError(
-                f"Rank file {rope_ranks} has shape {tuple(ranks.shape)}; this model needs [layers, kv_heads, ...] = "
-                f"{expected}."
-            )
-        return ranks_to_pairs(ranks, rope_dim, head_dim=head_dim), f"ranks:{Path(rope_ranks).name}", None
-    if rope_strategy in FIXED_STRATEGIES:
-        pairs = select_fixed_pairs(rope_strategy, head_dim, rope_dim, text.num_hidden_layers, text.num_key_value_heads)
-        return pairs, rope_strategy, None
-    if rope_strategy not in CALIBRATED_STRATEGIES:
-        raise ValueError(
-            f"rope_strategy must be one of {FIXED_STRATEGIES + CALIBRATED_STRATEGIES}, got {rope_strategy!r}."
-        )
-    if stats is None:
-        raise ValueError(f"rope_strategy={rope_strategy!r} needs calibration statistics.")
-    scores = rope_scores(stats, rope_strategy, text.num_key_value_heads)
-    if rope_min_per_axis:
-        section = (getattr(text, "rope_parameters", None) or {}).get("mrope_section")
-        if section is None:
-            raise ValueError("rope_min_per_axis applies to M-RoPE models (Qwen2.5-VL) only.")
-        pairs = enforce_axis_minimum(scores, rope_dim, list(section), rope_min_per_axis)
-        return pairs, f"{rope_strategy}+axis-min{rope_min_per_axis}", None  # not expressible as a rank file
-    ranks = scores_to_ranks(scores)
-    return ranks_to_pairs(ranks, rope_dim, head_dim=head_dim), rope_strategy, ranks
 
 
 def source_stage(config, spec: ArchSpec) -> str:
@@ -489,8 +437,7 @@ def convert(
     timings, memory = {}, {}
     # Every input is checked before the first weight is read.
     output_dir = check_output_folder(output_dir, overwrite)
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}.")
+    check_dtype_name(dtype)
     if svd not in ("weight", "joint-act", "md"):
         raise ValueError(f"svd must be one of weight, joint-act, md; got {svd!r}.")
     if rope_strategy is not None and rope_strategy not in FIXED_STRATEGIES + CALIBRATED_STRATEGIES:
@@ -547,7 +494,7 @@ def convert(
         source_class = spec.native_class if stage == "native" else spec.mla_model_class
         source_model = source_class.from_pretrained(source_path, dtype=torch.float32).eval()
         source_dtype = getattr(source_config, "dtype", None) or getattr(source_config.text_config, "dtype", None)
-        target_dtype = DTYPES[dtype] if dtype != "auto" else _as_dtype(source_dtype)
+        target_dtype = torch_dtype(dtype) if dtype != "auto" else as_torch_dtype(source_dtype)
         timings["load_source_s"] = time.perf_counter() - t
 
         if samples is not None or stats is not None:
@@ -630,14 +577,6 @@ def convert(
         return ConversionResult(output_dir=output_dir, report=report, model=model if return_model else None)
 
 
-def _as_dtype(value) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
-        return DTYPES[value.removeprefix("torch.")]
-    return torch.float32
-
-
 def copy_processor_files(source_path: Path, output_dir: Path) -> list[str]:
     """Copy tokenizer / processor / chat-template files of the source folder (not weights, config or code)."""
     copied = []
@@ -678,7 +617,6 @@ __all__ = [
     "convert",
     "convert_model",
     "resolve_source",
-    "select_rope_pairs",
     "source_stage",
     "stage1_rope_dim",
 ]

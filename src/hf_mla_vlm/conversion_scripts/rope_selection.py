@@ -19,22 +19,35 @@ Strategies:
   zeroed in both queries and keys, computed in closed form, see [`mkl_pair_sensitivity`] and [`aggregate_gqa`].
 - Scores of any strategy become a rank tensor with [`scores_to_ranks`] and kept pairs with [`ranks_to_pairs`];
   [`enforce_axis_minimum`] adds per-axis quotas for Qwen2.5-VL's M-RoPE.
+- [`select_rope_pairs`] is the entry point the conversion calls: a fixed strategy, a rank file, or calibration
+  statistics (through [`rope_scores`]).
+
+This file is longer than the package's usual ~400 lines on purpose: it is the one owner of the partial-RoPE
+selection (every strategy, the rank-file format and the M-RoPE axis quotas), which the method treats as one piece.
 """
 
 import json
 import os
 import pickle
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers.utils import logging
 
+from ..configuration.configuration_mla_common import text_head_dim
+
+
+if TYPE_CHECKING:
+    from .statistics import CalibrationStatistics
+
 
 logger = logging.get_logger(__name__)
 
+FIXED_STRATEGIES = ("high", "low", "uniform")
+CALIBRATED_STRATEGIES = ("2-norm", "mkl")
 MRopeAxis = Literal["t", "h", "w"]
 MROPE_AXES: tuple[MRopeAxis, MRopeAxis, MRopeAxis] = ("t", "h", "w")
 
@@ -721,7 +734,60 @@ def enforce_axis_minimum(
     return result
 
 
+def rope_scores(stats: "CalibrationStatistics", strategy: str, num_kv_heads: int) -> torch.Tensor:
+    """`[layers, kv_heads, head_dim/2]` importance of every rotary pair (larger = keep) from calibration statistics."""
+    if strategy == "2-norm":
+        return two_norm_scores(stats.stacked("q_pair_norm"), stats.stacked("k_pair_norm"), num_kv_heads)
+    if strategy == "mkl":
+        return aggregate_gqa(stats.stacked("mkl"), num_kv_heads)
+    raise ValueError(f"rope strategy {strategy!r} does not use calibration statistics.")
+
+
+def select_rope_pairs(
+    config,
+    rope_dim: int,
+    rope_strategy: str,
+    rope_ranks: str | os.PathLike | None = None,
+    stats: "CalibrationStatistics | None" = None,
+    rope_min_per_axis: dict[str, int] | None = None,
+) -> tuple[list[list[list[int]]], str, torch.Tensor | None]:
+    """Kept rotary pairs per layer and kv head, from a fixed strategy, a rank file or calibration statistics.
+
+    Returns the pairs, a label of where they came from, and the ranks when they were computed here."""
+    text = config.text_config
+    head_dim = text_head_dim(text)
+    if rope_ranks is not None:
+        ranks = load_rank_file(rope_ranks)
+        expected = (text.num_hidden_layers, text.num_key_value_heads)
+        if tuple(ranks.shape[:2]) != expected:
+            raise ValueError(
+                f"Rank file {rope_ranks} has shape {tuple(ranks.shape)}; this model needs [layers, kv_heads, ...] = "
+                f"{expected}."
+            )
+        return ranks_to_pairs(ranks, rope_dim, head_dim=head_dim), f"ranks:{Path(rope_ranks).name}", None
+    if rope_strategy in FIXED_STRATEGIES:
+        pairs = select_fixed_pairs(rope_strategy, head_dim, rope_dim, text.num_hidden_layers, text.num_key_value_heads)
+        return pairs, rope_strategy, None
+    if rope_strategy not in CALIBRATED_STRATEGIES:
+        raise ValueError(
+            f"rope_strategy must be one of {FIXED_STRATEGIES + CALIBRATED_STRATEGIES}, got {rope_strategy!r}."
+        )
+    if stats is None:
+        raise ValueError(f"rope_strategy={rope_strategy!r} needs calibration statistics.")
+    scores = rope_scores(stats, rope_strategy, text.num_key_value_heads)
+    if rope_min_per_axis:
+        section = (getattr(text, "rope_parameters", None) or {}).get("mrope_section")
+        if section is None:
+            raise ValueError("rope_min_per_axis applies to M-RoPE models (Qwen2.5-VL) only.")
+        pairs = enforce_axis_minimum(scores, rope_dim, list(section), rope_min_per_axis)
+        return pairs, f"{rope_strategy}+axis-min{rope_min_per_axis}", None  # not expressible as a rank file
+    ranks = scores_to_ranks(scores)
+    return ranks_to_pairs(ranks, rope_dim, head_dim=head_dim), rope_strategy, ranks
+
+
 __all__ = [
+    "CALIBRATED_STRATEGIES",
+    "FIXED_STRATEGIES",
     "MROPE_AXES",
     "aggregate_gqa",
     "check_axis_minimum",
@@ -732,8 +798,10 @@ __all__ = [
     "mrope_axis_of_pair",
     "pair_norms",
     "ranks_to_pairs",
+    "rope_scores",
     "save_rank_file",
     "scores_to_ranks",
     "select_fixed_pairs",
+    "select_rope_pairs",
     "two_norm_scores",
 ]

@@ -6,29 +6,8 @@ modality low-rank `kv_a_proj` / `kv_b_proj`). Everything runs through a stock `T
 `accelerate launch` with DDP, FSDP or DeepSpeed work unchanged; this module holds no distributed code of its own
 beyond asking the `Trainer`'s accelerator for a full state dict when parameters are sharded.
 
-Trainable sets (`trainable=`), as named rules over in-memory parameter names (`trainable_rules`, `TRAINABLE_SETS`):
-
-| set        | stage 1 (`partial_rope`)                            | stage 2 (`mla`)                                  |
-|------------|-----------------------------------------------------|--------------------------------------------------|
-| `paper`    | `q_proj`, `k_rope_proj`, `k_nope_proj`              | `q_proj`, `k_rope_proj`, `kv_a/b_proj`, `o_proj` |
-| `official` | `q_proj`, `k_nope_proj`, `v_proj`, norms, aligner   | text params named `*attn*` or `*norm*`, aligner  |
-
-* `paper` stage 1 reads the paper's "only the query and key projections" literally: all of `W_q` and `W_k` (its
-  rotary rows `k_rope_proj` and NoPE rows `k_nope_proj`). Partial RoPE only changes the attention scores, which are
-  a function of queries and keys alone; values and `o_proj` see no change. The official code freezes
-  `k_rope_proj` and also trains `W_v` and the norms (use `official` for that).
-* `paper` stage 2 trains the MLA parameters *and* `o_proj`: the low-rank factorisation perturbs the values, and
-  `o_proj` is the layer that consumes them; the official code trains it, and the paper's "~10% trainable" for
-  Qwen2.5-VL-7B only adds up with `o_proj` (method.md §4.1: without it stage 2 would be ~5-6%).
-* `paper` keeps norms and the aligner frozen: only the converted attention changed.
-* `official` reproduces `freeze_non_attn_weights` plus ms-swift's `freeze_aligner: false`, without the operator
-  precedence bug (norms are simply listed). The aligner is LLaVA's `multi_modal_projector` (plus LLaVA-NeXT's
-  `image_newline`) or Qwen2.5-VL's `visual.merger`.
-
-Everything else (vision tower, embeddings, MLPs, `lm_head`) is frozen. With LoRA (`lora=LoraSettings(...)`), the
-set's `nn.Linear` layers (or `LoraSettings.target_modules`) get adapters instead of full updates (their biases stay
-frozen); the set's other parameters (norms, `image_newline`) are trained directly. Adapters are merged into plain
-weights before saving (NaN / Inf check), so the result is an ordinary checkpoint.
+What trains (the `paper` and `official` sets, LoRA): `training.trainable`; the data and its mixes:
+`training.sources`; the crash-safe save: `training.checkpoint`.
 
 Schedule: warmup-stable-decay (linear warm-up, constant, then `1 - sqrt` decay to 0), the official
 `lr_scheduler.py` recipe, via Transformers' `warmup_stable_decay` scheduler (identical in 5.17 and 5.23). Warm-up
@@ -39,13 +18,8 @@ Qwen2.5-VL: the collator never passes `position_ids`; the model computes 3-D M-R
 `mm_token_type_ids` and `image_grid_thw` in every training forward (method.md §7.9 is the official code's bug).
 """
 
-import hashlib
-import json
-import math
 import os
-import re
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -55,82 +29,41 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 from transformers.utils import logging
 
-from ..conversion_scripts.calibration import Conversation, load_conversations
+from ..conversion_scripts.calibration import Conversation
 from ..conversion_scripts.report import environment
-from ..registry import ARCHITECTURES, MLA_MODEL_TYPES, ArchSpec, arch_spec
-from ..utils import check_output_folder, staged_folder, weight_file_digests
-from .data import ChatCollator, TextWindow
-from .distill import TEXT_SOURCES, mixed_training_items, text_windows
-from .trainer import DistillationTrainer, RecoveryTrainer, TimingCallback, wsd_steps
+from ..registry import ARCHITECTURES, MLA_MODEL_TYPES, arch_spec
+from ..utils import check_output_folder
+from .checkpoint import (
+    full_state_dict,
+    load_model,
+    parameter_digest,
+    plain_model_from_state_dict,
+    rule_size,
+    save_atomically,
+)
+from .data import ChatCollator
+from .sources import ZOO_VQA, ConversationDataset, load_training_items
+from .trainable import (
+    STAGE_FORMS,
+    LoraSettings,
+    Stage,
+    TrainableSet,
+    apply_lora,
+    apply_trainable_set,
+    count_parameters,
+    merge_lora,
+    rule_patterns,
+    trainable_parameter_names,
+)
+from .trainer import DistillationTrainer, RecoveryTrainer, TimingCallback
 
 
 logger = logging.get_logger(__name__)
 
-Stage = Literal[0, 1, 2]
-TrainableSet = Literal["paper", "official"]
 Objective = Literal["sft", "distill"]
-# Stage 0 is the control: the ORIGINAL (native) model fine-tuned with the same data, steps and schedule.
-STAGE_FORMS: dict[int, str | None] = {0: None, 1: "partial_rope", 2: "mla"}
-REPORT_NAME = "finetune_report.json"
-ZOO_VQA = "zoo-vqa"
-DEFAULT_ZOO_SAMPLES = 1000
-
-
-def trainable_rules(spec: ArchSpec) -> dict[str, str]:
-    """Named rules over the in-memory parameter names of an architecture (its text-layer path and aligner come from
-    the registry). Each rule must match at least one parameter of the model it is applied to."""
-    text = "^" + re.escape(spec.text_layers.removesuffix("layers"))  # `model\.language_model\.`
-    attention = text + r"layers\.\d+\.self_attn\."
-    projections = ("q_proj", "k_rope_proj", "k_proj", "k_nope_proj", "v_proj", "kv_a_proj", "kv_b_proj", "o_proj")
-    return {
-        **{name: attention + re.escape(name) + r"\." for name in projections},  # k_proj: the native attention
-        "text_attn": text + r".*attn",  # official stage 2: "attn" anywhere in a text-decoder name
-        "text_norms": text + r".*norm",  # every RMSNorm of the text decoder, the final one included
-        "aligner": spec.aligner,
-    }
-
-
-TRAINABLE_SETS: dict[str, dict[int, tuple[str, ...]]] = {
-    "paper": {
-        0: ("q_proj", "k_proj", "v_proj", "o_proj"),  # the native attention: what stages 1-2 replace
-        1: ("q_proj", "k_rope_proj", "k_nope_proj"),
-        2: ("q_proj", "k_rope_proj", "kv_a_proj", "kv_b_proj", "o_proj"),
-    },
-    "official": {
-        0: ("text_attn", "text_norms", "aligner"),
-        1: ("q_proj", "k_nope_proj", "v_proj", "text_norms", "aligner"),
-        2: ("text_attn", "text_norms", "aligner"),
-    },
-}
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapters for the recovery fine-tuning (through `peft`), merged into plain weights after training.
-
-    Args:
-        r (`int`, *optional*, defaults to 16): adapter rank.
-        alpha (`int`, *optional*, defaults to 32): LoRA scaling numerator (`alpha / r` scales the update).
-        dropout (`float`, *optional*, defaults to 0.0): dropout on the adapter input.
-        target_modules (`Sequence[str]`, *optional*): regexes (`re.search`) over module names selecting the
-            `nn.Linear` layers to adapt. Defaults to the `nn.Linear` layers of the trainable set.
-    """
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: Sequence[str] | None = None
-
-    def __post_init__(self):
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}.")
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
 
 
 @dataclass
@@ -142,291 +75,6 @@ class FinetuneResult:
     report: dict
     trainable_names: list[str] = field(default_factory=list, repr=False)
     model: nn.Module | None = field(default=None, repr=False)
-
-
-# ------------------------------------------------------------------------------------------------ trainable sets
-
-
-def _rule_patterns(stage: int, trainable: str | Sequence[str], spec: ArchSpec) -> dict[str, str]:
-    """`{label: regex}` of a named set for `stage` and the architecture of `spec`, or of user regexes (labelled by
-    themselves)."""
-    if isinstance(trainable, str):
-        if trainable not in TRAINABLE_SETS:
-            raise ValueError(
-                f"trainable must be one of {sorted(TRAINABLE_SETS)} or a sequence of parameter-name regexes, "
-                f"got {trainable!r}."
-            )
-        rules = trainable_rules(spec)
-        return {rule: rules[rule] for rule in TRAINABLE_SETS[trainable][stage]}
-    patterns = list(trainable)
-    if not patterns:
-        raise ValueError("trainable regexes must not be empty.")
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(f"Invalid trainable regex {pattern!r}: {error}") from error
-    return {pattern: pattern for pattern in patterns}
-
-
-def trainable_parameter_names(
-    model: nn.Module, stage: Stage, trainable: TrainableSet | Sequence[str] = "paper"
-) -> dict[str, list[str]]:
-    """Parameter names selected by each rule of a trainable set (in `named_parameters` order).
-
-    Raises:
-        `ValueError`: unknown set, or a rule / regex that matches no parameter of `model`.
-    """
-    if stage not in STAGE_FORMS:
-        raise ValueError(f"stage must be 0 (control), 1 or 2, got {stage!r}.")
-    names = [name for name, _ in model.named_parameters()]
-    selected = {}
-    for label, pattern in _rule_patterns(stage, trainable, arch_spec(model.config.model_type)).items():
-        regex = re.compile(pattern)
-        selected[label] = [name for name in names if regex.search(name)]
-        if not selected[label]:
-            raise ValueError(
-                f"Trainable rule {label!r} ({pattern}) matches no parameter of {type(model).__name__}; parameter "
-                f"names look like {names[:3]}."
-            )
-    return selected
-
-
-def apply_trainable_set(model: nn.Module, names: Sequence[str]) -> None:
-    """`requires_grad` True for exactly `names`, False for every other parameter."""
-    wanted = set(names)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in wanted)
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, shared (tied) tensors counted once."""
-    seen, trainable, total = set(), 0, 0
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
-    return trainable, total
-
-
-# ---------------------------------------------------------------------------------------------------------- LoRA
-
-
-def lora_target_modules(model: nn.Module, trainable_names: Sequence[str], lora: LoraSettings) -> list[str]:
-    """Names of the `nn.Linear` modules to adapt: `lora.target_modules` regexes, or the set's linear layers."""
-    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    if lora.target_modules is not None:
-        targets = []
-        for pattern in lora.target_modules:
-            matched = [name for name in linears if re.search(pattern, name)]
-            if not matched:
-                raise ValueError(f"LoRA target regex {pattern!r} matches no nn.Linear module.")
-            targets += [name for name in matched if name not in targets]
-        return targets
-    wanted = set(trainable_names)
-    targets = [name for name in linears if f"{name}.weight" in wanted]
-    if not targets:
-        raise ValueError("The trainable set holds no nn.Linear weight to put LoRA adapters on.")
-    return targets
-
-
-def apply_lora(model: nn.Module, trainable_names: Sequence[str], lora: LoraSettings) -> nn.Module:
-    """Wrap `model` in a peft LoRA model. The adapted layers' own weights and biases stay frozen; the trainable set's
-    parameters outside them (norms, `image_newline`, ...) are trained directly."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as error:
-        raise ImportError("LoRA fine-tuning needs `pip install peft` (or `pip install hf-mla-vlm[train]`).") from error
-
-    targets = lora_target_modules(model, trainable_names, lora)
-    adapted = {f"{name}.{kind}" for name in targets for kind in ("weight", "bias")}
-    direct = [name for name in trainable_names if name not in adapted]
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
-    peft_model = get_peft_model(model, config)
-    base = peft_model.get_base_model()
-    params = dict(base.named_parameters())
-    for name in direct:
-        params[name].requires_grad_(True)
-    return peft_model
-
-
-def merge_lora(peft_model: nn.Module) -> nn.Module:
-    """Fold the adapters into plain weights (`merge_and_unload`) and return the plain model.
-
-    Raises:
-        `ValueError`: a merged weight is NaN or infinite (the adapter diverged); nothing is saved then.
-    """
-    try:
-        model = peft_model.merge_and_unload(safe_merge=True)
-    except ValueError as error:  # peft's safe_merge: "NaNs detected in the merged weights..."
-        raise ValueError(f"Merging the LoRA adapters gave non-finite weights; not saving them. ({error})") from error
-    bad = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]
-    if bad:
-        raise ValueError(f"Non-finite weights after merging the LoRA adapters: {bad[:5]}; not saving them.")
-    return model
-
-
-# ---------------------------------------------------------------------------------------------------------- data
-
-
-class ConversationDataset(torch.utils.data.Dataset):
-    """A list of `Conversation`s (and `TextWindow`s); `ChatCollator` turns a batch of them into model inputs."""
-
-    def __init__(self, conversations: Sequence[Conversation | TextWindow]):
-        self.conversations = list(conversations)
-
-    def __len__(self) -> int:
-        return len(self.conversations)
-
-    def __getitem__(self, index: int) -> Conversation | TextWindow:
-        return self.conversations[index]
-
-
-def load_training_conversations(
-    data: str | os.PathLike | Sequence[Conversation],
-    *,
-    num_samples: int | None = None,
-    image_size: int = 224,
-    seed: int = 0,
-    image_folder: str | os.PathLike | None = None,
-) -> tuple[list[Conversation], str]:
-    """Conversations from `"zoo-vqa"` (procedural VQA train split), a LLaVA-style JSON / `"builtin"` / saved
-    `datasets` folder (through `load_conversations`), or a list of `Conversation`. Returns them and a label."""
-    if isinstance(data, (str, os.PathLike)):
-        if str(data) == ZOO_VQA:
-            from ..zoo.vqa_data import generate_split
-
-            count = DEFAULT_ZOO_SAMPLES if num_samples is None else num_samples
-            samples = generate_split("train", count, seed=seed, image_size=image_size)
-            conversations, label = [s.to_conversation() for s in samples], ZOO_VQA
-        else:
-            count = sys.maxsize if num_samples is None else num_samples
-            conversations = load_conversations(data, count, seed=seed, image_folder=image_folder)
-            label = str(data)
-    else:
-        conversations = list(data)
-        if num_samples is not None:
-            conversations = conversations[:num_samples]
-        label = "in-memory conversations"
-        if any(not isinstance(c, (Conversation, TextWindow)) for c in conversations):
-            raise ValueError(
-                "data must hold Conversation (hf_mla_vlm.conversion_scripts.calibration) or TextWindow "
-                "(hf_mla_vlm.training.data) objects."
-            )
-    if not conversations:
-        raise ValueError(f"No training conversations in {label}.")
-    return conversations, label
-
-
-def load_training_items(
-    data: str | os.PathLike | Sequence,
-    processor,
-    *,
-    mix: Sequence[float] | None = None,
-    num_samples: int | None = None,
-    image_size: int = 224,
-    seed: int = 0,
-    image_folder: str | os.PathLike | None = None,
-    text_seq_len: int = 512,
-) -> tuple[list, str]:
-    """Training items of one source or of a mix: `data` is a source (see `load_training_conversations`), a list of
-    items, or comma-separated sources such as `"wikipedia,zoo-vqa"` mixed in the proportions `mix` (default: equal).
-    `"wikipedia"` gives `TextWindow`s of `text_seq_len` tokens packed from the Wikipedia calibration split (80% of
-    the articles; perplexity is measured on the disjoint test split). Returns the items and a label."""
-    specs = [part.strip() for part in str(data).split(",")] if isinstance(data, (str, os.PathLike)) else None
-    if specs is None or (len(specs) == 1 and specs[0] not in TEXT_SOURCES):
-        if mix is not None and len(mix) != 1:
-            raise ValueError(f"mix has {len(mix)} weights for one data source.")
-        return load_training_conversations(
-            data, num_samples=num_samples, image_size=image_size, seed=seed, image_folder=image_folder
-        )
-    weights = list(mix) if mix is not None else [1.0] * len(specs)
-    if len(weights) != len(specs) or len(set(specs)) != len(specs):
-        raise ValueError(f"Give each data source once and one mix weight per source; got {specs} and {weights}.")
-    total = DEFAULT_ZOO_SAMPLES if num_samples is None else num_samples
-    sources = {}
-    for spec, weight in zip(specs, weights):
-        count = math.ceil(weight / sum(weights) * total)  # the most the mix takes from this source
-        if spec in TEXT_SOURCES:
-            from ..assets import wikipedia_split
-
-            sources[spec] = text_windows(processor, wikipedia_split("calibration"), text_seq_len, count)
-        else:
-            sources[spec], _ = load_training_conversations(
-                spec, num_samples=count, image_size=image_size, seed=seed, image_folder=image_folder
-            )
-    items = mixed_training_items(sources, weights, total, seed=seed)
-    return items, ",".join(f"{spec}:{weight:g}" for spec, weight in zip(specs, weights))
-
-
-# -------------------------------------------------------------------------------------------------------- saving
-
-
-def _full_state_dict(trainer: Trainer) -> dict | None:
-    """The gathered state dict when parameters are sharded (FSDP, ZeRO-3), else None. Collective: every rank calls
-    it. (With ZeRO-3 this needs `stage3_gather_16bit_weights_on_model_save: true`.)"""
-    if trainer.is_fsdp_enabled:
-        return trainer.accelerator.get_state_dict(trainer.model)
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
-        return trainer.accelerator.get_state_dict(trainer.deepspeed)
-    return None
-
-
-def load_model(model_path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The converted model of `model_path` through `AutoModelForImageTextToText` (the package's registered classes,
-    never the folder's remote code)."""
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
-
-
-def plain_model_from_state_dict(
-    model_path: str | os.PathLike,
-    state_dict: dict[str, torch.Tensor],
-    trainable_names: Sequence[str],
-    lora: LoraSettings | None,
-) -> nn.Module:
-    """Rebuild the trained plain model on CPU from a gathered (FSDP / ZeRO-3) state dict of the trained model (a
-    peft model's when `lora` is set), merging the adapters."""
-    model = load_model(model_path)
-    if lora is not None:
-        model = apply_lora(model, trainable_names, lora)
-    model.load_state_dict(state_dict, strict=True)
-    return merge_lora(model) if lora is not None else model
-
-
-def _rule_size(model: nn.Module, names: Sequence[str]) -> dict[str, int]:
-    params = dict(model.named_parameters())
-    return {"tensors": len(names), "parameters": sum(params[name].numel() for name in names)}
-
-
-def _parameter_digest(model: nn.Module, names: Sequence[str]) -> str:
-    params = dict(model.named_parameters())
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(name.encode())
-        digest.update(params[name].detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _save_atomically(model: nn.Module, processor, report: dict, output_dir: Path, save_dtype: torch.dtype) -> None:
-    """Weights (the model's own Hub-ready `save_pretrained`), processor and report in a hidden sibling folder,
-    renamed into place at the end (`staged_folder`: an interrupted run never leaves a half-written folder, and a
-    replaced one is deleted only once the new one is in place). The report records the sha256 of every weight file."""
-    with staged_folder(output_dir) as staging:
-        if any(p.dtype != save_dtype for p in model.parameters() if p.is_floating_point()):
-            model.to(save_dtype)
-        model.config.dtype = save_dtype
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        report["files"] = weight_file_digests(staging)
-        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
-
-
-# ------------------------------------------------------------------------------------------------------ finetune
 
 
 def check_stage(model_path: str | os.PathLike, stage: Stage):
@@ -592,7 +240,7 @@ def finetune(
     trainable_names = list(dict.fromkeys(name for names in by_rule.values() for name in names))
     apply_trainable_set(model, trainable_names)
     set_size, total = count_parameters(model)
-    rule_sizes = {label: _rule_size(model, names) for label, names in by_rule.items()}
+    rule_sizes = {label: rule_size(model, names) for label, names in by_rule.items()}
     if lora is not None:
         model = apply_lora(model, trainable_names, lora)
     n_trainable, _ = count_parameters(model)
@@ -655,7 +303,7 @@ def finetune(
         trainer = RecoveryTrainer(**common)
     train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
 
-    state_dict = _full_state_dict(trainer)  # collective; None unless parameters are sharded
+    state_dict = full_state_dict(trainer)  # collective; None unless parameters are sharded
     trained = None
     if state_dict is None:
         trained = trainer.accelerator.unwrap_model(trainer.model)
@@ -674,7 +322,7 @@ def finetune(
             "temperature": temperature if objective == "distill" else None,
             "label_weight": label_weight if objective == "distill" else None,
             "trainable": trainable if isinstance(trainable, str) else list(trainable),
-            "trainable_rules": _rule_patterns(stage, trainable, arch_spec(config.model_type)),
+            "trainable_rules": rule_patterns(stage, trainable, arch_spec(config.model_type)),
             "lora": asdict(lora) if lora is not None else None,
             "data": data_label,
             "num_conversations": len(conversations),
@@ -717,10 +365,10 @@ def finetune(
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if trained is not None:
-        report["trained_parameters_sha256"] = _parameter_digest(trained, trainable_names)
+        report["trained_parameters_sha256"] = parameter_digest(trained, trainable_names)
     report["total_time_s"] = time.perf_counter() - started
     if args.should_save:
-        _save_atomically(trained, processor, report, output_dir, save_dtype)
+        save_atomically(trained, processor, report, output_dir, save_dtype)
         if not save_steps and checkpoints_dir.exists():
             shutil.rmtree(checkpoints_dir, ignore_errors=True)
         logger.info(f"Stage {stage} fine-tuning -> {output_dir} ({report['total_time_s']:.1f}s)")
@@ -761,21 +409,4 @@ def _environment() -> dict[str, str]:
     return versions
 
 
-__all__ = [
-    "TRAINABLE_SETS",
-    "ConversationDataset",
-    "FinetuneResult",
-    "LoraSettings",
-    "apply_lora",
-    "apply_trainable_set",
-    "check_stage",
-    "count_parameters",
-    "finetune",
-    "load_training_conversations",
-    "load_training_items",
-    "merge_lora",
-    "plain_model_from_state_dict",
-    "trainable_parameter_names",
-    "trainable_rules",
-    "wsd_steps",
-]
+__all__ = ["FinetuneResult", "Objective", "check_stage", "finetune"]

@@ -23,6 +23,9 @@ of its content (80% train, 10% validation, 10% test), and a split only keeps its
 
 The `answer_question` oracle computes the answer of any templated question from a scene; the generator uses it, so
 questions and answers cannot drift apart.
+
+Longer than the package's usual ~400 lines: the scene generator, the question templates and the answer
+vocabulary are one definition of the task and are kept together.
 """
 
 import hashlib

@@ -17,14 +17,7 @@ import torch
 
 from hf_mla_vlm.evaluation import evaluate, next_token_fidelity, perplexity
 from hf_mla_vlm.tiny_models import WORDS, build_tiny_vlm
-from tests.utils import mixed_batch
-
-
-def require(*packages: str) -> None:
-    """Skip unless every package is installed (without importing it)."""
-    for package in packages:
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"needs the offline asset package {package!r}")
+from tests.utils import mixed_batch, require
 
 
 def _texts(num: int = 12, words: int = 9) -> list[str]:

@@ -1,6 +1,6 @@
 """The model zoo (SmolLM2-135M-Instruct with trained vision towers), its training helpers and the chat collator.
 
-The tests on SmolLM2 need the offline asset packages (see tests/test_evaluation.py) and skip otherwise; SmolLM2 is
+The tests on SmolLM2 need the offline asset packages (see `tests.utils.require`) and skip otherwise; SmolLM2 is
 loaded once per module from the safetensors cache of `load_smollm2()` (`$HF_MLA_VLM_CACHE`). The rest runs on the
 tiny random models of `hf_mla_vlm.tiny_models`. The collator's basic labelling (answer + end-of-turn token, two
 assistant turns) is covered in tests/training/test_finetune.py; here are its error paths, `max_length` and batching.
@@ -37,7 +37,7 @@ from hf_mla_vlm.zoo.models import (
 )
 from hf_mla_vlm.zoo.train import BudgetedCosine, VQAStream, per_type_accuracy, teacher_forced_correct, train_vision
 from hf_mla_vlm.zoo.vqa_data import generate_split
-from tests.test_evaluation import require
+from tests.utils import require
 
 
 zoo_train = importlib.import_module("hf_mla_vlm.zoo.train")

@@ -1,0 +1,84 @@
+# Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
+"""Saving what `finetune` trained: the gathered state dict under FSDP / ZeRO-3, the plain (adapter-merged) model,
+and the crash-safe write of weights, processor and report."""
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from ..utils import staged_folder, weight_file_digests
+from .trainable import LoraSettings, apply_lora, merge_lora
+
+
+REPORT_NAME = "finetune_report.json"
+
+
+def full_state_dict(trainer: Trainer) -> dict | None:
+    """The gathered state dict when parameters are sharded (FSDP, ZeRO-3), else None. Collective: every rank calls
+    it. (With ZeRO-3 this needs `stage3_gather_16bit_weights_on_model_save: true`.)"""
+    if trainer.is_fsdp_enabled:
+        return trainer.accelerator.get_state_dict(trainer.model)
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+        return trainer.accelerator.get_state_dict(trainer.deepspeed)
+    return None
+
+
+def load_model(model_path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The converted model of `model_path` through `AutoModelForImageTextToText` (the package's registered classes,
+    never the folder's remote code)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
+
+
+def plain_model_from_state_dict(
+    model_path: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    trainable_names: Sequence[str],
+    lora: LoraSettings | None,
+) -> nn.Module:
+    """Rebuild the trained plain model on CPU from a gathered (FSDP / ZeRO-3) state dict of the trained model (a
+    peft model's when `lora` is set), merging the adapters."""
+    model = load_model(model_path)
+    if lora is not None:
+        model = apply_lora(model, trainable_names, lora)
+    model.load_state_dict(state_dict, strict=True)
+    return merge_lora(model) if lora is not None else model
+
+
+def rule_size(model: nn.Module, names: Sequence[str]) -> dict[str, int]:
+    params = dict(model.named_parameters())
+    return {"tensors": len(names), "parameters": sum(params[name].numel() for name in names)}
+
+
+def parameter_digest(model: nn.Module, names: Sequence[str]) -> str:
+    params = dict(model.named_parameters())
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode())
+        digest.update(params[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_atomically(model: nn.Module, processor, report: dict, output_dir: Path, save_dtype: torch.dtype) -> None:
+    """Weights (the model's own Hub-ready `save_pretrained`), processor and report in a hidden sibling folder,
+    renamed into place at the end (`staged_folder`: an interrupted run never leaves a half-written folder, and a
+    replaced one is deleted only once the new one is in place). The report records the sha256 of every weight file."""
+    with staged_folder(output_dir) as staging:
+        if any(p.dtype != save_dtype for p in model.parameters() if p.is_floating_point()):
+            model.to(save_dtype)
+        model.config.dtype = save_dtype
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        report["files"] = weight_file_digests(staging)
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+__all__ = ["REPORT_NAME", "full_state_dict", "load_model", "plain_model_from_state_dict", "save_atomically"]
