@@ -59,15 +59,15 @@ from zoo_recovery import statistics_of, tune
 
 import hf_mla_vlm  # noqa: F401
 from hf_mla_vlm.assets import wikipedia_split
-from hf_mla_vlm.conversion_scripts.calibration import builtin_conversations
+from hf_mla_vlm.conversations import builtin_conversations
 from hf_mla_vlm.conversion_scripts.convert import build_mla_config, convert
-from hf_mla_vlm.conversion_scripts.report import environment, kv_cache_size
+from hf_mla_vlm.conversion_scripts.report import kv_cache_size
 from hf_mla_vlm.evaluation import load_model_and_processor
 from hf_mla_vlm.evaluation.perplexity import perplexity
 from hf_mla_vlm.registry import arch_spec
 from hf_mla_vlm.training.data import ChatCollator, TextWindow
 from hf_mla_vlm.training.distill import distillation_kl, distilled_positions, mixed_training_items, text_windows
-from hf_mla_vlm.utils import to_device
+from hf_mla_vlm.utils import environment, to_device
 from hf_mla_vlm.zoo import generate_split
 from hf_mla_vlm.zoo.models import save_zoo_model, zoo_spec
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_mla_vlm import cli
-from hf_mla_vlm.conversion_scripts.calibration import builtin_conversations, encode_conversations, load_conversations
+from hf_mla_vlm.conversations import builtin_conversations, encode_conversations, load_conversations
 from hf_mla_vlm.conversion_scripts.convert import convert
 from hf_mla_vlm.conversion_scripts.rope_selection import ranks_to_pairs
 from hf_mla_vlm.conversion_scripts.statistics import collect_statistics
@@ -26,7 +26,7 @@ def test_cli_pipeline_mkl_md_builtin(arch, native_checkpoints, tmp_path):
     assert report["calibration"]["tokens"]["image"] > 0 and report["calibration"]["tokens"]["text"] > 0
     assert set(report["timings_s"]) >= {"calibration_s", "rope_selection_s", "convert_s", "total_s"}
     for layer in report["layers"]:
-        assert set(layer["activation_relative_error"]) == {"text", "image"}
+        assert set(layer["activation_error_heldout_share"]) == {"text", "image"}
         assert layer["decoupled_vs_joint"]["ratio"] <= 1 + 1e-9
     config = json.loads((out / "config.json").read_text())
     ranks = load_file(out / "mla_rope_ranks.safetensors")["ranks"]

