@@ -135,6 +135,37 @@ def test_statistics_hooks_are_always_removed_and_reusable(tmp_path):
         assert torch.equal(value, load_file(b.output_dir / "model.safetensors")[key]), key
 
 
+@pytest.mark.parametrize(("svd", "per_layer"), [("md", 3), ("joint-act", 3)])
+def test_each_factorisation_is_computed_once_per_layer(svd, per_layer, native_checkpoints, tmp_path, monkeypatch):
+    """The decoupled-vs-joint diagnostic reuses the conversion's factorisations: three eigendecompositions per
+    layer (text, image, joint) instead of five (md) or four (joint-act)."""
+    native = native_checkpoints["llava"]
+    model, processor = load_native(native)
+    samples = list(encode_conversations(processor, builtin_conversations(6)))
+    stats = collect_statistics(model, samples, [model.config.image_token_id], device="cpu", progress=False)
+    calls = []
+    real_eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: calls.append(a) or real_eigh(a))
+    result = convert(native, tmp_path / "m", rope_dim=8, kv_rank=8, svd=svd, statistics=stats, progress=False)
+    assert len(calls) == per_layer * len(stats.layers)
+    for layer in result.report["layers"]:
+        assert layer["decoupled_vs_joint"]["ratio"] <= 1 + 1e-9
+
+
+def test_conversion_threads_follow_the_machine_unless_chosen(monkeypatch):
+    from hf_mla_vlm.conversion_scripts.convert import conversion_threads, machine_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    with conversion_threads() as threads:
+        assert threads == torch.get_num_threads() == machine_threads() >= 1
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with conversion_threads() as threads:
+        assert threads == torch.get_num_threads() == before
+
+
 def test_calibration_from_a_saved_datasets_folder(tmp_path, native_checkpoints):
     datasets = pytest.importorskip("datasets")
     conversations = builtin_conversations(4, seed=2)

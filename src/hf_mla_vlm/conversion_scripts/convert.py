@@ -10,6 +10,7 @@ import resource
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -245,13 +246,29 @@ def low_rank_factors(
     raise ValueError(f"svd must be one of weight, joint-act, md; got {svd!r}.")
 
 
+def _computed_factorisations(factors: dict[str, LowRankFactors], svd: str | None) -> dict[str, LowRankFactors]:
+    """The factorisations the decoupled-vs-joint diagnostic can reuse: the per-modality ones of `md`, the joint one
+    of `joint-act` (none of `weight`)."""
+    if svd == "md":
+        return {"text": factors["text"], "image": factors["image"]}
+    if svd == "joint-act":
+        return {"joint": factors["text"]}
+    return {}
+
+
 def layer_report(
-    weight: torch.Tensor, factors: dict[str, LowRankFactors], rank: int, layer_stats, damping: float
+    weight: torch.Tensor,
+    factors: dict[str, LowRankFactors],
+    rank: int,
+    layer_stats,
+    damping: float,
+    svd: str | None = None,
 ) -> dict:
     """Relative activation error `||(W - W')X|| / ||WX||` per modality on the held-out share of the calibration
     conversations (`activation_error_heldout_share`; calibration tokens when a modality has no held-out tokens, as
     `error_measured_on` says), of the text branch on held-out prose the calibration never saw
-    (`activation_error_heldout_prose`, when collected), and the decoupled / joint loss ratio."""
+    (`activation_error_heldout_prose`, when collected), and the decoupled / joint loss ratio (reusing the
+    factorisations of `svd`, so that each is computed once per layer)."""
     report = {"weight_relative_error": {}}
     w = weight.double()
     for branch, f in factors.items():
@@ -272,8 +289,10 @@ def layer_report(
         f = factors["text"]
         report["activation_error_heldout_prose"] = activation_error(weight, f.up @ f.down, layer_stats.prose)
     if layer_stats.tokens["text"] and layer_stats.tokens["image"]:
-        ratio = decoupled_vs_joint(weight, layer_stats.cov["text"], layer_stats.cov["image"], rank, damping=damping)
-        report["decoupled_vs_joint"] = ratio
+        report["decoupled_vs_joint"] = decoupled_vs_joint(
+            weight, layer_stats.cov["text"], layer_stats.cov["image"], rank, damping=damping,
+            factors=_computed_factorisations(factors, svd),
+        )  # fmt: skip
     return report
 
 
@@ -308,7 +327,7 @@ def convert_model(
             layer_stats = stats.layers[layer_idx] if stats is not None else None
             weight, bias = kv_source_matrix(converted)
             factors = low_rank_factors(weight, rank, svd, layer_stats, damping)
-            entry.update(layer_report(weight, factors, rank, layer_stats, damping))
+            entry.update(layer_report(weight, factors, rank, layer_stats, damping, svd))
             converted = mla_attention_weights(converted, factors, bias, mla_config, layer_idx)
         new_state.update({attn_prefix + k: v for k, v in converted.items()})
         layer_reports.append(entry)
@@ -613,7 +632,7 @@ def convert(
             "svd='weight'); they are ignored."
         )
 
-    with progress_bars(progress):  # also Transformers' own (loading and saving weights)
+    with progress_bars(progress), conversion_threads() as threads:  # progress: also Transformers' own bars
         t = time.perf_counter()
         source_class = spec.native_class if stage == "native" else spec.mla_model_class
         source_model = source_class.from_pretrained(source_path, dtype=torch.float32).eval()
@@ -676,7 +695,7 @@ def convert(
             "layers": layer_reports,
             "timings_s": timings,
             "memory": memory,
-            "environment": environment(),
+            "environment": {**environment(), "torch_threads": str(threads)},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         memory["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -709,6 +728,33 @@ def convert(
         write_text_atomically(output_dir / REPORT_NAME, json.dumps(report, indent=2) + "\n")  # with the save timings
         logger.info(f"Converted {source} -> {output_dir} in {timings['total_s']:.1f}s")
         return ConversionResult(output_dir=output_dir, report=report, model=model if return_model else None)
+
+
+def machine_threads() -> int:
+    """CPU threads this process may use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+@contextmanager
+def conversion_threads():
+    """Torch's intra-op threads set to `machine_threads()` for the block (restored after), unless the user chose
+    them with `OMP_NUM_THREADS` / `MKL_NUM_THREADS`: the float64 eigendecompositions and SVDs of a conversion slow
+    down many times when more threads than cores compete. Yields the thread count in use."""
+    before = torch.get_num_threads()
+    chosen = any(os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
+    threads = before if chosen else machine_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def _as_dtype(value) -> torch.dtype:
@@ -757,9 +803,11 @@ __all__ = [
     "check_image_token_ids",
     "check_rope_options",
     "check_stages",
+    "conversion_threads",
     "convert",
     "convert_model",
     "heldout_prose_samples_of",
+    "machine_threads",
     "resolve_source",
     "select_rope_pairs",
     "source_stage",
