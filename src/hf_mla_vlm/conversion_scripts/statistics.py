@@ -346,7 +346,7 @@ def collect_statistics(
                 mkl += sens * len(rows)
                 mkl_rows += len(rows)
         layer.to(original_device)
-        for name, tensor in list(cov.items()) + list(held.items()):
+        for name, tensor in list(cov.items()) + list(held.items()) + ([("prose", prose_cov)] if prose else []):
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"Layer {layer_idx}: non-finite {name} covariance; check the model and data.")
         stats.append(
