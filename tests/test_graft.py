@@ -128,3 +128,19 @@ def test_graft_refuses_scaled_rope_and_unknown_architectures():
 @pytest.mark.parametrize(("head_dim", "section"), [(128, [16, 24, 24]), (64, [8, 12, 12]), (16, [2, 3, 3])])
 def test_mrope_section_matches_qwen(head_dim, section):
     assert mrope_section(head_dim) == section and sum(section) == head_dim // 2
+
+
+def test_a_grafted_qwen2_lm_converts_exactly_at_full_rank_with_its_biases(tmp_path):
+    """Grafted into Qwen2.5-VL, a Qwen2 LM's q/k/v biases reach the MLA model: full-rank conversion is exact."""
+    from hf_mla_vlm.conversion_scripts.convert import convert
+
+    tokenizer = build_tiny_tokenizer(vocab_size=160)
+    lm = _tiny_lm("qwen2", len(tokenizer))
+    model, processor = graft_vlm(lm, tokenizer, "qwen2_5_vl")
+    model.save_pretrained(tmp_path / "native")
+    processor.save_pretrained(tmp_path / "native")
+    head_dim = lm.config.hidden_size // lm.config.num_attention_heads
+    result = convert(tmp_path / "native", tmp_path / "mla", rope_dim=head_dim, kv_rank=head_dim, progress=False,
+                     return_model=True)  # fmt: skip
+    ids = _probe(len(tokenizer), {tokenizer.convert_tokens_to_ids(t) for t in placeholder_tokens("qwen2_5_vl")})
+    torch.testing.assert_close(_text_logits(result.model, ids), _text_logits(lm, ids), rtol=1e-4, atol=1e-4)

@@ -548,7 +548,6 @@ def build_smollm2_vlm(
     return graft_vlm(
         source_model, source_tokenizer, arch, vision_seed=vision_seed, dtype=dtype, vision_spec=vision_spec,
         reused_tokens=REUSED_TOKENS, system_prompt=SMOLLM2_SYSTEM_PROMPT, name=f"smollm2-135m-{arch}",
-        check_logits=False,
     )  # fmt: skip
 
 
