@@ -22,11 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers.utils import logging
 
 from ..assets import MissingAssetError
-from ..conversations import Conversation, load_conversations, wikipedia_conversations
+from ..conversations import (
+    Conversation,
+    encode_conversations,
+    load_conversations,
+    load_processor,
+    wikipedia_conversations,
+)
 from ..errors import InputError
 
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_CALIBRATION = "builtin,wikipedia"
 DEFAULT_HELDOUT_PROSE_SAMPLES = 8
@@ -148,6 +157,22 @@ def heldout_prose_conversations(num_samples: int = DEFAULT_HELDOUT_PROSE_SAMPLES
     return wikipedia_conversations(num_samples, seed=seed + _HELDOUT_PROSE_SEED, split="test")
 
 
+def heldout_prose_samples_of(
+    source_path: str | os.PathLike, num_samples: int, *, seed: int = 0, chat_template: str | os.PathLike | None = None
+) -> list[dict] | None:
+    """`num_samples` Wikipedia test-split paragraphs (never calibration data) encoded by the source's processor, for
+    the report's held-out prose error; `None` (with a warning) when `num_samples` is 0 or the offline Wikipedia is
+    not installed."""
+    if num_samples <= 0:
+        return None
+    try:
+        conversations = heldout_prose_conversations(num_samples, seed=seed)
+    except MissingAssetError as error:
+        logger.warning(f"The report's held-out prose error is not measured: {error}")
+        return None
+    return list(encode_conversations(load_processor(source_path, chat_template), conversations))
+
+
 def describe_sources(calibration: CalibrationSources, mix: str | Sequence[float] | None, num_samples: int) -> dict:
     """`{source: conversations}` of a calibration, as the report records it."""
     sources = parse_sources(calibration)
@@ -173,6 +198,7 @@ __all__ = [
     "calibration_conversations",
     "describe_sources",
     "heldout_prose_conversations",
+    "heldout_prose_samples_of",
     "mix_counts",
     "parse_mix",
     "parse_sources",

@@ -22,7 +22,6 @@ from transformers import AutoConfig
 from transformers.initialization import no_init_weights
 from transformers.utils import logging
 
-from ..assets import MissingAssetError
 from ..configuration.configuration_mla_common import text_head_dim
 from ..conversations import encode_conversations, load_processor
 from ..errors import InputError
@@ -42,11 +41,11 @@ from .calibration import (
     CalibrationSources,
     calibration_conversations,
     describe_sources,
-    heldout_prose_conversations,
+    heldout_prose_samples_of,
     parse_mix,
     parse_sources,
 )
-from .report import kv_cache_size, model_card
+from .report import activation_error_summary, kv_cache_size, model_card
 from .rope_selection import (
     aggregate_gqa,
     check_axis_minimum,
@@ -343,21 +342,6 @@ def convert_model(
     return model.eval(), layer_reports
 
 
-def activation_error_summary(layer_reports: list[dict]) -> dict:
-    """Mean over layers of the held-out activation errors: `heldout_share` (per modality, the held-out share of the
-    calibration conversations) and `heldout_prose` (text branch, on prose the calibration never saw)."""
-    summary = {}
-    share = [r["activation_error_heldout_share"] for r in layer_reports if "activation_error_heldout_share" in r]
-    for modality in ("text", "image"):
-        values = [r[modality] for r in share if modality in r]
-        if values:
-            summary.setdefault("heldout_share", {})[modality] = sum(values) / len(values)
-    prose = [r["activation_error_heldout_prose"] for r in layer_reports if "activation_error_heldout_prose" in r]
-    if prose:
-        summary["heldout_prose"] = {"text": sum(prose) / len(prose)}
-    return summary
-
-
 def calibration_statistics(
     source_model,
     source_path: Path,
@@ -403,22 +387,6 @@ def calibration_samples(
     conversations = calibration_conversations(calibration, num_samples, mix=mix, seed=seed, image_folder=image_folder)
     processor = load_processor(source_path, chat_template)
     return list(encode_conversations(processor, conversations))
-
-
-def heldout_prose_samples_of(
-    source_path: Path, num_samples: int, *, seed: int = 0, chat_template: str | os.PathLike | None = None
-) -> list[dict] | None:
-    """`num_samples` Wikipedia test-split paragraphs (never calibration data) encoded by the source's processor, for
-    the report's held-out prose error; `None` (with a warning) when `num_samples` is 0 or the offline Wikipedia is
-    not installed."""
-    if num_samples <= 0:
-        return None
-    try:
-        conversations = heldout_prose_conversations(num_samples, seed=seed)
-    except MissingAssetError as error:
-        logger.warning(f"The report's held-out prose error is not measured: {error}")
-        return None
-    return list(encode_conversations(load_processor(source_path, chat_template), conversations))
 
 
 def check_image_token_ids(source_config, image_token_ids: list[int]) -> list[int]:
@@ -796,7 +764,6 @@ def write_checkpoint_atomically(
 
 __all__ = [
     "ConversionResult",
-    "activation_error_summary",
     "build_mla_config",
     "calibration_samples",
     "calibration_statistics",
@@ -806,7 +773,6 @@ __all__ = [
     "conversion_threads",
     "convert",
     "convert_model",
-    "heldout_prose_samples_of",
     "machine_threads",
     "resolve_source",
     "select_rope_pairs",

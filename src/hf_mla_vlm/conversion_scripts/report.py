@@ -77,6 +77,21 @@ def cache_nbytes(cache) -> int:
     return total
 
 
+def activation_error_summary(layer_reports: list[dict]) -> dict:
+    """Mean over layers of the held-out activation errors: `heldout_share` (per modality, the held-out share of the
+    calibration conversations) and `heldout_prose` (text branch, on prose the calibration never saw)."""
+    summary = {}
+    share = [r["activation_error_heldout_share"] for r in layer_reports if "activation_error_heldout_share" in r]
+    for modality in ("text", "image"):
+        values = [r[modality] for r in share if modality in r]
+        if values:
+            summary.setdefault("heldout_share", {})[modality] = sum(values) / len(values)
+    prose = [r["activation_error_heldout_prose"] for r in layer_reports if "activation_error_heldout_prose" in r]
+    if prose:
+        summary["heldout_prose"] = {"text": sum(prose) / len(prose)}
+    return summary
+
+
 def evaluation_rows(evaluation) -> list[tuple[str, str]]:
     """`(metric, value)` rows of a report's `"evaluation"` entry, as the model card prints them.
 
@@ -241,6 +256,7 @@ __all__ = [
     "CONVERTED_CACHE_TERMS",
     "HELDOUT_TERMS",
     "KVCacheSize",
+    "activation_error_summary",
     "approximation_section",
     "cache_change",
     "cache_nbytes",
