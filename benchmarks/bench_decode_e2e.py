@@ -30,8 +30,9 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import hf_mla_vlm
-from hf_mla_vlm.conversion_scripts.report import environment, kv_cache_size
+from hf_mla_vlm.conversion_scripts.report import kv_cache_size
 from hf_mla_vlm.evaluation.bench import bench_decode
+from hf_mla_vlm.utils import environment
 
 
 TEXT = dict(

@@ -24,7 +24,7 @@ calibration split mixed with zoo VQA conversations of the train split (`--mix` t
 continues the stream where stage 1 stopped (the text repeats once its ~850K tokens are used up: `text_epochs`).
 Evaluation, disjoint from training: VQA greedy exact match on the test split (overall and per question type);
 perplexity on the Wikipedia test split and on a second domain (synthetic scene descriptions: the assistant texts of
-`hf_mla_vlm.conversion_scripts.calibration.builtin_conversations`, text only); KL(original || model) of the
+`hf_mla_vlm.conversations.builtin_conversations`, text only); KL(original || model) of the
 next-token distributions on held-out mixed data (Wikipedia validation windows + VQA validation conversations, at
 the positions the distillation trains: every non-padding position that is not an image placeholder and has a next
 token). Stage 1 does not depend on `kv_rank`, so one stage-1 model (per objective, rotary strategy and seed) serves
@@ -59,15 +59,15 @@ from zoo_recovery import statistics_of, tune
 
 import hf_mla_vlm  # noqa: F401
 from hf_mla_vlm.assets import wikipedia_split
-from hf_mla_vlm.conversion_scripts.calibration import builtin_conversations
+from hf_mla_vlm.conversations import builtin_conversations
 from hf_mla_vlm.conversion_scripts.convert import build_mla_config, convert
-from hf_mla_vlm.conversion_scripts.report import environment, kv_cache_size
+from hf_mla_vlm.conversion_scripts.report import kv_cache_size
 from hf_mla_vlm.evaluation import load_model_and_processor
 from hf_mla_vlm.evaluation.perplexity import perplexity
 from hf_mla_vlm.registry import arch_spec
 from hf_mla_vlm.training.data import ChatCollator, TextWindow
 from hf_mla_vlm.training.distill import distillation_kl, distilled_positions, mixed_training_items, text_windows
-from hf_mla_vlm.utils import to_device
+from hf_mla_vlm.utils import environment, to_device
 from hf_mla_vlm.zoo import generate_split
 from hf_mla_vlm.zoo.models import save_zoo_model, zoo_spec
 

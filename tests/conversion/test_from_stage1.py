@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import hf_mla_vlm  # noqa: F401  (registers the MLA classes with the Auto classes)
 from hf_mla_vlm import cli
+from hf_mla_vlm.conversion_scripts.calibration import DEFAULT_CALIBRATION
 from hf_mla_vlm.conversion_scripts.convert import calibration_statistics, convert
 from hf_mla_vlm.conversion_scripts.rope_selection import save_rank_file, scores_to_ranks
 from hf_mla_vlm.conversion_scripts.svd import activation_aware_svd
@@ -113,7 +114,7 @@ def test_md_statistics_come_from_the_stage1_model(stage1, native_checkpoints, tm
         model, _ = load_native(folder)
         ids = result.model.config.image_token_ids
         return model, calibration_statistics(
-            model, folder, arch_spec(arch), ids, calibration="builtin", num_samples=6, progress=False
+            model, folder, arch_spec(arch), ids, calibration=DEFAULT_CALIBRATION, num_samples=6, progress=False
         )
 
     tuned_model, tuned_stats = stats_of(tuned)

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hf_mla_vlm.conversion_scripts.calibration import builtin_conversations, encode_conversations
+from hf_mla_vlm.conversations import Conversation, builtin_conversations, encode_conversations
 from hf_mla_vlm.conversion_scripts.convert import convert
 from hf_mla_vlm.conversion_scripts.statistics import STATISTICS_FORMAT, CalibrationStatistics, collect_statistics
 from hf_mla_vlm.errors import InputError
@@ -19,7 +19,27 @@ from tests.utils import load_native
 def stats(native_checkpoints) -> CalibrationStatistics:
     model, processor = load_native(native_checkpoints["llava"])
     samples = list(encode_conversations(processor, builtin_conversations(3)))
-    return collect_statistics(model, samples, [model.config.image_token_id], device="cpu", progress=False)
+    prose = list(encode_conversations(processor, [_TEXT_ONLY]))
+    return collect_statistics(
+        model, samples, [model.config.image_token_id], device="cpu", progress=False, heldout_prose=prose
+    )
+
+
+_TEXT_ONLY = Conversation([{"role": "user", "content": [{"type": "text", "text": "what is the red circle left of"}]}])
+
+
+def test_heldout_prose_feeds_only_its_own_matrix(stats, native_checkpoints):
+    model, processor = load_native(native_checkpoints["llava"])
+    samples = list(encode_conversations(processor, builtin_conversations(3)))
+    plain = collect_statistics(model, samples, [model.config.image_token_id], device="cpu", progress=False)
+    assert (stats.num_samples, stats.prose_samples, plain.prose_samples) == (3, 1, 0)
+    assert stats.token_counts == plain.token_counts and stats.heldout_counts == plain.heldout_counts
+    for ours, theirs in zip(stats.layers, plain.layers):
+        assert theirs.prose is None and ours.prose_tokens > 0 and ours.prose.abs().sum() > 0
+        for modality in ("text", "image"):
+            assert torch.equal(ours.cov[modality], theirs.cov[modality])
+            assert torch.equal(ours.heldout[modality], theirs.heldout[modality])
+        assert torch.equal(ours.mkl, theirs.mkl)
 
 
 def test_statistics_round_trip_through_safetensors(stats, tmp_path):
@@ -29,12 +49,13 @@ def test_statistics_round_trip_through_safetensors(stats, tmp_path):
         metadata = handle.metadata()
     assert metadata["format"] == STATISTICS_FORMAT and json.loads(metadata["statistics"])["num_samples"] == 3
     loaded = CalibrationStatistics.load(path)
-    assert (loaded.num_samples, loaded.token_counts, loaded.heldout_counts, loaded.settings) == (
-        stats.num_samples, stats.token_counts, stats.heldout_counts, stats.settings,
+    assert (loaded.num_samples, loaded.token_counts, loaded.heldout_counts, loaded.settings, loaded.prose_samples) == (
+        stats.num_samples, stats.token_counts, stats.heldout_counts, stats.settings, stats.prose_samples,
     )  # fmt: skip
     assert len(loaded.layers) == len(stats.layers)
     for ours, theirs in zip(stats.layers, loaded.layers):
         assert ours.tokens == theirs.tokens and ours.heldout_tokens == theirs.heldout_tokens
+        assert ours.prose_tokens == theirs.prose_tokens and torch.equal(ours.prose, theirs.prose)
         for modality in ("text", "image"):
             assert torch.equal(ours.cov[modality], theirs.cov[modality])
             assert torch.equal(ours.heldout[modality], theirs.heldout[modality])

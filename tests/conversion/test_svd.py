@@ -277,3 +277,20 @@ def test_decoupled_vs_joint_rejects_empty_modality():
     weight = torch.randn(6, 4)
     with pytest.raises(ValueError, match="no calibration tokens"):
         decoupled_vs_joint(weight, torch.eye(4), torch.zeros(4, 4), 2)
+
+
+@pytest.mark.parametrize("given", [("text", "image"), ("joint",), ("text", "image", "joint")])
+def test_decoupled_vs_joint_reuses_given_factorisations(given, monkeypatch):
+    weight = torch.randn(20, 16, generator=make_generator(21), dtype=torch.float64)
+    x_text, x_image = random_activations(16, 60, seed=22), random_activations(16, 40, seed=23)
+    cov_text, cov_image = x_text @ x_text.T, x_image @ x_image.T
+    fits = {"text": cov_text, "image": cov_image, "joint": cov_text + cov_image}
+    factors = {key: activation_aware_svd(weight, fits[key], 4) for key in given}
+    expected = decoupled_vs_joint(weight, cov_text, cov_image, 4)
+    calls = []
+    real_eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: calls.append(a) or real_eigh(a))
+    result = decoupled_vs_joint(weight, cov_text, cov_image, 4, factors=factors)
+    assert len(calls) == 3 - len(given)  # only the missing ones are computed
+    for key in expected:
+        assert result[key] == pytest.approx(expected[key], rel=1e-12)

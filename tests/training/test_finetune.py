@@ -14,7 +14,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArg
 
 import hf_mla_vlm  # noqa: F401  (registers the MLA classes)
 from hf_mla_vlm import cli
-from hf_mla_vlm.conversion_scripts.calibration import Conversation
+from hf_mla_vlm.conversations import Conversation
 from hf_mla_vlm.conversion_scripts.convert import convert
 from hf_mla_vlm.tiny_models import QWEN_STYLE, TINY_ARCHS, tiny_image
 from hf_mla_vlm.training.checkpoint import load_model, plain_model_from_state_dict, save_atomically

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from hf_mla_vlm import cli
-from hf_mla_vlm.conversion_scripts.calibration import Conversation
+from hf_mla_vlm.conversations import Conversation
 from hf_mla_vlm.evaluation.vqa import vqa_accuracy
 from hf_mla_vlm.tiny_models import TINY_ARCHS, build_tiny_vlm, tiny_image
 from hf_mla_vlm.training.data import IGNORE_INDEX, ChatCollator

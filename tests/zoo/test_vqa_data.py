@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from hf_mla_vlm.conversion_scripts.calibration import Conversation, encode_conversations
+from hf_mla_vlm.conversations import Conversation, encode_conversations
 from hf_mla_vlm.zoo import (
     ANSWERS,
     POSITIONS,

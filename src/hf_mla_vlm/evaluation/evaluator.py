@@ -192,7 +192,7 @@ def evaluate(
         `vqa` and `reference_vqa` (see `vqa_accuracy`, plus `split`, `seed` and `image_size`), `settings`,
         `timings_s`, `environment` (package versions) and `date` (UTC, ISO 8601). Skipped parts are `None`.
     """
-    from ..conversion_scripts.report import environment
+    from ..utils import environment
     from ..zoo.vqa_data import SPLITS, generate_split
 
     if task not in TASKS:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_mla_vlm.conversion_scripts.calibration import Conversation
+from hf_mla_vlm.conversations import Conversation
 from hf_mla_vlm.utils import as_tokenizer
 
 

@@ -32,10 +32,9 @@ from torch import nn
 from transformers import TrainingArguments
 from transformers.utils import logging
 
-from ..conversion_scripts.calibration import Conversation
-from ..conversion_scripts.report import environment
+from ..conversations import Conversation
 from ..registry import ARCHITECTURES, MLA_MODEL_TYPES, arch_spec
-from ..utils import check_output_folder
+from ..utils import check_output_folder, environment
 from .checkpoint import (
     full_state_dict,
     load_model,

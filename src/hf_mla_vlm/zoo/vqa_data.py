@@ -40,15 +40,15 @@ from typing import Literal
 
 from PIL import Image, ImageDraw
 
-from hf_mla_vlm.conversion_scripts.calibration import COLORS as _CALIBRATION_COLORS
-from hf_mla_vlm.conversion_scripts.calibration import Conversation
+from hf_mla_vlm.conversations import COLORS as _SCENE_COLORS
+from hf_mla_vlm.conversations import Conversation
 
 
 Split = Literal["train", "validation", "test"]
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 SPLIT_SHARES: dict[str, int] = {"train": 8, "validation": 1, "test": 1}  # tenths of the scene space per split
 
-COLORS: dict[str, tuple[int, int, int]] = {c: _CALIBRATION_COLORS[c] for c in ("red", "green", "blue", "yellow")}
+COLORS: dict[str, tuple[int, int, int]] = {c: _SCENE_COLORS[c] for c in ("red", "green", "blue", "yellow")}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 QTYPES: tuple[str, ...] = ("color", "shape", "count", "position", "relation")
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -145,7 +145,7 @@ def render_scene(
 ) -> Image.Image:
     """Draw `objects` on a white `image_size x image_size` canvas, each inside its grid cell.
 
-    Like `calibration.draw_scene`, a shape fills about two thirds of its cell; with `jitter`, its size and offset
+    Like `conversations.draw_scene`, a shape fills about two thirds of its cell; with `jitter`, its size and offset
     vary slightly, deterministically from the object itself, and it always stays inside its cell.
     """
     image = Image.new("RGB", (image_size, image_size), "white")
