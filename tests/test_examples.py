@@ -120,3 +120,13 @@ def test_push_to_hub_dry_run_reports_problems(converted, tmp_path):
         timeout=TIMEOUT_S,
     )
     assert done.returncode == 1 and "is not a folder" in done.stdout and "not pushing" in done.stdout
+
+
+def test_what_the_examples_write_is_ignored_by_git(converted, workdir):
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    written = sorted(path.name for path in workdir.iterdir() if path.is_dir() and path.name != "hf_modules")
+    assert "llava-next-mla-tiny-source" in written  # the tiny sources the convert scripts build, and their outputs
+    for name in written:  # as if they had been run from examples/, as examples/README says
+        done = subprocess.run(["git", "check-ignore", "-q", f"examples/{name}/"], cwd=ROOT)
+        assert done.returncode == 0, f"examples/{name}/ is not in .gitignore"

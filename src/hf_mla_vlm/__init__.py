@@ -26,17 +26,22 @@ from .registry import ARCHITECTURES
 
 __version__ = "0.1.0"
 
-# The exported names and the module each one lives in (imported on first access).
+
+def _attribute(module: str, name: str):
+    return lambda: getattr(importlib.import_module(module, __name__), name)
+
+
+# The exported names, each resolved (imported) on first access; the classes through the registry.
 _EXPORTS = {
-    "PEFT_TARGET_MODULES": ".modeling.mla_attention",
-    "MLAAttention": ".modeling.mla_attention",
-    "ConversionResult": ".conversion_scripts.convert",
-    "convert": ".conversion_scripts.convert",
+    "PEFT_TARGET_MODULES": _attribute(".modeling.mla_attention", "PEFT_TARGET_MODULES"),
+    "MLAAttention": _attribute(".modeling.mla_attention", "MLAAttention"),
+    "ConversionResult": _attribute(".conversion_scripts.convert", "ConversionResult"),
+    "convert": _attribute(".conversion_scripts.convert", "convert"),
 }
 for _spec in ARCHITECTURES.values():
-    _EXPORTS[f"{_spec.class_prefix}MLAConfig"] = f".configuration.configuration_{_spec.name}_mla"
-    for _kind in ("Model", "ForConditionalGeneration"):
-        _EXPORTS[f"{_spec.class_prefix}MLA{_kind}"] = f".modeling.modeling_{_spec.name}_mla"
+    _EXPORTS[f"{_spec.class_prefix}MLAConfig"] = lambda spec=_spec: spec.mla_config_class
+    _EXPORTS[f"{_spec.class_prefix}MLAModel"] = lambda spec=_spec: spec.mla_base_model_class
+    _EXPORTS[f"{_spec.class_prefix}MLAForConditionalGeneration"] = lambda spec=_spec: spec.mla_model_class
 # Modules that import neither torch nor transformers: importing them does not trigger the registration.
 _IMPORT_FREE = frozenset(f"{__name__}.{name}" for name in ("cli", "errors", "registry"))
 _lock = threading.RLock()
@@ -134,7 +139,7 @@ else:
 def __getattr__(name):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    value = _EXPORTS[name]()
     register()
     globals()[name] = value
     return value
