@@ -1,9 +1,11 @@
 """Verify a converted MLA checkpoint folder and push it to the Hugging Face Hub in one commit.
 
+Without --repo-id (or with --dry-run) nothing leaves the machine: the folder is only verified.
+
 Usage:
-    python push_to_hub.py ./llava-next-mla --dry-run                      # only verify the folder, no network
+    python push_to_hub.py                                                 # converts a tiny model, then verifies it
+    python push_to_hub.py ./llava-next-mla                                # only verify the folder, no network
     python push_to_hub.py ./llava-next-mla --repo-id your-name/llava-next-mla [--private] [--revision mla-v1]
-    python push_to_hub.py --dry-run                                       # converts a tiny model, then verifies it
 
 The token comes from `hf auth login` or the HF_TOKEN environment variable. If the folder's model card (README.md)
 lacks the Hub metadata or the measured KV numbers, the commit carries one generated from mla_conversion_report.json;
@@ -15,7 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hf_mla_vlm.conversion_scripts.hub import push_to_hub, verify_folder
+from hf_mla_vlm.conversion_scripts.checks import verify_folder
+from hf_mla_vlm.conversion_scripts.hub import push_to_hub
 
 
 def tiny_converted_model(folder: str) -> Path:
@@ -32,14 +35,12 @@ def tiny_converted_model(folder: str) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description="Verify a converted MLA folder and push it to the Hub.")
     parser.add_argument("folder", nargs="?", help="converted checkpoint folder (default: a tiny converted model)")
-    parser.add_argument("--repo-id", help="namespace/name of the model repo (required unless --dry-run)")
+    parser.add_argument("--repo-id", help="namespace/name of the model repo to push to (default: verify only)")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--revision", help="branch to commit to (created if missing; default main)")
     parser.add_argument("--commit-message", help="default: a summary of the conversion settings")
-    parser.add_argument("--dry-run", action="store_true", help="only verify the folder; nothing is uploaded")
+    parser.add_argument("--dry-run", action="store_true", help="only verify the folder, even with --repo-id")
     args = parser.parse_args()
-    if not args.dry_run and not args.repo_id:
-        parser.error("--repo-id is required unless --dry-run is given")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder) if args.folder else tiny_converted_model(tmp)
@@ -56,8 +57,8 @@ def main() -> int:
         print(f"OK: {len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.1f} MB")
         for path in files:
             print(f"  {path.name:40s} {path.stat().st_size:>14,d} bytes")
-        if args.dry_run:
-            print("Dry run: nothing uploaded.")
+        if args.dry_run or not args.repo_id:
+            print("Dry run: nothing uploaded." if args.dry_run else "No --repo-id: verified only, nothing uploaded.")
             return 0
 
         # 2. The push: create the repo (and branch), upload everything with a complete card in one commit (verified

@@ -1,3 +1,4 @@
+import argparse
 import errno
 import hashlib
 import json
@@ -5,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import modeling_utils
 
+import hf_mla_vlm
 from hf_mla_vlm import cli
 from hf_mla_vlm.conversion_scripts import convert as convert_module
 from hf_mla_vlm.conversion_scripts.hub import verify_folder
@@ -65,10 +68,85 @@ def test_interrupted_conversion_leaves_no_folder_that_looks_complete(native_chec
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its staging copy
 
 
-def test_console_script_help():
-    done = subprocess.run([sys.executable, "-m", "hf_mla_vlm.cli", "--help"], capture_output=True, text=True)
+def _console_script() -> list[str]:
+    """The installed `hf-mla-vlm` script beside this interpreter, else `python -m hf_mla_vlm.cli`."""
+    script = Path(sys.executable).with_name("hf-mla-vlm")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "hf_mla_vlm.cli"]
+
+
+def _child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this checkout and Transformers, as here
+
+
+HELP_LIMIT_S = 2.0  # well above the ~0.2 s it takes, for busy CI machines; importing torch alone takes longer
+
+
+def test_console_script_help_is_fast_and_lists_the_exit_codes():
+    started = time.perf_counter()
+    done = subprocess.run([*_console_script(), "--help"], capture_output=True, text=True, env=_child_env())
+    elapsed = time.perf_counter() - started
     assert done.returncode == 0 and "convert" in done.stdout and "demo" in done.stdout
     assert "exit codes:" in done.stdout and "130  interrupted" in done.stdout and "3    environment" in done.stdout
+    assert elapsed < HELP_LIMIT_S, f"hf-mla-vlm --help took {elapsed:.1f} s"
+    version = subprocess.run([*_console_script(), "--version"], capture_output=True, text=True, env=_child_env())
+    assert version.returncode == 0 and version.stdout.strip() == f"hf-mla-vlm {hf_mla_vlm.__version__}"
+
+
+EVERY_HELP = """
+import argparse, contextlib, io, sys, time
+started = time.perf_counter()
+from hf_mla_vlm import cli
+parser = cli.build_parser()
+assert not {"torch", "transformers"} & set(sys.modules), "building the parser imported torch / transformers"
+def commands(parser, prefix):
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from commands(sub, [*prefix, name])
+helped = []
+for argv in commands(parser, []):
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+        cli.main([*argv, "--help"])
+    assert out.getvalue().startswith("usage: hf-mla-vlm"), argv
+    helped.append(" ".join(argv))
+loaded = sorted({"torch", "transformers"} & set(sys.modules))
+print(f"{time.perf_counter() - started:.3f}", loaded, helped)
+"""
+
+
+def test_every_help_imports_neither_torch_nor_transformers():
+    done = subprocess.run([sys.executable, "-c", EVERY_HELP], capture_output=True, text=True, env=_child_env())
+    assert done.returncode == 0, done.stderr
+    elapsed, loaded, helped = done.stdout.strip().split(" ", 2)
+    assert loaded == "[]" and float(elapsed) < HELP_LIMIT_S
+    assert all(f"'{verb}'" in helped for verb in [*cli.COMMANDS, "zoo build", "zoo train"]), helped
+
+
+def _parsers(parser: argparse.ArgumentParser, prog: str = "hf-mla-vlm"):
+    """Every (sub)command's parser, with its command line."""
+    yield prog, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, f"{prog} {name}")
+
+
+def test_every_argument_has_help_and_shows_its_default():
+    checked = 0
+    for prog, parser in _parsers(cli.build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                assert all(choice.help for choice in action._choices_actions), prog
+                continue
+            assert action.help and action.help.strip(), f"{prog} {action.option_strings or action.dest}: no help"
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in formatter._get_help_string(action), f"{prog} {action.option_strings}"
+            checked += 1
+    assert checked > 100  # every verb's arguments were seen
+    shown = dict(_parsers(cli.build_parser()))["hf-mla-vlm bench"].format_help()
+    assert "(default: 16)" in " ".join(shown.split())  # --batch, a list, shown plainly
 
 
 def test_demo_reports_exactness_and_saving(tmp_path):

