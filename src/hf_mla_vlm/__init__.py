@@ -20,6 +20,7 @@ from .modeling.modeling_llava_next_mla import LlavaNextMLAForConditionalGenerati
 from .modeling.modeling_llava_onevision_mla import LlavaOnevisionMLAForConditionalGeneration, LlavaOnevisionMLAModel
 from .modeling.modeling_qwen2_5_vl_mla import Qwen2_5_VLMLAForConditionalGeneration, Qwen2_5_VLMLAModel
 from .modeling.modeling_qwen2_vl_mla import Qwen2VLMLAForConditionalGeneration, Qwen2VLMLAModel
+from .modeling.quantized_cache import MLAQuantizedCache, MLAStaticQuantizedCache
 from .registry import ARCHITECTURES
 
 
@@ -60,6 +61,8 @@ __all__ = [
     "LlavaOnevisionMLAForConditionalGeneration",
     "LlavaOnevisionMLAModel",
     "MLAAttention",
+    "MLAQuantizedCache",
+    "MLAStaticQuantizedCache",
     "Qwen2VLMLAConfig",
     "Qwen2VLMLAForConditionalGeneration",
     "Qwen2VLMLAModel",
