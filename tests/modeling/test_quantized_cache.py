@@ -225,3 +225,68 @@ def test_plain_dynamic_cache_is_untouched(models, batches):
     with torch.no_grad():
         model(**inputs, **{CACHE_ARG: cache}, use_cache=True)
     assert cache.layers[0].keys.dtype == torch.float32
+
+
+def test_compiled_decode_with_the_static_quantized_cache(models, batches):
+    """A decode step through `torch.compile` (dynamo tracing the quantization, the quantized writes into the static
+    buffers and the kernel call on the quantized rows) gives the eager step's logits."""
+    model, inputs = models["llava_next"]["small"], batches["llava_next"]
+    batch, seq = inputs["input_ids"].shape
+    logits = []
+    for compiled in (False, True):
+        cache = MLAStaticQuantizedCache(config=model.config, max_cache_len=seq + 4, dtype="int4")
+        with torch.no_grad():
+            out = model(**inputs, **{CACHE_ARG: cache}, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+            mask = torch.cat([mask, torch.zeros(batch, 3, dtype=mask.dtype)], dim=1)  # static width
+            position = inputs["attention_mask"].sum(-1, keepdim=True)
+            torch._dynamo.reset()
+            forward = torch.compile(model, backend="eager") if compiled else model
+            step = forward(input_ids=token, attention_mask=mask, position_ids=position, **{CACHE_ARG: cache})
+        logits.append(step.logits)
+        assert int(cache.get_seq_length()) == seq + 1
+    torch.testing.assert_close(logits[1], logits[0])
+
+
+LOAD_REMOTE_AND_GENERATE = """
+import importlib, json, sys
+sys.modules["hf_mla_vlm"] = None  # the package is "not installed"
+import torch
+from transformers import AutoModelForImageTextToText
+folder, inputs_file, arg = sys.argv[1], sys.argv[2], sys.argv[3]
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+bundle = importlib.import_module(type(model).__module__.rsplit(".", 1)[0] + ".quantized_cache")
+inputs = torch.load(inputs_file)
+cache = bundle.MLAQuantizedCache(config=model.config, dtype="int8")
+a = model.generate(**inputs, max_new_tokens=4, do_sample=False, **{arg: cache})
+b = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static",
+                   cache_config={"dtype": "int8"})
+print(json.dumps({"dynamic": a.tolist(), "static": b.tolist(), "module": type(cache).__module__}))
+"""
+
+
+def test_quantized_cache_from_the_remote_code_bundle(models, batches, tmp_path):
+    """The cache classes ship in the checkpoint (quantized_cache.py) and work where hf_mla_vlm is not installed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model, inputs = models["llava_next"]["small"], batches["llava_next"]
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    assert (folder / "quantized_cache.py").is_file()
+    inputs_file = tmp_path / "inputs.pt"
+    torch.save(dict(inputs), inputs_file)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_REMOTE_AND_GENERATE, str(folder), str(inputs_file), CACHE_ARG],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["module"].startswith("transformers_modules.")
+    expected = model.generate(**inputs, max_new_tokens=4, do_sample=False, **{CACHE_ARG: MLAQuantizedCache(
+        config=model.config, dtype="int8")})  # fmt: skip
+    assert result["dynamic"] == expected.tolist() == result["static"]
