@@ -290,3 +290,10 @@ def test_quantized_cache_from_the_remote_code_bundle(models, batches, tmp_path):
     expected = model.generate(**inputs, max_new_tokens=4, do_sample=False, **{CACHE_ARG: MLAQuantizedCache(
         config=model.config, dtype="int8")})  # fmt: skip
     assert result["dynamic"] == expected.tolist() == result["static"]
+
+
+def test_a_native_model_is_refused(native_checkpoints, batches):
+    native, _ = load_native(native_checkpoints["llava_next"])
+    cache = MLAQuantizedCache(config=native.config, dtype="int8")
+    with pytest.raises(ValueError, match="has no latent to quantize"), torch.no_grad():
+        native(**batches["llava_next"], **{CACHE_ARG: cache}, use_cache=True)

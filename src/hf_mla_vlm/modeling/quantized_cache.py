@@ -44,6 +44,12 @@ class _QuantizingLayerMixin:
     def _quantize(self, key_states: torch.Tensor) -> torch.Tensor:
         if self.latent_dtype is None:
             return key_states
+        if key_states.dim() != 4 or key_states.shape[1] != 1 or not key_states.is_floating_point():
+            raise ValueError(
+                "a quantized latent cache stores the latent of a converted MLA model (keys of shape (B, 1, S, L) in "
+                f"a float dtype); got keys {key_states.dtype} {tuple(key_states.shape)}: a native model, or an MLA "
+                "model in its partial-RoPE stage, has no latent to quantize."
+            )
         if self.latent_quantization is None:
             self.latent_quantization = LatentQuantization.create(
                 self.latent_dtype, key_states.shape[-1], self.group_size
