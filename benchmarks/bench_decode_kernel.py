@@ -12,7 +12,14 @@ Compares, per (model, latent width, batch, context):
 
 Effective bandwidth = bytes of cache actually read / median time. For the MLA rows the bytes are the latent and
 side rows of the valid tokens (``T * (L + N*R + 1) * 2`` per sequence); for SDPA they are the K and V rows
-(``T * N * 128 * 2 * 2``). Times are medians over CUDA-event-timed runs with L2 flushed before every run:
+(``T * N * 128 * 2 * 2``).
+
+``--kv-cache bf16,int8,fp8,int4`` adds rows with the latent quantized
+(``latent_cache.LatentQuantization``: the kernel reads the stored int8 / fp8 / int4 values and fp16 scales and
+dequantizes them in registers); their bytes count the quantized values and scales (``latent_read_bytes`` per token)
+instead of ``2 * L``, and the tables give their time relative to the bf16 row of the same shape.
+
+Times are medians over CUDA-event-timed runs with L2 flushed before every run:
 
 * ``triton_us``: the launcher captured in a CUDA graph and replayed (GPU time of stage 1 + combine; this is how
   decode runs under CUDA graphs / ``torch.compile``), ``triton_eager_us``: ``triton.testing.do_bench`` of the
@@ -56,7 +63,7 @@ import triton
 import triton.testing
 
 from hf_mla_vlm.kernels import mla_decode_reference, mla_decode_triton
-from hf_mla_vlm.modeling.latent_cache import side_row_width
+from hf_mla_vlm.modeling.latent_cache import LATENT_DTYPES, LatentQuantization, side_row_width
 
 
 MODELS: dict[str, dict[str, int]] = {
@@ -70,6 +77,7 @@ CONTEXTS = (8192, 32768)
 REFERENCE_MEMORY_BUDGET = 24e9  # bytes of float32 intermediates the torch reference may allocate
 
 
+KV_CACHES = ("bf16", *LATENT_DTYPES)  # the latent in bf16, or quantized (default group sizes)
 LAYOUTS = ("runs", "random")
 RUN_LENGTH = 1024  # tokens per image / text run in the "runs" layout (a Qwen2.5-VL image is 256-1280+ tokens)
 
@@ -85,8 +93,12 @@ def make_decode_inputs(
     dtype: torch.dtype = torch.bfloat16,
     layout: str = "runs",
     padded: bool = True,
+    kv_cache: str = "bf16",
 ) -> dict[str, object]:
     """Random decode inputs in the model's cache layout (half image, half text tokens, all keys valid).
+
+    ``kv_cache`` other than "bf16": ``keys`` holds the latents quantized (``(B, 1, T, K)`` uint8 rows, quantized
+    one sequence at a time), ``latent`` is their view and ``latent_format`` the kernels' format argument.
 
     ``layout="runs"``: image and text tokens alternate in runs of ``RUN_LENGTH`` tokens (how images sit in a real
     cache); ``"random"``: each token's modality is drawn independently (every kernel tile mixes both, the worst
@@ -94,7 +106,14 @@ def make_decode_inputs(
 
     Returns a dict with the ``mla_decode_*`` arguments plus ``keys`` ``(B, 1, T, L)`` and ``values``
     ``(B, 1, T, side_row_width(N, R))`` (``side`` is the ``N*R + 1`` view the model passes)."""
-    keys = torch.randn(b, 1, t, lat, device=device, dtype=dtype)
+    if kv_cache == "bf16":
+        keys, latent_format = torch.randn(b, 1, t, lat, device=device, dtype=dtype), None
+    else:
+        fmt = LatentQuantization.create(kv_cache, lat)
+        keys = torch.empty(b, 1, t, fmt.row_bytes, device=device, dtype=torch.uint8)
+        for i in range(b):  # bounded float32 temporaries
+            keys[i] = fmt.quantize(torch.randn(1, t, lat, device=device, dtype=dtype))
+        latent_format = fmt.spec
     width = side_row_width(n, r) if padded else n * r + 1  # padded = the model's cache layout (aligned rows)
     values = torch.zeros(b, 1, t, width, device=device, dtype=dtype)
     values[..., : n * r] = torch.randn(b, 1, t, n * r, device=device, dtype=dtype)
@@ -113,6 +132,7 @@ def make_decode_inputs(
         "key_mask": None,
         "scale": 1.0 / math.sqrt(128),
         "num_kv_heads": n,
+        "latent_format": latent_format,
         "keys": keys,
         "values": values,
     }
@@ -123,10 +143,23 @@ def _call_args(inp: dict[str, object]) -> tuple:
     return tuple(inp[k] for k in names)
 
 
-def mla_bytes(b: int, t: int, lat: int, nr: int, elem: int = 2) -> int:
-    """Cache bytes the absorbed kernel must read: latent, rope keys and flag of all valid tokens (the side rows'
-    padding is not counted, though whole 32-byte sectors of it are fetched)."""
-    return b * t * (lat + nr + 1) * elem
+def _format_kwargs(inp: dict[str, object]) -> dict[str, object]:
+    return {} if inp.get("latent_format") is None else {"latent_format": inp["latent_format"]}
+
+
+def latent_read_bytes(lat: int, kv_cache: str = "bf16", elem: int = 2) -> int:
+    """Latent bytes per token the kernel loads: ``L * elem`` in bf16; quantized, the values and the fp16 scales
+    (and zero points), not the row's alignment padding."""
+    if kv_cache == "bf16":
+        return lat * elem
+    fmt = LatentQuantization.create(kv_cache, lat)
+    return fmt.scale_offset + 2 * fmt.params_per_group * fmt.num_groups
+
+
+def mla_bytes(b: int, t: int, lat: int, nr: int, elem: int = 2, kv_cache: str = "bf16") -> int:
+    """Cache bytes the absorbed kernel must read: latent (``latent_read_bytes``), rope keys and flag of all valid
+    tokens (the side rows' padding is not counted, though whole 32-byte sectors of it are fetched)."""
+    return b * t * (latent_read_bytes(lat, kv_cache, elem) + (nr + 1) * elem)
 
 
 def bench_ms(fn: Callable[[], object], rep: int = 100, warmup: int = 25) -> float:
@@ -251,7 +284,7 @@ def launch_config(inp: dict[str, object], m: int, overrides: dict[str, int]) -> 
         choose_num_splits,
     )
 
-    b, h, lat = inp["q_latent"].shape[0], inp["q_latent"].shape[1], inp["latent"].shape[-1]
+    b, h, lat = inp["q_latent"].shape[0], inp["q_latent"].shape[1], inp["q_latent"].shape[-1]
     block_h = overrides.get("block_h") or choose_block_h(h, m, max(16, _pow2(lat)))
     block_h = min(block_h, max(16 // m, _pow2(h)))
     head_blocks = -(-h // block_h)
@@ -288,21 +321,24 @@ def bench_mla(
     overrides: dict[str, int],
     layout: str = "runs",
     padded: bool = True,
+    kv_cache: str = "bf16",
 ) -> dict[str, object]:
     """Triton kernel (and the torch reference) on one shape; the inputs are freed on return."""
     cfg = MODELS[model]
     h, n, r = cfg["h"], cfg["n"], cfg["r"]
-    inp = make_decode_inputs(b, h, n, r, lat, t, device, layout=layout, padded=padded)
+    inp = make_decode_inputs(b, h, n, r, lat, t, device, layout=layout, padded=padded, kv_cache=kv_cache)
     args = _call_args(inp)
-    nbytes = mla_bytes(b, t, lat, n * r)
+    fmt_kwargs = _format_kwargs(inp)
+    nbytes = mla_bytes(b, t, lat, n * r, kv_cache=kv_cache)
     row: dict[str, object] = {
-        "model": model, "h": h, "n": n, "r": r, "latent": lat, "batch": b, "context": t, "layout": layout,
-        "side_row": inp["values"].shape[-1],
+        "model": model, "h": h, "n": n, "r": r, "latent": lat, "kv_cache": kv_cache, "batch": b, "context": t,
+        "layout": layout, "side_row": inp["values"].shape[-1], "latent_format": inp["latent_format"],
+        "latent_read_bytes_per_token": latent_read_bytes(lat, kv_cache),
     }  # fmt: skip
     row.update(mla_bytes=nbytes, **launch_config(inp, 2, overrides))
 
     def kernel() -> object:
-        return mla_decode_triton(*args, **overrides)
+        return mla_decode_triton(*args, **fmt_kwargs, **overrides)
 
     out = kernel()
     torch.cuda.synchronize()
@@ -317,11 +353,11 @@ def bench_mla(
         triton_kernel_us=kernel_times_us(kernel),
     )
     if with_reference and reference_memory(b, h, t, lat) < REFERENCE_MEMORY_BUDGET:
-        ref = mla_decode_reference(*args)
+        ref = mla_decode_reference(*args, **fmt_kwargs)
         row["max_rel_err_ctx"] = ((out[0] - ref[0]).abs().max() / ref[0].abs().max()).item()
         row["max_abs_err_lse"] = (out[2] - ref[2]).abs().max().item()
         ref = None
-        ms_ref = bench_ms(lambda: mla_decode_reference(*args), rep=20, warmup=5)
+        ms_ref = bench_ms(lambda: mla_decode_reference(*args, **fmt_kwargs), rep=20, warmup=5)
         row.update(reference_us=ms_ref * 1e3, reference_tbps=nbytes / (ms_ref * 1e-3) / 1e12)
     else:
         row.update(reference_us=None, reference_tbps=None, reference_note="skipped (memory budget)")
@@ -338,11 +374,14 @@ def bench_row(
     overrides: dict[str, int],
     layout: str = "runs",
     padded: bool = True,
+    kv_cache: str = "bf16",
+    with_sdpa: bool = True,
 ) -> dict[str, object]:
-    row = bench_mla(model, lat, b, t, device, with_reference, overrides, layout, padded)
+    row = bench_mla(model, lat, b, t, device, with_reference, overrides, layout, padded, kv_cache)
     torch.cuda.empty_cache()
     cfg = MODELS[model]
-    row.update(bench_sdpa(b, cfg["h"], cfg["n"], t, cfg["head_dim"], device))
+    if with_sdpa:  # once per shape: it does not depend on the latent format
+        row.update(bench_sdpa(b, cfg["h"], cfg["n"], t, cfg["head_dim"], device))
     torch.cuda.empty_cache()
     return row
 
@@ -487,21 +526,32 @@ def _fmt(x: object, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _shape(row: dict[str, object]) -> tuple:
+    return row["model"], row["latent"], row["batch"], row["context"]
+
+
 def markdown_table(rows: list[dict[str, object]], copy_tbps: float) -> str:
     head = (
-        "| model | L | B | T | MLA MB | splits | triton µs (graph) | stage 1 + combine µs | triton TB/s | / copy | "
-        "triton eager µs | ref µs | ref TB/s | SDPA GQA µs (backend) | SDPA TB/s | SDPA µs / triton µs |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| model | L | KV | B | T | MLA MB | splits | triton µs (graph) | / bf16 | stage 1 + combine µs | "
+        "triton TB/s | / copy | triton eager µs | ref µs | ref TB/s | SDPA GQA µs (backend) | SDPA TB/s | "
+        "SDPA µs / triton µs |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
+    bf16 = {_shape(row): row for row in rows if row.get("kv_cache", "bf16") == "bf16"}
+    sdpa = {_shape(row): row for row in rows if row.get("sdpa_us") is not None}
     lines = []
     for row in rows:
+        base = bf16.get(_shape(row))
+        ratio = None if base is None else row["triton_us"] / base["triton_us"]
+        row = {**sdpa.get(_shape(row), {}), **row}  # the shape's SDPA numbers on every latent format's row
         sd = row.get("sdpa_us")
         speed = None if sd is None else sd / row["triton_us"]
         kernels = row.get("triton_kernel_us") or {}
         parts = " + ".join(f"{kernels[k]:.1f}" for k in ("mla_decode_stage1", "mla_decode_combine") if k in kernels)
         lines.append(
-            f"| {row['model']} | {row['latent']} | {row['batch']} | {row['context']} | "
-            f"{row['mla_bytes'] / 1e6:.1f} | {row['num_splits']} | {row['triton_us']:.1f} | {parts or '-'} | "
+            f"| {row['model']} | {row['latent']} | {row.get('kv_cache', 'bf16')} | {row['batch']} | "
+            f"{row['context']} | {row['mla_bytes'] / 1e6:.1f} | {row['num_splits']} | {row['triton_us']:.1f} | "
+            f"{_fmt(ratio, '.2f')} | {parts or '-'} | "
             f"**{row['triton_tbps']:.2f}** | {row['triton_tbps'] / copy_tbps:.2f} | "
             f"{row['triton_eager_us']:.1f} | {_fmt(row['reference_us'], '.0f')} | "
             f"{_fmt(row['reference_tbps'], '.2f')} | "
@@ -531,7 +581,9 @@ def results_markdown(
         f"{meta['copy_tbps']:.2f} TB/s (read + write).\n\n"
         f"Regenerate: `{meta['command']}`\n\n"
         f"One decoder layer, one query token per sequence, bf16 cache, {meta['modalities']}, all keys valid. MLA "
-        "bytes = latent + rope keys + flag (`L + N*R + 1` elements per token; padding not counted); SDPA reads the "
+        "bytes = latent + rope keys + flag (`L + N*R + 1` elements per token; padding not counted; a quantized latent "
+        "(`KV` int8 / fp8 / int4, default groups) counts its values and fp16 scales instead of `2 L` bytes, and "
+        "`/ bf16` is its time over the bf16 row's); SDPA reads the "
         "original model's decompressed "
         "GQA cache (`2 * N * 128` elements per token, best of the flash / efficient / cuDNN backends). Medians, L2 "
         "flushed before every run; `triton µs (graph)` is a CUDA-graph replay (GPU time), `triton eager µs` the plain "
@@ -593,26 +645,25 @@ def run_benchmark(args: argparse.Namespace, overrides: dict[int, dict[str, int]]
             torch.cuda.empty_cache()
     rows = []
     models = [m for m in MODELS if not args.models or m in args.models]
-    for model in models:
-        for lat in args.latents:
-            for b in args.batches:
-                for t in args.contexts:
-                    row = bench_row(
-                        model, lat, b, t, device, not args.no_reference, overrides.get(lat, {}), args.layout,
-                        not args.unpadded_side,
-                    )  # fmt: skip
-                    rows.append(row)
-                    print(
-                        f"{model:14s} L{lat:<4d} B{b:<3d} T{t:<6d} triton {row['triton_us']:8.1f} us "
-                        f"{row['triton_tbps']:5.2f} TB/s (eager {row['triton_eager_us']:7.1f} us, host "
-                        f"{row['triton_host_us']:.0f} us, splits {row['num_splits']}, kernels "
-                        + " ".join(f"{k} {v:.1f}" for k, v in row["triton_kernel_us"].items())
-                        + ") | "
-                        f"ref {_fmt(row['reference_us'], '8.0f')} us | sdpa {_fmt(row['sdpa_us'], '8.1f')} us "
-                        f"{_fmt(row['sdpa_tbps'], '.2f')} TB/s ({row['sdpa_backend']}) "
-                        f"err {_fmt(row.get('max_rel_err_ctx'), '.1e')}",
-                        flush=True,
-                    )
+    shapes = [(m, lat, b, t) for m in models for lat in args.latents for b in args.batches for t in args.contexts]
+    for model, lat, b, t in shapes:
+        for i, kv_cache in enumerate(args.kv_cache):
+            row = bench_row(
+                model, lat, b, t, device, not args.no_reference, overrides.get(lat, {}), args.layout,
+                not args.unpadded_side, kv_cache, with_sdpa=i == 0,
+            )  # fmt: skip
+            rows.append(row)
+            print(
+                f"{model:14s} L{lat:<4d} {kv_cache:4s} B{b:<3d} T{t:<6d} triton {row['triton_us']:8.1f} us "
+                f"{row['triton_tbps']:5.2f} TB/s (eager {row['triton_eager_us']:7.1f} us, host "
+                f"{row['triton_host_us']:.0f} us, splits {row['num_splits']}, kernels "
+                + " ".join(f"{k} {v:.1f}" for k, v in row["triton_kernel_us"].items())
+                + ") | "
+                f"ref {_fmt(row['reference_us'], '8.0f')} us | sdpa {_fmt(row.get('sdpa_us'), '8.1f')} us "
+                f"{_fmt(row.get('sdpa_tbps'), '.2f')} TB/s ({row.get('sdpa_backend')}) "
+                f"err {_fmt(row.get('max_rel_err_ctx'), '.1e')}",
+                flush=True,
+            )
     if args.out_dir:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -706,6 +757,13 @@ def main() -> None:
     p.add_argument("--batches", nargs="*", type=int, default=list(BATCHES))
     p.add_argument("--contexts", nargs="*", type=int, default=list(CONTEXTS))
     p.add_argument("--no-reference", action="store_true", help="skip the torch reference")
+    p.add_argument(
+        "--kv-cache",
+        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+        default=["bf16"],
+        help=f"latent formats of the main table, comma-separated from {','.join(KV_CACHES)} (default bf16; bf16 is "
+        "added first when missing, it is what the other rows are compared with)",
+    )
     p.add_argument("--layout", choices=LAYOUTS, default="runs", help="image/text token layout of the cache")
     p.add_argument(
         "--unpadded-side",
@@ -721,6 +779,10 @@ def main() -> None:
         "--tune-then-bench", action="store_true", help="sweep, then benchmark with the best tile config per latent"
     )
     args = p.parse_args()
+    unknown = [kv for kv in args.kv_cache if kv not in KV_CACHES]
+    if unknown:
+        p.error(f"--kv-cache: unknown formats {unknown}; choose from {','.join(KV_CACHES)}")
+    args.kv_cache = ["bf16"] + [kv for kv in dict.fromkeys(args.kv_cache) if kv != "bf16"]
     if args.markdown_from:
         data = json.loads(Path(args.markdown_from).read_text())
         page = results_markdown(data["meta"], data["rows"], data.get("heads_rows"))

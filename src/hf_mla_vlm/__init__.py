@@ -35,6 +35,8 @@ def _attribute(module: str, name: str):
 _EXPORTS = {
     "PEFT_TARGET_MODULES": _attribute(".modeling.mla_attention", "PEFT_TARGET_MODULES"),
     "MLAAttention": _attribute(".modeling.mla_attention", "MLAAttention"),
+    "MLAQuantizedCache": _attribute(".modeling.quantized_cache", "MLAQuantizedCache"),
+    "MLAStaticQuantizedCache": _attribute(".modeling.quantized_cache", "MLAStaticQuantizedCache"),
     "ConversionResult": _attribute(".conversion_scripts.convert", "ConversionResult"),
     "convert": _attribute(".conversion_scripts.convert", "convert"),
 }
@@ -162,6 +164,8 @@ __all__ = [
     "LlavaOnevisionMLAForConditionalGeneration",
     "LlavaOnevisionMLAModel",
     "MLAAttention",
+    "MLAQuantizedCache",
+    "MLAStaticQuantizedCache",
     "Qwen2VLMLAConfig",
     "Qwen2VLMLAForConditionalGeneration",
     "Qwen2VLMLAModel",

@@ -260,6 +260,13 @@ def _kv_summary(kv: dict) -> str:
     )
 
 
+# `evaluation.kv_cache.KV_CACHE_DTYPES`, spelled out so that building the parser imports nothing heavy.
+KV_CACHE_CHOICES = ("bf16", "int8", "fp8", "int4")
+KV_CACHE_HELP = (
+    "latent cache of an MLA model: bf16 (the compute dtype) or quantized int8 / fp8 (e4m3) / int4, prefill included"
+)
+
+
 def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate",
@@ -307,6 +314,7 @@ def _add_evaluate(sub) -> None:
     )
     p.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
     p.add_argument("--output", default=None, help="write the JSON result here as well")
+    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="bf16", help=KV_CACHE_HELP)
 
 
 # Held-out calibration seed: the conversations differ from those a conversion calibrated on (seed 0).
@@ -344,6 +352,7 @@ def _run_evaluate(args) -> int:
         vqa_batch_size=args.batch_size if args.batch_size is not None else 32,
         dtype=args.dtype,
         device=args.device,
+        kv_cache=args.kv_cache,
     )
     result["data"] = args.data if args.data is not None else default_data
     text = json.dumps(result, indent=2, default=str)
@@ -374,6 +383,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--steps", type=int, default=16, help="decode steps timed per row")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="dtype the models run in")
     p.add_argument("--output", default=None, help="also write the rows (and the GPU name) to this JSON file")
+    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="bf16", help=KV_CACHE_HELP + " (the model only)")
 
 
 def _run_bench(args) -> int:
@@ -396,7 +406,10 @@ def _run_bench(args) -> int:
             for context in args.context:
                 row = {"model": name, "batch": batch, "context": context}
                 try:
-                    row.update(bench_decode(model, batch, context, steps=args.steps, mode=args.mode))
+                    kv_cache = args.kv_cache if name == args.model else "bf16"
+                    row.update(
+                        bench_decode(model, batch, context, steps=args.steps, mode=args.mode, kv_cache=kv_cache)
+                    )
                 except torch.OutOfMemoryError as error:
                     row["error"] = f"CUDA out of memory: {str(error).splitlines()[0][:200]}"
                 rows.append(row)

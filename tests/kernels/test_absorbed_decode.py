@@ -697,3 +697,162 @@ def test_choose_num_splits_fills_waves() -> None:
         assert programs / (132 * -(-programs // 132)) > 0.9, (b, t, s)
     assert choose_num_splits(1, 32768, 132, 64) > 32  # one sequence still spreads over many SMs
     assert choose_num_splits(16, 8192, 132, 32, programs_per_sm=2) == 2 * choose_num_splits(16, 8192, 132, 32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantized latent (int8 / fp8 / int4 rows of latent_cache.LatentQuantization)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def quantize_case(case: DecodeCase, dtype: str, group_size: int | None = None, poison: bool = True):
+    """``case`` with its latent stored as quantized rows: returns ``(args, rows, spec)``, ``args`` the absorbed
+    arguments with ``latent`` = the ``(B, T, K)`` uint8 view and ``latent_format`` appended. With ``poison`` the
+    masked rows and the unused tail hold 0xFF bytes (NaN fp16 scales, NaN fp8 values)."""
+    from hf_mla_vlm.modeling.latent_cache import LatentQuantization
+
+    lat = case.keys.shape[-1]
+    fmt = LatentQuantization.create(dtype, lat, group_size)
+    keys = torch.nan_to_num(case.keys.float(), nan=0.0)  # NaN-poisoned float rows are re-poisoned as bytes below
+    rows = fmt.quantize(keys).to(case.keys.device)  # (B, 1, T_alloc, K)
+    if poison:
+        rows[:, :, case.t :] = 0xFF
+        if case.key_mask is not None:
+            rows[:, 0, : case.t][~case.key_mask] = 0xFF
+    args = list(case.absorbed_args())
+    args[3] = rows[:, 0, : case.t]
+    return args, rows, fmt.spec
+
+
+_QUANT_REF_CASES = [(dt, m, mask) for dt in ("int8", "fp8", "int4") for m, mask in ((1, "none"), (2, "left_pad"))]
+
+
+@pytest.mark.parametrize("dtype,m,mask", _QUANT_REF_CASES)
+def test_reference_quantized_latent_equals_dequantized_cache(dtype: str, m: int, mask: str) -> None:
+    """The reference with a latent_format equals the reference on the dequantized latent (float rows), and the
+    poisoned (0xFF: NaN scales) masked rows and unused tail never reach the outputs."""
+    from hf_mla_vlm.modeling.latent_cache import LatentQuantization
+
+    case = make_case(b=3, h=4, n=2, r=4, lat=32, t=37, m=m, mask=mask, seed=41)
+    args, rows, spec = quantize_case(case, dtype, group_size=16)
+    out = mla_decode_reference(*args, latent_format=spec)
+    _assert_finite(*out)
+    dequantized = LatentQuantization.from_spec(spec, 32).dequantize(rows[:, 0, : case.t])
+    plain = list(args)
+    plain[3] = dequantized
+    ref = mla_decode_reference(*plain)
+    for got, want in zip(out, ref):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    unquantized = mla_decode_reference(*case.absorbed_args())
+    assert (out[0] - unquantized[0]).abs().max() > 0  # the quantization is really applied
+
+
+def test_reference_rejects_bad_quantized_rows() -> None:
+    case = make_case(t=8, lat=16)
+    args, _, spec = quantize_case(case, "int8")
+    with pytest.raises(ValueError, match="uint8 rows"):
+        mla_decode_reference(*args[:3], args[3][..., :-16], *args[4:], latent_format=spec)
+    with pytest.raises(ValueError, match="uint8 rows"):
+        mla_decode_reference(*case.absorbed_args(), latent_format=spec)  # float latent with a format
+    with pytest.raises(ValueError, match="must be one of"):
+        mla_decode_reference(*args, latent_format="int3:16")
+
+
+_INTERP_QUANT_CASES = [
+    # (dtype, group, t, m, mask, cache dtype, num_splits)
+    ("int8", 16, 1, 1, "none", torch.float32, None),
+    ("int8", 32, 37, 2, "left_pad", torch.float32, 3),
+    ("int8", 8, 37, 2, "empty_row", torch.float16, 2),
+    ("fp8", 32, 5, 2, "tail", torch.float32, None),
+    ("fp8", 16, 37, 1, "random", torch.bfloat16, 3),
+    ("int4", 16, 37, 2, "left_pad", torch.float32, 2),
+    ("int4", 32, 37, 2, "random", torch.float16, 1),
+    ("int4", 8, 70, 1, "tail", torch.float32, 5),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype,group,t,m,mask,cache_dtype,num_splits", _INTERP_QUANT_CASES)
+def test_interpreter_quantized_latent(dtype, group, t, m, mask, cache_dtype, num_splits) -> None:
+    """The kernel dequantizes the stored rows itself: it equals the reference with the same latent_format, with
+    odd lengths, empty rows, padding and 0xFF-poisoned (NaN-scale) unused rows."""
+    from hf_mla_vlm.kernels.absorbed_decode import mla_decode_triton
+
+    case = make_case(b=2, h=4, n=2, r=4, lat=32, t=t, m=m, mask=mask, dtype=cache_dtype, seed=t + group)
+    args, _, spec = quantize_case(case, dtype, group)
+    ref = mla_decode_reference(*args, latent_format=spec)
+    out = mla_decode_triton(*args, num_splits=num_splits, latent_format=spec)
+    _assert_finite(*out)
+    tol = dict(rtol=1e-5, atol=1e-5) if cache_dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    for got, want, name in zip(out, ref, ("ctx", "p_sum", "lse")):
+        torch.testing.assert_close(got, want, **tol, msg=lambda s, n=name: f"{n}: {s}")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", ["int8", "fp8", "int4"])
+def test_interpreter_quantized_padded_rows_and_empty_segment(dtype: str) -> None:
+    """The model's layout (side rows padded to 16 bytes, odd latent width 48 in groups of 16) and a text-only cache
+    with two branches (an empty image segment), over several tiles and splits."""
+    from hf_mla_vlm.kernels.absorbed_decode import mla_decode_triton
+
+    pad = side_row_width(2, 4) - 2 * 4 - 1
+    case = make_case(b=3, n=2, r=4, lat=48, t=70, m=2, image_frac=0.0, mask="left_pad", side_pad=pad, seed=9)
+    args, _, spec = quantize_case(case, dtype, 16)
+    ref = mla_decode_reference(*args, latent_format=spec)
+    for splits in (1, 4):
+        out = mla_decode_triton(*args, num_splits=splits, block_t=16, latent_format=spec)
+        assert (out[0][:, :, 1] == 0).all() and (out[1][:, :, 1] == 0).all()
+        for got, want in zip(out, ref):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["int8", "fp8", "int4"])
+@pytest.mark.parametrize("shape", ["qwen_l256", "qwen_l512", "llama_l256", "odd"])
+@pytest.mark.parametrize("t,m,mask,num_splits", [(1, 2, "none", None), (1000, 2, "left_pad", None),
+                                                 (4099, 2, "tail", 9), (2053, 1, "empty_row", None)])  # fmt: skip
+def test_gpu_quantized_kernel_matches_reference(shape: str, dtype: str, t: int, m: int, mask: str, num_splits) -> None:
+    from hf_mla_vlm.kernels import mla_decode_triton
+
+    h, n, r, lat = _GPU_SHAPES[shape]
+    case = make_case(
+        b=3, h=h, n=n, r=r, lat=lat, t=t, m=m, d=128 - r, v=128, layout="runs", mask=mask,
+        side_pad=side_row_width(n, r) - n * r - 1, dtype=torch.bfloat16, device="cuda", seed=t + lat,
+    )  # fmt: skip
+    args, _, spec = quantize_case(case, dtype)
+    ref = mla_decode_reference(*args, latent_format=spec)
+    out = mla_decode_triton(*args, num_splits=num_splits, latent_format=spec)
+    _check_gpu(out, ref, torch.bfloat16)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["int8", "fp8", "int4"])
+def test_gpu_quantized_cuda_graph_replay(dtype: str) -> None:
+    """Capture the quantized launch once, rewrite the stored rows, the valid lengths and the queries in place,
+    replay: every replay matches the reference (the launcher reads the rows in place, no host sync)."""
+    from hf_mla_vlm.kernels import mla_decode_triton
+
+    def fresh(seed: int):
+        case = make_case(
+            b=4, h=28, n=4, r=32, lat=256, t=3000, m=2, d=96, v=128, mask="tail", dtype=torch.bfloat16,
+            device="cuda", seed=seed, poison=False,
+        )  # fmt: skip
+        return case, *quantize_case(case, dtype, poison=False)
+
+    case, args, rows, spec = fresh(1)
+    mla_decode_triton(*args, latent_format=spec)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = mla_decode_triton(*args, latent_format=spec)
+    for step in range(3):
+        new_case, _, new_rows, _ = fresh(100 + step)
+        for name in ("q_rope", "q_latent", "q_bias", "values", "key_mask"):
+            getattr(case, name).copy_(getattr(new_case, name))
+        rows.copy_(new_rows)
+        if step == 2:
+            case.key_mask[1] = False
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_gpu(static_out, mla_decode_reference(*args, latent_format=spec), torch.bfloat16)

@@ -15,7 +15,9 @@ from transformers import DynamicCache, StaticCache
 from ..compat import CACHE_ARG
 from ..configuration.configuration_mla_common import text_head_dim
 from ..conversion_scripts.report import cache_nbytes
+from ..modeling.quantized_cache import MLAQuantizedCache, MLAStaticQuantizedCache
 from ..registry import arch_spec
+from .kv_cache import latent_dtype
 
 
 Mode = Literal["eager", "static-compile"]
@@ -43,17 +45,23 @@ def cache_layer(model, batch: int, context: int, dtype: torch.dtype, device, gen
 
 
 @torch.no_grad()
-def bench_decode(model, batch: int, context: int, *, steps: int = 16, warmup: int = 3, mode: Mode = "eager") -> dict:
-    """Decode `steps` tokens per sequence after a cache of `context` tokens; returns tokens/s and memory."""
+def bench_decode(
+    model, batch: int, context: int, *, steps: int = 16, warmup: int = 3, mode: Mode = "eager", kv_cache: str = "bf16"
+) -> dict:
+    """Decode `steps` tokens per sequence after a cache of `context` tokens; returns tokens/s and memory.
+    `kv_cache` "int8" / "fp8" / "int4" quantizes an MLA model's latent (`evaluation.kv_cache`)."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     text = model.config.text_config
     torch.cuda.empty_cache()
     weights_bytes = torch.cuda.memory_allocated(device)
+    quantized = latent_dtype(model, kv_cache)
     if mode == "eager":
-        cache = DynamicCache(config=text)
-    else:
+        cache = DynamicCache(config=text) if quantized is None else MLAQuantizedCache(model.config, dtype=quantized)
+    elif quantized is None:
         cache = StaticCache(config=text, max_cache_len=context + warmup + steps)
+    else:
+        cache = MLAStaticQuantizedCache(model.config, max_cache_len=context + warmup + steps, dtype=quantized)
     generator = torch.Generator(device=device).manual_seed(0)
     for idx in range(text.num_hidden_layers):  # one layer of random rows at a time: the cache copies them
         cache.update(*cache_layer(model, batch, context, dtype, device, generator), idx)
@@ -89,6 +97,7 @@ def bench_decode(model, batch: int, context: int, *, steps: int = 16, warmup: in
     peak = torch.cuda.max_memory_allocated(device)
     return {
         "mode": mode,
+        "kv_cache": kv_cache,
         "batch": batch,
         "context": context,
         "steps": steps,

@@ -19,6 +19,7 @@ from transformers.utils import logging
 
 from ..dtypes import torch_dtype as to_torch_dtype
 from .fidelity import builtin_text_batches, next_token_fidelity
+from .kv_cache import KV_CACHE_DTYPES, latent_dtype
 from .perplexity import perplexity
 from .vqa import vqa_accuracy, vqa_image_size
 
@@ -140,6 +141,7 @@ def evaluate(
     device: str | torch.device | None = None,
     reference_perplexity: bool = True,
     progress: bool = True,
+    kv_cache: str = "bf16",
 ) -> dict:
     """Evaluate a checkpoint: perplexity on a text, next-token fidelity against a reference checkpoint, and (with
     `task="vqa"`) accuracy on the procedural VQA scenes.
@@ -184,6 +186,9 @@ def evaluate(
         reference_perplexity (`bool`, *optional*, defaults to `True`):
             Also measure the reference's perplexity on the same windows (when both `reference` and `text_file`).
         progress (`bool`, *optional*, defaults to `True`): show progress bars.
+        kv_cache (`str`, *optional*, defaults to `"bf16"`): the evaluated model's latent cache: `"bf16"` (the
+            compute dtype) or quantized, `"int8"`, `"fp8"`, `"int4"` (`evaluation.kv_cache`; perplexity and fidelity
+            then score through a quantized cache too). The reference always runs unquantized.
 
     Returns:
         `dict` (JSON-serialisable): `model`, `model_type`, `task`, `reference`, `conversion` (the settings of
@@ -205,6 +210,8 @@ def evaluate(
         raise ValueError("Fidelity on data needs a reference checkpoint (--reference).")
     if task == "fidelity" and reference is not None and data is None:
         data = "builtin-text"
+    if kv_cache not in KV_CACHE_DTYPES:
+        raise ValueError(f"Unknown kv_cache {kv_cache!r}; choose one of {KV_CACHE_DTYPES}.")
     device = torch.device(device) if device is not None else _default_device()
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -212,6 +219,7 @@ def evaluate(
     t = time.perf_counter()
     model, processor = load_model_and_processor(model_path, dtype=dtype, device=device)
     timings["load_model_s"] = time.perf_counter() - t
+    latent_dtype(model, kv_cache)  # a quantized latent needs an MLA model: fail before any measurement
     ref_model = ref_processor = None
     if reference is not None:
         t = time.perf_counter()
@@ -238,7 +246,7 @@ def evaluate(
         vqa_kwargs = dict(batch_size=vqa_batch_size, max_new_tokens=max_new_tokens, progress=progress)
         vqa_info = {"split": vqa_split, "seed": vqa_seed, "image_size": image_size}
         t = time.perf_counter()
-        result["vqa"] = {**vqa_accuracy(model, processor, samples, **vqa_kwargs), **vqa_info}
+        result["vqa"] = {**vqa_accuracy(model, processor, samples, **vqa_kwargs, kv_cache=kv_cache), **vqa_info}
         timings["vqa_s"] = time.perf_counter() - t
         logger.info(f"VQA accuracy of {model_path} on {vqa_split} ({len(samples)}): {result['vqa']['accuracy']:.4f}")
         if ref_model is not None:
@@ -249,7 +257,7 @@ def evaluate(
         texts, label = load_texts(text_file)
         ppl_kwargs = dict(seq_len=seq_len, max_sequences=max_sequences, batch_size=batch_size, progress=progress)
         t = time.perf_counter()
-        result["perplexity"] = {**perplexity(model, processor, texts, **ppl_kwargs), "text": label}
+        result["perplexity"] = {**perplexity(model, processor, texts, **ppl_kwargs, kv_cache=kv_cache), "text": label}
         timings["perplexity_s"] = time.perf_counter() - t
         logger.info(f"Perplexity of {model_path} on {label}: {result['perplexity']['ppl']:.4f}")
         if ref_model is not None and reference_perplexity:
@@ -262,7 +270,8 @@ def evaluate(
     if ref_model is not None and data is not None:
         batches, label = fidelity_batches(data, processor)
         t = time.perf_counter()
-        result["fidelity"] = {**next_token_fidelity(ref_model, model, batches, progress=progress), "data": label}
+        fidelity = next_token_fidelity(ref_model, model, batches, progress=progress, kv_cache=kv_cache)
+        result["fidelity"] = {**fidelity, "data": label}
         timings["fidelity_s"] = time.perf_counter() - t
         logger.info(
             f"Fidelity of {model_path} vs {reference}: KL {result['fidelity']['kl']:.3e}, "
@@ -275,6 +284,7 @@ def evaluate(
         "batch_size": batch_size,
         "dtype": dtype,
         "device": str(device),
+        "kv_cache": kv_cache,
     }
     if task == "vqa":
         result["settings"].update(

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..utils import to_device
+from .kv_cache import forward_cache_kwargs
 from .perplexity import model_device
 
 
@@ -64,6 +65,7 @@ def next_token_fidelity(
     *,
     device: str | torch.device | None = None,
     progress: bool = False,
+    kv_cache: str | None = None,
 ) -> dict:
     """How closely `model` reproduces `reference`'s next-token distributions on the same inputs.
 
@@ -78,6 +80,8 @@ def next_token_fidelity(
         batches (`Iterable[Mapping]`): model inputs; tensors are moved to each model's device.
         device (`str` or `torch.device`, *optional*): move both models there first; defaults to where they are.
         progress (`bool`, *optional*, defaults to `False`): show a progress bar.
+        kv_cache (`str`, *optional*): `"int8"`, `"fp8"` or `"int4"` runs `model` (not the reference) through a
+            quantized latent cache (`evaluation.kv_cache`); None / `"bf16"` without a cache.
 
     Returns:
         `dict`: `kl` (mean KL over valid positions, in nats; per-position values are clamped at 0), `kl_max`
@@ -91,7 +95,7 @@ def next_token_fidelity(
     kl_sum, kl_max, agree, positions, num_batches = 0.0, 0.0, 0, 0, 0
     for batch in tqdm(batches, desc="Fidelity", disable=not progress, leave=False):
         ref_logits = reference(**to_device(batch, reference_device), use_cache=False).logits
-        logits = model(**to_device(batch, model_device_), use_cache=False).logits
+        logits = model(**to_device(batch, model_device_), **forward_cache_kwargs(model, kv_cache)).logits
         if ref_logits.shape != logits.shape:
             raise ValueError(f"Logit shapes differ: reference {tuple(ref_logits.shape)}, model {tuple(logits.shape)}.")
         ref_logp = F.log_softmax(ref_logits.float(), dim=-1)

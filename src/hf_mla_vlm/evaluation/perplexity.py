@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..utils import as_tokenizer
+from .kv_cache import forward_cache_kwargs
 
 
 logger = logging.get_logger(__name__)
@@ -58,6 +59,7 @@ def perplexity(
     batch_size: int = 1,
     device: str | torch.device | None = None,
     progress: bool = True,
+    kv_cache: str | None = None,
 ) -> dict:
     """Perplexity of `model` on `texts`: mean next-token negative log-likelihood over non-overlapping windows.
 
@@ -79,6 +81,8 @@ def perplexity(
             float rounding).
         device (`str` or `torch.device`, *optional*): move the model there first; defaults to the model's device.
         progress (`bool`, *optional*, defaults to `True`): show a progress bar.
+        kv_cache (`str`, *optional*): `"int8"`, `"fp8"` or `"int4"` scores every window through a quantized latent
+            cache (MLA models; `evaluation.kv_cache`); None / `"bf16"` without a cache.
 
     Returns:
         `dict`: `ppl` (exp of `nll`), `nll` (mean NLL in nats per scored token), `tokens` (scored tokens,
@@ -103,7 +107,8 @@ def perplexity(
     starts = range(0, num_windows, batch_size)
     for start in tqdm(starts, desc="Perplexity", disable=not progress, leave=False):
         input_ids = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
+        cache_kwargs = forward_cache_kwargs(model, kv_cache)
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **cache_kwargs).logits
         logits = logits[:, :-1].float()
         targets = input_ids[:, 1:]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")

@@ -15,6 +15,7 @@ from transformers.utils import logging
 
 from ..utils import as_tokenizer, to_device
 from ..zoo.vqa_data import INSTRUCTION, VQASample, per_type_accuracy, score_answer
+from .kv_cache import generate_cache_kwargs
 from .perplexity import model_device
 
 
@@ -115,6 +116,7 @@ def vqa_accuracy(
     instruction: str | None = INSTRUCTION,
     return_predictions: bool = False,
     progress: bool = True,
+    kv_cache: str | None = None,
 ) -> dict:
     """Accuracy of `model` on VQA samples: batched greedy generation, first word of the answer vs the label.
 
@@ -133,6 +135,8 @@ def vqa_accuracy(
         instruction (`str`, *optional*): appended to the question (defaults to "Answer with a single word.").
         return_predictions (`bool`, *optional*, defaults to `False`): also return the per-sample predictions.
         progress (`bool`, *optional*, defaults to `True`): show a progress bar.
+        kv_cache (`str`, *optional*): `"int8"`, `"fp8"` or `"int4"` generates with a quantized latent cache (MLA
+            models, `evaluation.kv_cache`); None / `"bf16"` with the default cache.
 
     Returns:
         `dict`: `accuracy` (over all samples), `per_type` (`{qtype: accuracy}`), `counts` (`{qtype: samples}`),
@@ -158,7 +162,13 @@ def vqa_accuracy(
         images = [sample.image for sample in chunk]
         batch = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
         batch = to_device(batch, device)
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            **generate_cache_kwargs(model, kv_cache),
+        )
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         for sample, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
             predictions.append(

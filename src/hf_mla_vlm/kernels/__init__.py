@@ -11,6 +11,10 @@ Triton can be imported. Use :func:`is_triton_available` to decide which one to c
         decode = mla_decode_reference
     latent, side = attention.cache_layout.views(keys, values)  # the cached rows of one layer, see latent_cache.py
     ctx, p_sum, lse = decode(q_rope, q_latent, q_bias, latent, side, key_mask, scale, num_kv_heads)
+
+With a quantized latent cache (``modeling/quantized_cache.py``) ``latent`` is the ``(B, T, K)`` uint8 view of the
+stored rows and both take ``latent_format=layout.quantization.spec`` (e.g. ``"int8:64"``): the Triton kernel reads
+the quantized bytes and dequantizes them as it loads each tile; the reference dequantizes them in torch.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ softmax with fp32 accumulation. With one split it merges the branches and writes
 writes un-normalised per-branch partial accumulators and running maxima (a branch without keys in the chunk leaves its
 row unwritten), and stage 2 (``_mla_decode_combine``, grid ``(B, H)``) merges chunks and branches.
 
+Quantized latent (``latent_format``, the rows of ``latent_cache.LatentQuantization``: int8, fp8 e4m3 or int4 values
+with fp16 group scales and zero points): the kernel reads the stored bytes and dequantizes each tile in registers as it
+loads it (the scales of a tile's rows are gathered per element, from the same cache lines), so a quantized cache is
+never copied or dequantized in memory; the rope keys and the flag (side rows) stay in the compute dtype.
+
 Everything the launcher decides depends on shapes only (``B``, ``T``, the SM count), never on tensor values, so
 it does not synchronise with the host and can be captured in a CUDA graph. ``T`` is a run-time kernel argument
 (no recompilation per length). Masked and out-of-range cache rows are never loaded (the loads zero-fill them) and
@@ -40,7 +45,8 @@ tensor          shape                  notes
 ``q_rope``      ``(B, H, R)``          same dtype as ``q_latent`` (made contiguous: small)
 ``q_latent``    ``(B, H, M, L)``       cast to the cache dtype for the dots; any (B, H) strides, (M, L) packed
 ``q_bias``      ``(B, H, M)`` or None  any float dtype; any (B, H) strides, last dim contiguous
-``latent``      ``(B, T, L)``          ``LatentCacheLayout.views`` of the cached rows; last dim contiguous
+``latent``      ``(B, T, L)``          ``LatentCacheLayout.views`` of the cached rows; last dim contiguous;
+                                       quantized: ``(B, T, K)`` uint8 rows
 ``side``        ``(B, T, N*R + 1)``    ``values[:, 0, :, :N*R + 1]``; last dim contiguous; rows on 16-byte boundaries
                                        (the model pads them) are loaded with vectorised asynchronous copies
 ``key_mask``    ``(B, T)`` bool/None   any strides
@@ -63,6 +69,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from ..modeling.latent_cache import parse_latent_format
 from .reference import mla_decode_reference, validate_decode_inputs
 
 
@@ -74,12 +81,13 @@ _LN2 = 0.6931471805599453
 
 # Triton specialises integer arguments on divisibility by 16: the batch strides of a growing DynamicCache (side rows
 # of N*R + 1 elements, the key mask) would flip that property as T grows and recompile the kernel mid-generation
-@triton.jit(do_not_specialize=["T", "tokens_per_split", "stride_s_b", "stride_km_b"])
+@triton.jit(do_not_specialize=["T", "tokens_per_split", "stride_sc_b", "stride_s_b", "stride_km_b"])
 def _mla_decode_stage1(
     q_rope_ptr,
     q_lat_ptr,
     q_bias_ptr,
     latent_ptr,
+    scale_ptr,
     side_ptr,
     mask_ptr,
     acc_ptr,
@@ -94,6 +102,8 @@ def _mla_decode_stage1(
     stride_qb_h,
     stride_c_b,
     stride_c_t,
+    stride_sc_b,
+    stride_sc_t,
     stride_s_b,
     stride_s_t,
     stride_km_b,
@@ -115,6 +125,10 @@ def _mla_decode_stage1(
     UPCAST_DOTS: tl.constexpr,
     STATIC_CHUNK: tl.constexpr,
     SIDE_ALIGN: tl.constexpr,
+    QUANT: tl.constexpr,
+    GROUP: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    SCALE_OFF: tl.constexpr,
 ):
     """Like ``_mla_decode_stage1``, with one query row per (branch, head): row ``m * BLOCK_H + h``.
 
@@ -122,6 +136,12 @@ def _mla_decode_stage1(
     with ``-inf``), so the scores of all ``M * H`` rows are one dot with the latent tile and the probabilities one
     dot back; the branches of a head are merged with the log-sum-exp rule at the end (here with one split,
     otherwise in the combine kernel, which then gets per-branch maxima ``stat`` ``(B, S, H, M)``).
+
+    Quantized latent (``QUANT`` 1 int8, 2 fp8 e4m3, 3 int4; 0 = none): ``latent_ptr`` points at the values of the
+    rows (int8 / fp8 / uint8 view) and ``scale_ptr`` at the same rows as fp16 (strides in fp16 elements), whose
+    scales start at element ``SCALE_OFF`` (then, for int4, ``NUM_GROUPS`` zero points). Each tile is dequantized as
+    it is loaded (element ``l`` uses the parameters of group ``l // GROUP``; an int4 element ``l`` is the low nibble
+    of byte ``l`` or, from ``L / 2`` on, the high nibble of byte ``l - L / 2``), then goes through the same dots.
     """
     pid_hb = tl.program_id(0)  # head block: the fastest grid axis, so programs that share a latent chunk run together
     pid_b = tl.program_id(1).to(tl.int64)
@@ -130,7 +150,7 @@ def _mla_decode_stage1(
     if UPCAST_DOTS:
         cdtype = tl.float32
     else:
-        cdtype = latent_ptr.dtype.element_ty
+        cdtype = side_ptr.dtype.element_ty  # the compute dtype (the latent's, when it is not quantized)
     BLOCK_R: tl.constexpr = M * BLOCK_H
 
     offs_r = tl.arange(0, BLOCK_R)
@@ -158,7 +178,12 @@ def _mla_decode_stage1(
 
     t_start = pid_s * tokens_per_split
     t_end = tl.minimum(t_start + tokens_per_split, T)
-    c_base = latent_ptr + pid_b * stride_c_b + offs_l[None, :]
+    if QUANT == 3:
+        c_base = latent_ptr + pid_b * stride_c_b + (offs_l % (L // 2))[None, :]  # byte of each int4 element
+    else:
+        c_base = latent_ptr + pid_b * stride_c_b + offs_l[None, :]
+    if QUANT > 0:
+        sc_base = scale_ptr + pid_b * stride_sc_b + SCALE_OFF + (offs_l // GROUP)[None, :]
     if SIDE_ALIGN > 1:
         # the cache pads side rows to whole 16-byte units: written as multiples of the constant SIDE_ALIGN, Triton
         # can prove the rope-key rows aligned and loads them with vectorised asynchronous (pipelined) copies
@@ -176,7 +201,21 @@ def _mla_decode_stage1(
             valid = t_ok
         # masked and out-of-range rows are never read (the loads zero-fill them), so whatever is stored there (NaN
         # included) cannot reach a dot; the scores of those keys are set to -inf below
-        c = tl.load(c_base + offs_t[:, None] * stride_c_t, mask=valid[:, None] & l_ok[None, :], other=0.0)
+        c_mask = valid[:, None] & l_ok[None, :]
+        if QUANT == 0:
+            c = tl.load(c_base + offs_t[:, None] * stride_c_t, mask=c_mask, other=0.0)
+        else:
+            # dequantized once per tile, shared by every query row of the program
+            if QUANT == 2:
+                raw = tl.load(c_base + offs_t[:, None] * stride_c_t, mask=c_mask, other=0.0)
+            else:
+                raw = tl.load(c_base + offs_t[:, None] * stride_c_t, mask=c_mask, other=0)
+            if QUANT == 3:
+                raw = tl.where(offs_l[None, :] < L // 2, raw & 15, raw >> 4)
+            sc_ptrs = sc_base + offs_t[:, None] * stride_sc_t
+            c = raw.to(tl.float32) * tl.load(sc_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+            if QUANT == 3:
+                c += tl.load(sc_ptrs + NUM_GROUPS, mask=c_mask, other=0.0).to(tl.float32)
         kr = tl.load(
             s_base + offs_t[:, None] * stride_s_t + offs_c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0
         )
@@ -287,6 +326,7 @@ def _mla_decode_combine(
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # Triton reads it once, at import, too
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_QUANT_CODES = {"int8": 1, "fp8": 2, "int4": 3}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -401,6 +441,7 @@ def mla_decode_triton(
     scale: float,
     num_kv_heads: int,
     num_splits: int | None = None,
+    latent_format: str | None = None,
     *,
     block_t: int | None = None,
     num_warps: int | None = None,
@@ -420,6 +461,9 @@ def mla_decode_triton(
     ``key_mask``    ``(B, T)`` bool/None   True = attend
     ``scale``       float                  ``1/sqrt(head_dim)`` of the original model
     ``num_splits``  int or None            split-K factor; None = from (B, T, SM count)
+    ``latent_format`` str or None          quantized latent (``LatentQuantization.spec``, e.g. ``"int8:64"``):
+                                           ``latent`` is then ``(B, T, K)`` uint8 rows, read and dequantized
+                                           inside the kernel (never a dequantized copy)
     ==============  =====================  ======================================================
 
     The (small) query tensors are made contiguous; the cache views are read in place. ``block_t``, ``num_warps``,
@@ -434,17 +478,17 @@ def mla_decode_triton(
         ValueError: bad shapes/dtypes/devices, a CPU tensor without ``TRITON_INTERPRET=1``, a cache view whose last
             dim is not contiguous, or a bad ``num_splits``/tile override.
     """
-    b, h, n, r, lat, t, m = validate_decode_inputs(q_rope, q_latent, q_bias, latent, side, key_mask, num_kv_heads)
+    b, h, n, r, lat, t, m = validate_decode_inputs(
+        q_rope, q_latent, q_bias, latent, side, key_mask, num_kv_heads, latent_format
+    )
     device = latent.device
     if device.type != "cuda" and not _INTERPRETING:
         raise ValueError(
             f"mla_decode_triton needs CUDA tensors (got {device}); use mla_decode_reference on CPU, or set "
             "TRITON_INTERPRET=1 before importing triton to run the kernel in the Triton interpreter"
         )
-    if latent.dtype not in _SUPPORTED_DTYPES or q_latent.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(
-            f"cache and queries must be float16, bfloat16 or float32, got {latent.dtype}/{q_latent.dtype}"
-        )
+    if side.dtype not in _SUPPORTED_DTYPES or q_latent.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"cache and queries must be float16, bfloat16 or float32, got {side.dtype}/{q_latent.dtype}")
     if latent.stride(-1) != 1 or side.stride(-1) != 1:
         raise ValueError(
             "latent and side must be contiguous in their last dim (pass LatentCacheLayout.views of the cache), got "
@@ -461,7 +505,7 @@ def mla_decode_triton(
         raise ValueError(f"block_h must be a power of two with M * block_h >= 16 (M = {m}), got {block_h!r}")
     block_h = min(block_h, max(16 // m, _pow2(h)))
     head_blocks = _cdiv(h, block_h)
-    cfg_t, cfg_w, cfg_s = _default_config(lat, m, latent.element_size(), key_mask is not None, side_align > 1, block_h)
+    cfg_t, cfg_w, cfg_s = _default_config(lat, m, side.element_size(), key_mask is not None, side_align > 1, block_h)
     tile_given = block_t is not None or num_stages is not None
     block_t = cfg_t if block_t is None else block_t
     num_warps = cfg_w if num_warps is None else num_warps
@@ -503,12 +547,24 @@ def mla_decode_triton(
     else:
         mask_arg = latent
         mask_strides = (0, 0)
-    upcast = _INTERPRETING and latent.dtype == torch.bfloat16
-    precision = "ieee" if latent.dtype == torch.float32 or upcast else "tf32"
+    upcast = _INTERPRETING and side.dtype == torch.bfloat16
+    precision = "ieee" if side.dtype == torch.float32 or upcast else "tf32"
+    if latent_format is None:
+        quant, group, num_groups, scale_off = 0, 1, 1, 0
+        latent_arg, scale_arg, scale_strides = latent, latent, (0, 0)
+    else:
+        fmt = parse_latent_format(latent_format, lat)
+        quant, group, num_groups = _QUANT_CODES[fmt.dtype], fmt.group_size, fmt.num_groups
+        scale_off = fmt.scale_offset // 2  # in fp16 elements
+        # two views of the same rows: the values (int8 / fp8 / packed uint8) and the fp16 scales and zero points
+        latent_arg = latent.view({"int8": torch.int8, "fp8": torch.float8_e4m3fn, "int4": torch.uint8}[fmt.dtype])
+        scale_arg = latent.view(torch.float16)
+        scale_strides = (scale_arg.stride(0), scale_arg.stride(1))
 
-    fit_key = (latent.dtype, lat, m, nr, key_mask is not None, side_align, block_t, num_warps, num_stages, block_h)
+    has_mask = key_mask is not None
+    fit_key = (side.dtype, lat, m, nr, has_mask, side_align, block_t, num_warps, num_stages, block_h, latent_format)
     if fit_key in _NO_FIT:
-        return mla_decode_reference(q_rope, q_latent, q_bias, latent, side, key_mask, scale, n)
+        return mla_decode_reference(q_rope, q_latent, q_bias, latent, side, key_mask, scale, n, latent_format)
     tile_t, stages = _CONFIG_THAT_FITS.get(fit_key, (block_t, num_stages))
     switch = device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device()
     with torch.cuda.device(device) if switch else contextlib.nullcontext():
@@ -518,7 +574,8 @@ def mla_decode_triton(
                     q_rope,
                     q_latent,
                     bias_arg,
-                    latent,
+                    latent_arg,
+                    scale_arg,
                     side,
                     mask_arg,
                     acc,
@@ -533,6 +590,7 @@ def mla_decode_triton(
                     bias_arg.stride(1),
                     latent.stride(0),
                     latent.stride(1),
+                    *scale_strides,
                     side.stride(0),
                     side.stride(1),
                     *mask_strides,
@@ -553,6 +611,10 @@ def mla_decode_triton(
                     UPCAST_DOTS=upcast,
                     STATIC_CHUNK=tokens_per_split if _INTERPRETING else 0,
                     SIDE_ALIGN=side_align,
+                    QUANT=quant,
+                    GROUP=group,
+                    NUM_GROUPS=num_groups,
+                    SCALE_OFF=scale_off,
                     num_warps=num_warps,
                     num_stages=stages,
                 )
@@ -563,11 +625,13 @@ def mla_decode_triton(
                 if stages <= 1 and tile_t <= 16:  # e.g. float32 caches with M * L > 512: no tile fits in smem
                     _NO_FIT.add(fit_key)
                     warnings.warn(
-                        f"the Triton MLA decode kernel does not fit in shared memory for a {latent.dtype} cache with "
+                        f"the Triton MLA decode kernel does not fit in shared memory for a {side.dtype} cache with "
                         f"M={m}, L={lat}; using the torch reference for these shapes",
                         stacklevel=2,
                     )
-                    return mla_decode_reference(q_rope, q_latent, q_bias, latent, side, key_mask, scale, n)
+                    return mla_decode_reference(
+                        q_rope, q_latent, q_bias, latent, side, key_mask, scale, n, latent_format
+                    )
                 if stages > 1:
                     stages -= 1
                 else:

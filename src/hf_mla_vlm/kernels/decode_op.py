@@ -24,13 +24,16 @@ def mla_decode(
     key_mask: Optional[torch.Tensor],  # noqa: UP045
     scale: float,
     num_kv_heads: int,
+    latent_format: Optional[str] = None,  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as `mla_decode_reference`: returns `ctx (B, H, M, L)`, `p_sum (B, H, M)`, `lse (B, H)`."""
-    return mla_decode_triton(q_rope, q_latent, q_bias, latent, side, key_mask, scale, num_kv_heads)
+    return mla_decode_triton(
+        q_rope, q_latent, q_bias, latent, side, key_mask, scale, num_kv_heads, latent_format=latent_format
+    )
 
 
 @mla_decode.register_fake
-def _(q_rope, q_latent, q_bias, latent, side, key_mask, scale, num_kv_heads):
+def _(q_rope, q_latent, q_bias, latent, side, key_mask, scale, num_kv_heads, latent_format=None):
     batch, heads, branches, width = q_latent.shape
     ctx = q_latent.new_empty((batch, heads, branches, width), dtype=torch.float32)
     return (
@@ -49,11 +52,14 @@ def mla_decode_dispatch(
     key_mask: torch.Tensor | None,
     scale: float,
     num_kv_heads: int,
+    latent_format: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The custom op while `torch.compile` traces, the Triton launcher itself otherwise (same contract)."""
     if torch.compiler.is_compiling():
-        return mla_decode(q_rope, q_latent, q_bias, latent, side, key_mask, scale, num_kv_heads)
-    return mla_decode_triton(q_rope, q_latent, q_bias, latent, side, key_mask, scale, num_kv_heads)
+        return mla_decode(q_rope, q_latent, q_bias, latent, side, key_mask, scale, num_kv_heads, latent_format)
+    return mla_decode_triton(
+        q_rope, q_latent, q_bias, latent, side, key_mask, scale, num_kv_heads, latent_format=latent_format
+    )
 
 
 __all__ = ["mla_decode", "mla_decode_dispatch"]

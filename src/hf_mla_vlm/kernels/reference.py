@@ -35,9 +35,10 @@ Cache layout (as stored by the model, read through strided views)
 ==========  =====================  =======================================================================
 tensor      shape                  content
 ==========  =====================  =======================================================================
-``latent``  ``(B, T, L)``          latents ``c_t`` (``LatentCacheLayout.views`` of the cache rows)
+``latent``  ``(B, T, L)``          latents ``c_t`` (``LatentCacheLayout.views`` of the cache rows); with a
+                                   ``latent_format``: ``(B, T, K)`` uint8 quantized rows (``LatentQuantization``)
 ``side``    ``(B, T, N*R + 1)``    columns ``g*R + i``: post-RoPE rope key of kv head ``g``; last column:
-                                   modality flag (0.0 text, 1.0 image), same dtype as the cache
+                                   modality flag (0.0 text, 1.0 image), the compute dtype
 ``key_mask`` ``(B, T)`` bool       True = attend; ``None`` = all ``T`` keys valid
 ==========  =====================  =======================================================================
 """
@@ -46,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from ..modeling.latent_cache import is_image
+from ..modeling.latent_cache import is_image, parse_latent_format
 
 
 __all__ = ["mla_decode_reference", "validate_decode_inputs"]
@@ -60,10 +61,13 @@ def validate_decode_inputs(
     side: torch.Tensor,
     key_mask: torch.Tensor | None,
     num_kv_heads: int,
+    latent_format: str | None = None,
 ) -> tuple[int, int, int, int, int, int, int]:
     """Check the shapes, dtypes and devices of the decode inputs (metadata only: never synchronises).
 
-    Runs on every decode step and layer, so the error messages are only formatted when a check fails.
+    Runs on every decode step and layer, so the error messages are only formatted when a check fails. With a
+    ``latent_format`` (``LatentQuantization.spec``, e.g. ``"int8:64"``) ``latent`` holds the quantized rows
+    ``(B, T, K)`` uint8 of ``latent_cache.LatentQuantization`` and ``side`` the compute dtype.
 
     Returns:
         ``(B, H, N, R, L, T, M)``.
@@ -74,7 +78,7 @@ def validate_decode_inputs(
     for name, x in (("q_rope", q_rope), ("q_latent", q_latent), ("latent", latent), ("side", side)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
+        if not x.is_floating_point() and not (name == "latent" and latent_format is not None):
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if q_rope.dim() != 3:
         raise ValueError(f"q_rope must have shape (B, H, R), got {tuple(q_rope.shape)}")
@@ -99,8 +103,18 @@ def validate_decode_inputs(
         raise ValueError(f"q_latent must have M = 1 or 2 modality branches (dim 2), got {m}")
     if lat <= 0:
         raise ValueError("q_latent's latent width (dim 3) must be positive")
-    if latent.shape[0] != b or latent.shape[2] != lat:
-        raise ValueError(f"latent must have shape (B={b}, T, L={lat}), got {tuple(latent.shape)}")
+    if latent_format is None:
+        if latent.shape[0] != b or latent.shape[2] != lat:
+            raise ValueError(f"latent must have shape (B={b}, T, L={lat}), got {tuple(latent.shape)}")
+        if side.dtype != latent.dtype:
+            raise ValueError(f"side ({side.dtype}) and latent ({latent.dtype}) must share the cache dtype")
+    else:
+        quant = parse_latent_format(latent_format, lat)
+        if latent.dtype != torch.uint8 or latent.shape[0] != b or latent.shape[2] != quant.row_bytes:
+            raise ValueError(
+                f"a {latent_format} latent must be uint8 rows of shape (B={b}, T, K={quant.row_bytes}) "
+                f"(LatentQuantization of L={lat}), got {latent.dtype} {tuple(latent.shape)}"
+            )
     t = latent.shape[1]
     if t <= 0:
         raise ValueError("the cache view must hold at least one token (T >= 1)")
@@ -109,8 +123,6 @@ def validate_decode_inputs(
             f"side must have shape (B, T, N*R + 1) = {(b, t, n * r + 1)} (rope keys of {n} kv heads x {r} dims, then "
             f"the modality flag), got {tuple(side.shape)}"
         )
-    if side.dtype != latent.dtype:
-        raise ValueError(f"side ({side.dtype}) and latent ({latent.dtype}) must share the cache dtype")
     if q_rope.dtype != q_latent.dtype:
         raise ValueError(f"q_rope ({q_rope.dtype}) and q_latent ({q_latent.dtype}) must have the same dtype")
     device = latent.device
@@ -156,6 +168,7 @@ def mla_decode_reference(
     key_mask: torch.Tensor | None,
     scale: float,
     num_kv_heads: int,
+    latent_format: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Absorbed MLA decode attention in plain torch (float32 math): the oracle and the CPU fallback.
 
@@ -169,6 +182,8 @@ def mla_decode_reference(
     ``side``        ``(B, T, N*R + 1)``    rope keys (head-major) + modality flag column
     ``key_mask``    ``(B, T)`` bool/None   True = attend
     ``scale``       float                  ``1/sqrt(head_dim)`` of the original model
+    ``latent_format`` str or None          quantized latent (``LatentQuantization.spec``): ``latent`` is then
+                                           ``(B, T, K)`` uint8 rows, dequantized here (float32)
     ==============  =====================  ======================================================
 
     Returns:
@@ -176,7 +191,11 @@ def mla_decode_reference(
         ``(B, H)`` float32 (natural log of the sum of exp of the scaled scores). Rows without a valid key give
         zeros and ``lse = -inf``.
     """
-    b, h, n, r, lat, t, m = validate_decode_inputs(q_rope, q_latent, q_bias, latent, side, key_mask, num_kv_heads)
+    b, h, n, r, lat, t, m = validate_decode_inputs(
+        q_rope, q_latent, q_bias, latent, side, key_mask, num_kv_heads, latent_format
+    )
+    if latent_format is not None:
+        latent = parse_latent_format(latent_format, lat).dequantize(latent)
     g = h // n
     nr = n * r
     valid = torch.ones(b, t, dtype=torch.bool, device=latent.device) if key_mask is None else key_mask

@@ -18,7 +18,9 @@ In the `partial_rope` stage (stage 1 of the recovery) `kv_a_proj/kv_b_proj` are 
 
 Cache (`stage="mla"`): per token and layer only the latent `c = W_dkv^m x` and a side row of post-RoPE rope keys
 and the modality flag, in the layout that `latent_cache.LatentCacheLayout` owns (`self.cache_layout` packs the new
-rows and reads the cached ones). Partial RoPE (kept dims, rotation) is `partial_rope.py`.
+rows and reads the cached ones). A quantized latent cache (`quantized_cache.MLAQuantizedCache`) stores the latent as
+quantized rows as it is written: the prefill decompresses the dequantized rows and the decode kernel reads the bytes,
+so both attend to what the cache holds. Partial RoPE (kept dims, rotation) is `partial_rope.py`.
 
 Prefill (many query tokens) decompresses: `[k_nope | v] = W_b^{m_t} c_t + b^{m_t}` for every cached token,
 `K = [k_rope | k_nope]`, then standard causal GQA attention through the attention interface (SDPA by default).
@@ -114,6 +116,7 @@ class MLAAttention(nn.Module):
         self._rope_pairs = config.rope_pairs[layer_idx]
         self._rope_index = None
         self.cache_layout = LatentCacheLayout(self.num_key_value_heads, self.rope_dim, self.latent_dim)
+        self._quantized_layouts: dict = {}  # LatentQuantization -> layout, see `_layout_for`
         self._decode_key, self._decode_cache = None, None  # see `_cached_decode_weights`
 
     def rope_index(self, device: torch.device) -> torch.Tensor:
@@ -168,7 +171,8 @@ class MLAAttention(nn.Module):
         keys, values = layout.pack(self._down_project(hidden_states, is_image), k_rope, is_image)
         if past_key_values is not None:
             keys, values = past_key_values.update(keys, values, self.layer_idx)
-        latent, side = layout.views(keys, values)  # (B, T, L), (B, T, N*R + 1)
+            layout = self._layout_for(past_key_values)  # a quantized latent cache returns the stored rows
+        latent, side = layout.views(keys, values)  # (B, T, L) (quantized: (B, T, K) uint8 rows), (B, T, N*R + 1)
         kv_len = latent.shape[1]
 
         if (
@@ -179,13 +183,26 @@ class MLAAttention(nn.Module):
             and not kwargs.get("output_attentions", getattr(self.config, "output_attentions", False))
         ):  # attention weights, when asked for, come from the decompressed path
             key_mask = self._decode_key_mask(attention_mask, past_key_values, bsz, kv_len, latent.device)
-            out = self._absorbed_decode(q_rope, q_nope, side, latent, key_mask)
+            out = self._absorbed_decode(q_rope, q_nope, side, latent, key_mask, layout.quantization)
             return self.o_proj(out.reshape(bsz, 1, -1)), None
 
-        k_nope, value = self._up_project(latent, layout.image_flags(side))
+        # prefill attends to what the cache holds: a quantized latent is dequantized here, the new tokens' included
+        k_nope, value = self._up_project(layout.latent_values(latent, side.dtype), layout.image_flags(side))
         key = torch.cat([layout.rope_keys(side), k_nope], dim=-1)
         query = torch.cat([q_rope, q_nope], dim=-1)
         return self._attend(query, key, value, attention_mask, bsz, q_len, **kwargs)
+
+    def _layout_for(self, past_key_values) -> LatentCacheLayout:
+        """`self.cache_layout` with the latent format of this layer's cache (`MLAQuantizedCache` and friends expose
+        `latent_quantization` on their layers; every other cache holds the latent unquantized)."""
+        layers = getattr(past_key_values, "layers", None)
+        layer = layers[self.layer_idx] if layers is not None and self.layer_idx < len(layers) else None
+        quantization = getattr(layer, "latent_quantization", None)
+        if quantization is None:
+            return self.cache_layout
+        if quantization not in self._quantized_layouts:
+            self._quantized_layouts[quantization] = self.cache_layout.quantized(quantization)
+        return self._quantized_layouts[quantization]
 
     # ------------------------------------------------------------------------------------------------------------
     def _attend(self, query, key, value, attention_mask, bsz, q_len, **kwargs):
@@ -286,9 +303,10 @@ class MLAAttention(nn.Module):
             return mask
         return mask > torch.finfo(mask.dtype).min / 2  # additive float mask (eager)
 
-    def _absorbed_decode(self, q_rope, q_nope, side, latent, key_mask) -> torch.Tensor:
+    def _absorbed_decode(self, q_rope, q_nope, side, latent, key_mask, quantization=None) -> torch.Tensor:
         """Absorbed attention for one query token, reading only the cache. Shapes: q_* (B, H, 1, .), side
-        (B, T, N*R + 1) (a view of the padded rows), latent (B, T, L), key_mask (B, T) or None. Returns (B, H, D)
+        (B, T, N*R + 1) (a view of the padded rows), latent (B, T, L) or, with a `quantization`, its quantized rows
+        (B, T, K) uint8 (the kernel dequantizes them as it reads them), key_mask (B, T) or None. Returns (B, H, D)
         before `o_proj`.
 
         Eager decode is bound by host time, so the up-projections are two batched matmuls over the kv heads (see
@@ -305,15 +323,18 @@ class MLAAttention(nn.Module):
         kernel = DECODE_KERNELS.get(latent.device.type, mla_decode_reference)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q_rope, absorbed, latent, side)):
             kernel = mla_decode_reference  # the registered kernels are forward-only; the reference is differentiable
+        # the format only when quantized: kernels registered without the argument keep serving unquantized caches
+        extra = {} if quantization is None else {"latent_format": quantization.spec}
         context, p_sum, _ = kernel(
-            q_rope[:, :, 0].to(latent.dtype),
-            q_latent.to(latent.dtype),
+            q_rope[:, :, 0].to(side.dtype),
+            q_latent.to(side.dtype),
             q_bias,
             latent,
             side,
             key_mask,
             self.scaling,
             n,
+            **extra,
         )
         context = context.view(bsz, n, groups, branches * lat).transpose(0, 1).reshape(n, bsz * groups, -1)
         if b_v is None:

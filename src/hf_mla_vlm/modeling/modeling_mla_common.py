@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .mla_attention import MLAAttention
+from .quantized_cache import quantized_cache_for_generation
 
 
 # Files of the remote-code bundle that every architecture ships, beside its own configuration/modeling files.
@@ -25,6 +26,7 @@ COMMON_REMOTE_FILES = {
     "mla_attention.py": "modeling",
     "modeling_mla_common.py": "modeling",
     "partial_rope.py": "modeling",
+    "quantized_cache.py": "modeling",
     "reference.py": "kernels",
 }
 AUTO_CLASSES = {"AutoModel": "Model", "AutoModelForImageTextToText": "ForConditionalGeneration"}
@@ -171,6 +173,17 @@ class MLAForConditionalGenerationMixin:
 
     def image_token_mask(self, *args, **kwargs) -> torch.Tensor | None:
         return self.model.image_token_mask(*args, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """`generate(..., cache_config={"dtype": "int8"})` (with `cache_implementation` None, "dynamic" or
+        "static") builds a quantized latent cache (`quantized_cache.py`) instead of the plain one."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        for name in ("cache", "past_key_values"):  # the argument's name from Transformers 5.24 on, and before
+            built = model_kwargs.get(name)
+            if built is not None and not getattr(built, "_is_user_defined", False):
+                replacement = quantized_cache_for_generation(generation_config, self.config, built)
+                if replacement is not None:
+                    model_kwargs[name] = replacement
 
 
 class MLAPreTrainedMixin(NativeInitMixin):
