@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from hf_mla_vlm.tiny_models import tiny_image, tiny_prompt
+from hf_mla_vlm.tiny_models import WORDS, tiny_image, tiny_prompt
 
 
 def mixed_batch(processor, arch: str) -> dict:
@@ -48,3 +48,12 @@ def require(*packages: str) -> None:
     for package in packages:
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"needs the offline asset package {package!r}")
+
+
+def random_texts(num: int = 12, words: int = 9) -> list[str]:
+    """Seeded sentences of the tiny models' vocabulary."""
+    generator = torch.Generator().manual_seed(0)
+    body = WORDS[2:]
+    return [
+        " ".join(body[i] for i in torch.randint(len(body), (words,), generator=generator).tolist()) for _ in range(num)
+    ]

@@ -16,16 +16,8 @@ import pytest
 import torch
 
 from hf_mla_vlm.evaluation import evaluate, next_token_fidelity, perplexity
-from hf_mla_vlm.tiny_models import WORDS, build_tiny_vlm
-from tests.utils import mixed_batch, require
-
-
-def _texts(num: int = 12, words: int = 9) -> list[str]:
-    generator = torch.Generator().manual_seed(0)
-    body = WORDS[2:]
-    return [
-        " ".join(body[i] for i in torch.randint(len(body), (words,), generator=generator).tolist()) for _ in range(num)
-    ]
+from hf_mla_vlm.tiny_models import build_tiny_vlm
+from tests.utils import mixed_batch, random_texts, require
 
 
 def _hand_perplexity(model, tokenizer, texts, seq_len, max_sequences) -> tuple[float, int]:
@@ -52,7 +44,7 @@ def test_perplexity_equals_hand_computation(kind):
         model = LlamaForCausalLM(vlm.config.text_config).eval()
     else:
         model = vlm
-    texts = _texts()
+    texts = random_texts()
     expected, tokens = _hand_perplexity(model, tokenizer, texts, seq_len=16, max_sequences=3)
     result = perplexity(model, processor, texts, seq_len=16, max_sequences=3, progress=False)
     assert result["sequences"] == 3 and result["seq_len"] == 16 and result["tokens"] == tokens == 45
@@ -89,7 +81,7 @@ def test_evaluate_on_tiny_checkpoints(native_checkpoints, tmp_path, arch):
     full = convert(native, tmp_path / "full", rope_dim=32, kv_rank=32, progress=False).output_dir
     compressed = convert(native, tmp_path / "compressed", rope_dim=8, kv_rank=8, progress=False).output_dir
     text_file = tmp_path / "text.txt"
-    text_file.write_text("\n".join(_texts(num=20)))
+    text_file.write_text("\n".join(random_texts(num=20)))
     settings = dict(reference=native, text_file=text_file, seq_len=32, max_sequences=4, progress=False)
 
     exact = evaluate(full, **settings)

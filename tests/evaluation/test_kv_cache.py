@@ -7,7 +7,7 @@ import pytest
 from hf_mla_vlm import cli
 from hf_mla_vlm.evaluation import evaluate
 from hf_mla_vlm.evaluation.kv_cache import KV_CACHE_DTYPES
-from tests.test_evaluation import _texts
+from tests.utils import random_texts
 
 
 def test_kv_cache_choices_match_the_cli():
@@ -22,7 +22,7 @@ def test_evaluate_with_a_quantized_latent_cache(native_checkpoints, tmp_path):
     native = native_checkpoints["llava_next"]
     full = convert(native, tmp_path / "full", rope_dim=32, kv_rank=32, progress=False).output_dir
     text_file = tmp_path / "text.txt"
-    text_file.write_text("\n".join(_texts(num=20)))
+    text_file.write_text("\n".join(random_texts(num=20)))
     settings = dict(reference=native, text_file=text_file, seq_len=32, max_sequences=2, progress=False)
     results = {kv: evaluate(full, **settings, kv_cache=kv) for kv in ("bf16", "int8", "int4")}
     json.dumps(results["int8"])
@@ -48,7 +48,7 @@ def test_cli_evaluate_kv_cache(native_checkpoints, tmp_path, capsys):
 
     full = convert(native_checkpoints["llava"], tmp_path / "full", rope_dim=8, kv_rank=8, progress=False).output_dir
     text_file = tmp_path / "text.txt"
-    text_file.write_text("\n".join(_texts(num=20)))
+    text_file.write_text("\n".join(random_texts(num=20)))
     args = ["evaluate", str(full), "--text-file", str(text_file), "--seq-len", "32", "--max-sequences", "1"]
     assert cli.main([*args, "--kv-cache", "int4"]) == 0
     out = capsys.readouterr().out
