@@ -77,3 +77,12 @@ def test_a_broken_chat_template_is_named(native_checkpoints, tmp_path):
     processor = load_processor(native_checkpoints["llava"], template)
     with pytest.raises(InputError, match="chat template cannot render a calibration conversation .* --chat-template"):
         list(encode_conversations(processor, builtin_conversations(1)))
+
+
+def test_zoo_vqa_source_is_the_train_split_of_the_zoo_task():
+    from hf_mla_vlm.zoo.vqa_data import generate_split
+
+    conversations = load_conversations("zoo-vqa", 5, seed=2)
+    train = [s.to_conversation() for s in generate_split("train", 5, seed=2, image_size=224)]
+    assert len(conversations) == 5 and all(c.images for c in conversations)
+    assert [c.messages for c in conversations] == [c.messages for c in train]

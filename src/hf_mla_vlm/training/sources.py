@@ -9,12 +9,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ..conversations import Conversation, load_conversations
+from ..conversations import ZOO_VQA, Conversation, load_conversations, zoo_vqa_conversations
 from .data import TextWindow
 from .distill import TEXT_SOURCES, mixed_training_items, text_windows
 
 
-ZOO_VQA = "zoo-vqa"
 DEFAULT_ZOO_SAMPLES = 1000
 
 
@@ -43,11 +42,8 @@ def load_training_conversations(
     `datasets` folder (through `load_conversations`), or a list of `Conversation`. Returns them and a label."""
     if isinstance(data, (str, os.PathLike)):
         if str(data) == ZOO_VQA:
-            from ..zoo.vqa_data import generate_split
-
             count = DEFAULT_ZOO_SAMPLES if num_samples is None else num_samples
-            samples = generate_split("train", count, seed=seed, image_size=image_size)
-            conversations, label = [s.to_conversation() for s in samples], ZOO_VQA
+            conversations, label = zoo_vqa_conversations(count, seed=seed, image_size=image_size), ZOO_VQA
         else:
             count = sys.maxsize if num_samples is None else num_samples
             conversations = load_conversations(data, count, seed=seed, image_folder=image_folder)
