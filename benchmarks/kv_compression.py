@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from hf_mla_vlm.compat import CACHE_ARG, output_cache
-from hf_mla_vlm.conversion_scripts.report import cache_nbytes, environment
+from hf_mla_vlm.conversion_scripts.report import cache_nbytes
 from hf_mla_vlm.evaluation import (
     builtin_text_batches,
     load_model_and_processor,
@@ -42,6 +42,7 @@ from hf_mla_vlm.evaluation import (
     vqa_image_size,
 )
 from hf_mla_vlm.evaluation.kv_cache import KV_CACHE_DTYPES, forward_cache_kwargs, latent_dtype
+from hf_mla_vlm.utils import environment
 from hf_mla_vlm.zoo.vqa_data import generate_split
 
 

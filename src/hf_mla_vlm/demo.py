@@ -117,14 +117,14 @@ def run_zoo_demo(
     kv_rank: int = 32,
     rope_strategy: str = "mkl",
     svd: str = "md",
-    calibration: str = "zoo-vqa,wikipedia",
+    calibration: str | None = None,
     num_samples: int = 64,
     vqa_samples: int = 100,
     max_sequences: int = 8,
     progress: bool = False,
 ) -> dict:
-    """Build zoo model `name`, convert it (calibrated on its own task, the VQA train split, and on Wikipedia prose;
-    no training) and compare VQA accuracy per question type,
+    """Build zoo model `name`, convert it (calibrated on `calibration`, by default `convert`'s default mix of image
+    chats and Wikipedia prose; no training) and compare VQA accuracy per question type,
     Wikipedia perplexity and the KV-cache bytes per token (measured on a forward pass, and analytic) before and
     after.
 
@@ -155,7 +155,8 @@ def run_zoo_demo(
     ):
         result = convert(
             native, workdir / "mla", rope_dim=rope_dim, kv_rank=kv_rank, rope_strategy=rope_strategy, svd=svd,
-            calibration=calibration, num_samples=num_samples, overwrite=True, progress=progress,
+            num_samples=num_samples, overwrite=True, progress=progress,
+            **({} if calibration is None else {"calibration": calibration}),
         )  # fmt: skip
     calibrated = result.report["calibration"]
     samples = generate_split("test", vqa_samples, image_size=zoo_spec(name).render_size)
