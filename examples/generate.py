@@ -1,7 +1,7 @@
 """Generate with a converted MLA checkpoint and print the bytes its KV cache really holds.
 
 Usage:
-    python generate.py ./llava-next-mla                   # a folder written by convert_llava_next.py (or a Hub id)
+    python generate.py ./llava-next-mla                   # a folder written by convert.py (or a Hub id)
     python generate.py                                    # converts a tiny random LLaVA-NeXT first, offline
     python generate.py ./qwen2-5-vl-mla --image photo.jpg --prompt "what is in the image ?"
 

@@ -47,9 +47,11 @@ def readme_python_snippets() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
 
 
-def test_the_readme_python_snippet_runs_as_written(tmp_path):
-    (snippet,) = readme_python_snippets()
-    printed = _run_python("-c", snippet, cwd=tmp_path, what="README.md's python snippet")
+def test_the_readme_python_snippets_run_as_written(tmp_path):
+    """The snippets run in order in one interpreter (a later one continues the first)."""
+    snippets = readme_python_snippets()
+    assert len(snippets) >= 2  # the API example and the quantized-cache one
+    printed = _run_python("-c", "\n".join(snippets), cwd=tmp_path, what="README.md's python snippets")
     kv, generated = printed.strip().splitlines()[-2:]
     assert "'converted_bytes_per_token': 320" in kv and generated.startswith("['")
 
@@ -61,10 +63,10 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def converted(workdir) -> dict[str, Path]:
-    """Both convert scripts, run with no source (tiny random models)."""
+    """The convert script, run with no source (tiny random models) for two architectures."""
     folders = {}
-    for script, out in (("convert_llava_next.py", "llava-next-mla"), ("convert_qwen2_5_vl.py", "qwen2-5-vl-mla")):
-        printed = run_example(script, "--out", out, cwd=workdir)
+    for arch, out in (("llava_next", "llava-next-mla"), ("qwen2_5_vl", "qwen2-5-vl-mla")):
+        printed = run_example("convert.py", "--arch", arch, cwd=workdir)
         assert "No source given" in printed and "saving vs the real cache      : 68.75%" in printed, printed
         assert "converted MLA cache:        320 bytes" in printed and "84.38%" in printed, printed
         folders[out] = workdir / out

@@ -1,9 +1,11 @@
-"""Convert a LLaVA-NeXT checkpoint to Multi-Head Latent Attention (MLA) and print the KV-cache saving.
+"""Convert a vision-language checkpoint to Multi-Head Latent Attention (MLA) and print the KV-cache saving.
 
 Usage:
-    python convert_llava_next.py                      # builds a tiny random LLaVA-NeXT offline and converts it
-    python convert_llava_next.py llava-hf/llama3-llava-next-8b-hf --out ./llava-next-mla \
-        --rope-dim 32 --kv-rank 64 --dtype bfloat16    # a real checkpoint (local folder or Hub id)
+    python convert.py                                 # builds a tiny random LLaVA-NeXT offline and converts it
+    python convert.py --arch qwen2_5_vl               # the same for a tiny Qwen2.5-VL (any registered architecture)
+    python convert.py llava-hf/llama3-llava-next-8b-hf --out ./llava-next-mla \
+        --rope-dim 32 --kv-rank 64 --dtype bfloat16    # a real checkpoint (local folder or Hub id; its config names
+                                                       # the architecture)
 
 The output folder is a Hub-ready repo: weights, config.json with auto_map, the remote-code files, the processor
 files, a model card and mla_conversion_report.json. Load it with examples/generate.py.
@@ -13,13 +15,17 @@ import argparse
 from pathlib import Path
 
 import hf_mla_vlm
+from hf_mla_vlm.registry import ARCH_NAMES
 from hf_mla_vlm.tiny_models import save_tiny_vlm
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Convert a LLaVA-NeXT checkpoint to MLA.")
+    parser = argparse.ArgumentParser(description="Convert a vision-language checkpoint to MLA.")
     parser.add_argument("source", nargs="?", help="native checkpoint folder or Hub id (default: a tiny random model)")
-    parser.add_argument("--out", default="llava-next-mla", help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--arch", default="llava_next", choices=ARCH_NAMES, help="tiny model architecture (default: %(default)s)"
+    )
+    parser.add_argument("--out", default=None, help="output folder (default: <arch>-mla, e.g. llava-next-mla)")
     # rotary dims kept per head, and latent width per kv head. 8/8 suits the tiny model (head_dim 32); a real
     # model (head_dim 128) needs larger values, e.g. --rope-dim 32 --kv-rank 64.
     parser.add_argument("--rope-dim", type=int, default=8)
@@ -28,13 +34,13 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args()
 
-    out = Path(args.out)
+    out = Path(args.out or f"{args.arch.replace('_', '-')}-mla")
     source = args.source
     if source is None:
-        # No model given: write a tiny random LLaVA-NeXT (2 layers, hidden size 128) next to the output folder.
+        # No model given: write a tiny random model (2 layers, hidden size 128) next to the output folder.
         source = out.parent / f"{out.name}-tiny-source"
-        print(f"No source given: writing a tiny random LLaVA-NeXT to {source}")
-        save_tiny_vlm("llava_next", source)
+        print(f"No source given: writing a tiny random {args.arch} to {source}")
+        save_tiny_vlm(args.arch, source)
 
     print(f"Converting {source} -> {out} (rope_dim={args.rope_dim}, kv_rank={args.kv_rank}, dtype={args.dtype})")
     result = hf_mla_vlm.convert(
