@@ -7,6 +7,9 @@ code (`hf_mla_vlm.errors`: 2 bad input, 3 environment, 130 interrupted); `--debu
 Building the parser imports neither torch nor transformers (`registry` and `errors` are import-free, and
 `import hf_mla_vlm` defers its Auto-class registration until transformers is imported), so `--help` and
 `--version` answer at once; each `_run_*` imports what its command needs.
+
+Longer than the package's usual ~400 lines: one `_add_X` / `_run_X` pair per verb (nine verbs), each argument
+with its help text; the logic lives in the functions they call.
 """
 
 import argparse

@@ -25,6 +25,9 @@ for SmolLM2 (`build_smollm2_vlm`), `<image>`, `<|vision_start|>`, `<|vision_end|
 `<jupyter_script>`, ids 11-15): the vocabulary is not resized, so any text that does not literally contain one of
 those five markers tokenises, and scores, exactly as with SmolLM2. The chat template is ChatML (SmolLM2's, with
 its system prompt for SmolLM2), extended to content lists with `{"type": "image"}` items.
+
+Longer than the package's usual ~400 lines: one grafting path per target family (LLaVA, LLaVA-NeXT, Qwen-VL) with
+the layout checks that refuse what a target cannot represent, and the logit check against the source LM.
 """
 
 import json
