@@ -9,7 +9,7 @@ needed rather than in `import hf_mla_vlm` itself (the command line's `--help` th
 
 * at once, if transformers is already imported;
 * otherwise right after the first import of transformers, or of any module of this package other than the
-  import-free `cli`, `errors` and `registry`, completes;
+  import-free `cli`, `dtypes`, `errors` and `registry`, completes;
 * or on first access to one of the names below (`hf_mla_vlm.LlavaMLAConfig`, `hf_mla_vlm.convert`, ...).
 
 The Auto classes cannot be reached without importing transformers, so after `import hf_mla_vlm` they always see
@@ -45,7 +45,7 @@ for _spec in ARCHITECTURES.values():
     _EXPORTS[f"{_spec.class_prefix}MLAModel"] = lambda spec=_spec: spec.mla_base_model_class
     _EXPORTS[f"{_spec.class_prefix}MLAForConditionalGeneration"] = lambda spec=_spec: spec.mla_model_class
 # Modules that import neither torch nor transformers: importing them does not trigger the registration.
-_IMPORT_FREE = frozenset(f"{__name__}.{name}" for name in ("cli", "errors", "registry"))
+_IMPORT_FREE = frozenset(f"{__name__}.{name}" for name in ("cli", "dtypes", "errors", "registry"))
 _lock = threading.RLock()
 _state = {"registered": False, "running": False}
 
