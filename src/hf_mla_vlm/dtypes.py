@@ -31,13 +31,13 @@ def torch_dtype(name: str, *, allow_auto: bool = True) -> torch.dtype | str:
     return AUTO if name == AUTO else getattr(torch, name)
 
 
-def as_torch_dtype(value, default: torch.dtype | None = None) -> torch.dtype:
-    """A config's `dtype` field (`torch.bfloat16`, `"bfloat16"`, `"torch.bfloat16"`) as a `torch.dtype`;
-    `default` (float32 unless given) for anything else."""
+def as_torch_dtype(value) -> torch.dtype:
+    """A config's `dtype` field (`torch.bfloat16`, `"bfloat16"`, `"torch.bfloat16"`) as a `torch.dtype`; float32
+    for anything else (a config without one)."""
     import torch
 
     if isinstance(value, torch.dtype):
         return value
     if isinstance(value, str) and value.removeprefix("torch.") in DTYPE_NAMES:
         return getattr(torch, value.removeprefix("torch."))
-    return torch.float32 if default is None else default
+    return torch.float32

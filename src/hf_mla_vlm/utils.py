@@ -333,14 +333,43 @@ def environment() -> dict[str, str]:
     }
 
 
+def machine_threads() -> int:
+    """CPU threads this process may use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+@contextmanager
+def conversion_threads():
+    """Torch's intra-op threads set to `machine_threads()` for the block (restored after), unless the user chose
+    them with `OMP_NUM_THREADS` / `MKL_NUM_THREADS`: the float64 eigendecompositions and SVDs of a conversion slow
+    down many times when more threads than cores compete. Yields the thread count in use."""
+    before = torch.get_num_threads()
+    chosen = any(os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
+    threads = before if chosen else machine_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
+
+
 __all__ = [
     "as_tokenizer",
     "atomic_file",
     "check_output_folder",
+    "conversion_threads",
     "describe_leftovers",
     "environment",
     "file_digest",
     "folder_leftovers",
+    "machine_threads",
     "progress_bars",
     "replace_folder",
     "resolve_device",

@@ -153,7 +153,7 @@ def test_each_factorisation_is_computed_once_per_layer(svd, per_layer, native_ch
 
 
 def test_conversion_threads_follow_the_machine_unless_chosen(monkeypatch):
-    from hf_mla_vlm.conversion_scripts.convert import conversion_threads, machine_threads
+    from hf_mla_vlm.utils import conversion_threads, machine_threads
 
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -16,7 +16,6 @@ import resource
 import shutil
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +33,7 @@ from ..errors import InputError
 from ..registry import ArchSpec, arch_spec
 from ..utils import (
     check_output_folder,
+    conversion_threads,
     environment,
     progress_bars,
     resolve_device,
@@ -645,33 +645,6 @@ def convert(
         return ConversionResult(output_dir=output_dir, report=report, model=model if return_model else None)
 
 
-def machine_threads() -> int:
-    """CPU threads this process may use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
-    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            count = min(count, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, count)
-
-
-@contextmanager
-def conversion_threads():
-    """Torch's intra-op threads set to `machine_threads()` for the block (restored after), unless the user chose
-    them with `OMP_NUM_THREADS` / `MKL_NUM_THREADS`: the float64 eigendecompositions and SVDs of a conversion slow
-    down many times when more threads than cores compete. Yields the thread count in use."""
-    before = torch.get_num_threads()
-    chosen = any(os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
-    threads = before if chosen else machine_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(before)
-
-
 def copy_processor_files(source_path: Path, output_dir: Path) -> list[str]:
     """Copy tokenizer / processor / chat-template files of the source folder (not weights, config or code)."""
     copied = []
@@ -709,10 +682,8 @@ __all__ = [
     "check_image_token_ids",
     "check_rope_options",
     "check_stages",
-    "conversion_threads",
     "convert",
     "convert_model",
-    "machine_threads",
     "resolve_source",
     "source_stage",
     "stage1_rope_dim",

@@ -240,11 +240,6 @@ class LatentCacheLayout:
         """W: elements of the side row, padding included."""
         return side_row_width(self.num_kv_heads, self.rope_dim)
 
-    @property
-    def elements_per_token(self) -> int:
-        """L + W: cached elements per token and layer of an unquantized cache."""
-        return self.latent_dim + self.side_width
-
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         """Cached bytes per token and layer with the side row in the compute `dtype`: `(L + W) * size` unquantized,
         `K + W * size` with a quantized latent (scales and padding included)."""
