@@ -30,8 +30,9 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import hf_mla_vlm
-from hf_mla_vlm.conversion_scripts.report import kv_cache_size
+from hf_mla_vlm.cache_size import kv_cache_size
 from hf_mla_vlm.evaluation.bench import bench_decode
+from hf_mla_vlm.evaluation.kv_cache import KV_CACHE_DTYPES
 from hf_mla_vlm.utils import environment
 
 
@@ -80,6 +81,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--models", nargs="+", default=["mla", "original"], choices=["mla", "original"])
     parser.add_argument("--merge", nargs="+", default=None, help="only join the rows of these result files into --out")
+    parser.add_argument(
+        "--kv-caches",
+        nargs="+",
+        default=["bf16"],
+        choices=list(KV_CACHE_DTYPES),
+        help="latent formats of the MLA rows (bf16 = unquantized; int8 / fp8 / int4 quantize the latent)",
+    )
     args = parser.parse_args()
     if args.merge:
         merge_results(args.merge, Path(args.out))
@@ -100,24 +108,27 @@ def main() -> None:
         model = build(kind)
         size = kv_cache_size(model.config) if kind == "mla" else None
         per_token = (size.converted if kind == "mla" else 2 * 4 * 128) * 28 * 2  # bytes per token, all layers
-        for mode in args.modes:
-            for point in args.points if mode == "eager" else args.compile_points:
-                batch, context = map(int, point.split("x"))
-                row = {"model": kind, "mode": mode, "batch": batch, "context": context}
-                try:
-                    row.update(bench_decode(model, batch, context, steps=args.steps, mode=mode))
+        formats = args.kv_caches if kind == "mla" else ["bf16"]
+        runs = [(mode, point, kv) for mode in args.modes for point in (args.points if mode == "eager" else
+                args.compile_points) for kv in formats]  # fmt: skip
+        for mode, point, kv_cache in runs:
+            batch, context = map(int, point.split("x"))
+            row = {"model": kind, "mode": mode, "batch": batch, "context": context, "kv_cache": kv_cache}
+            try:
+                row.update(bench_decode(model, batch, context, steps=args.steps, mode=mode, kv_cache=kv_cache))
+                if kv_cache == "bf16":  # the formula counts bf16 latents; quantized rows report measured bytes
                     formula = per_token * batch * row["context"]
                     row["cache_bytes_formula_at_context"] = formula
                     row["peak_minus_weights_vs_formula"] = row["peak_minus_weights_bytes"] / formula
-                except torch.OutOfMemoryError as error:
-                    row["error"] = f"CUDA out of memory: {str(error).splitlines()[0][:200]}"
-                except Exception as error:  # record and go on with the other points
-                    row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                gc.collect()
-                torch.cuda.empty_cache()
-                out.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive a timeout
+            except torch.OutOfMemoryError as error:
+                row["error"] = f"CUDA out of memory: {str(error).splitlines()[0][:200]}"
+            except Exception as error:  # record and go on with the other points
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            out.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive a timeout
         del model
         gc.collect()
         torch.cuda.empty_cache()

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
+from hf_mla_vlm.cache_size import cache_nbytes
 from hf_mla_vlm.compat import CACHE_ARG, output_cache
-from hf_mla_vlm.conversion_scripts.report import cache_nbytes
 from hf_mla_vlm.evaluation import (
     builtin_text_batches,
     load_model_and_processor,

@@ -59,9 +59,9 @@ from zoo_recovery import statistics_of, tune
 
 import hf_mla_vlm  # noqa: F401
 from hf_mla_vlm.assets import wikipedia_split
+from hf_mla_vlm.cache_size import kv_cache_size
 from hf_mla_vlm.conversations import builtin_conversations
 from hf_mla_vlm.conversion_scripts.convert import build_mla_config, convert
-from hf_mla_vlm.conversion_scripts.report import kv_cache_size
 from hf_mla_vlm.evaluation import load_model_and_processor
 from hf_mla_vlm.evaluation.perplexity import perplexity
 from hf_mla_vlm.registry import arch_spec

@@ -24,10 +24,10 @@ from transformers import AutoProcessor
 
 import hf_mla_vlm  # noqa: F401
 from hf_mla_vlm.assets import wikipedia_split
+from hf_mla_vlm.cache_size import kv_cache_size
 from hf_mla_vlm.conversations import Conversation, encode_conversations
 from hf_mla_vlm.conversion_scripts.calibration import calibration_conversations
 from hf_mla_vlm.conversion_scripts.convert import build_mla_config, convert_model
-from hf_mla_vlm.conversion_scripts.report import kv_cache_size
 from hf_mla_vlm.conversion_scripts.rope_selection import select_rope_pairs
 from hf_mla_vlm.conversion_scripts.statistics import collect_statistics
 from hf_mla_vlm.evaluation.perplexity import perplexity

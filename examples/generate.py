@@ -63,8 +63,8 @@ def main() -> None:
 
         # The returned cache holds every token fed to the model (prompt incl. image tokens, and all but the last
         # generated token). For an MLA model it stores only the latent, the kept rotary key dims and a modality flag.
+        from hf_mla_vlm.cache_size import cache_nbytes
         from hf_mla_vlm.compat import output_cache
-        from hf_mla_vlm.conversion_scripts.report import cache_nbytes
 
         cache = output_cache(out)
         cached_tokens = cache.get_seq_length()

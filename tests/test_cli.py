@@ -132,6 +132,17 @@ def _parsers(parser: argparse.ArgumentParser, prog: str = "hf-mla-vlm"):
                 yield from _parsers(sub, f"{prog} {name}")
 
 
+def test_typed_choices_equal_their_owners():
+    """The parser types the method names to stay import-free; they must stay the owners' names."""
+    from hf_mla_vlm.conversion_scripts.rope_selection import CALIBRATED_STRATEGIES, FIXED_STRATEGIES
+    from hf_mla_vlm.conversion_scripts.svd import SVD_METHODS
+
+    convert_parser = dict(_parsers(cli.build_parser()))["hf-mla-vlm convert"]
+    choices = {a.dest: a.choices for a in convert_parser._actions if a.choices}
+    assert tuple(choices["svd"]) == SVD_METHODS
+    assert tuple(choices["rope_strategy"]) == FIXED_STRATEGIES + CALIBRATED_STRATEGIES
+
+
 def test_every_argument_has_help_and_shows_its_default():
     checked = 0
     for prog, parser in _parsers(cli.build_parser()):

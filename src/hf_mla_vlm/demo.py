@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from .cache_size import cache_nbytes
 from .compat import output_cache
 from .configuration.configuration_mla_common import text_head_dim
 from .conversion_scripts.convert import convert
-from .conversion_scripts.report import cache_nbytes
 from .tiny_models import TinyArch, save_tiny_vlm, tiny_image, tiny_prompt
 
 

@@ -789,14 +789,16 @@ def test_interpreter_quantized_latent(dtype, group, t, m, mask, cache_dtype, num
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", ["int8", "fp8", "int4"])
-def test_interpreter_quantized_padded_rows_and_empty_segment(dtype: str) -> None:
-    """The model's layout (side rows padded to 16 bytes, odd latent width 48 in groups of 16) and a text-only cache
-    with two branches (an empty image segment), over several tiles and splits."""
+@pytest.mark.parametrize("group", [16, 24])
+def test_interpreter_quantized_padded_rows_and_empty_segment(dtype: str, group: int) -> None:
+    """The model's layout (side rows padded to 16 bytes, odd latent width 48 in groups of 16, or of 24: a group size
+    that is not a power of two takes the per-element path) and a text-only cache with two branches (an empty image
+    segment), over several tiles and splits."""
     from hf_mla_vlm.kernels.absorbed_decode import mla_decode_triton
 
     pad = side_row_width(2, 4) - 2 * 4 - 1
     case = make_case(b=3, n=2, r=4, lat=48, t=70, m=2, image_frac=0.0, mask="left_pad", side_pad=pad, seed=9)
-    args, _, spec = quantize_case(case, dtype, 16)
+    args, _, spec = quantize_case(case, dtype, group)
     ref = mla_decode_reference(*args, latent_format=spec)
     for splits in (1, 4):
         out = mla_decode_triton(*args, num_splits=splits, block_t=16, latent_format=spec)

@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModel, AutoModelForImageTextToText
 
 import hf_mla_vlm
+from hf_mla_vlm.cache_size import cache_nbytes
 from hf_mla_vlm.compat import CACHE_ARG, output_cache
 from hf_mla_vlm.conversion_scripts.convert import convert
-from hf_mla_vlm.conversion_scripts.report import cache_nbytes
 from hf_mla_vlm.tiny_models import TINY_ARCHS, tiny_image, tiny_prompt
 from tests.utils import load_native, mixed_batch, perturb_image_branch, relative_error
 

@@ -8,9 +8,9 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from hf_mla_vlm import MLAQuantizedCache, MLAStaticQuantizedCache
+from hf_mla_vlm.cache_size import cache_nbytes
 from hf_mla_vlm.compat import CACHE_ARG, output_cache
 from hf_mla_vlm.conversion_scripts.convert import convert
-from hf_mla_vlm.conversion_scripts.report import cache_nbytes
 from hf_mla_vlm.modeling.latent_cache import LATENT_DTYPES, LatentQuantization
 from hf_mla_vlm.modeling.quantized_cache import MLAQuantizedLayer
 from tests.utils import load_native, mixed_batch, perturb_image_branch, relative_error

@@ -51,17 +51,25 @@ def test_cuda_kernel_on_quantized_rows_matches_the_decompressed_path(dtype, mode
 @pytest.mark.parametrize("dtype", ["int8", "fp8"])
 def test_cuda_static_quantized_cache_under_cuda_graphs(dtype, model_and_inputs):
     """generate with the static quantized cache auto-compiles its decode steps on CUDA (torch.compile
-    "reduce-overhead": CUDA graphs, the decode kernel as a custom op); it gives the tokens of the same cache with
-    compilation disabled."""
+    "reduce-overhead": CUDA graphs, the decode kernel as a custom op); its logits are those of the same cache with
+    compilation disabled, step by step while the tokens agree. Compiled code may round a value to the neighbouring
+    quantization step (a reciprocal instead of a division), which can flip a near-tie of the tiny random model, so
+    the comparison stops after the first differing token (the prefill is eager: at least one compiled step counts)."""
     model, inputs = model_and_inputs
     max_len = inputs["input_ids"].shape[1] + 6
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
     eager = model.generate(
-        **inputs, max_new_tokens=6, do_sample=False, disable_compile=True,
+        **inputs, **kwargs, disable_compile=True,
         **{CACHE_ARG: MLAStaticQuantizedCache(config=model.config, max_cache_len=max_len, dtype=dtype)},
     )  # fmt: skip
     torch._dynamo.reset()
     compiled = model.generate(
-        **inputs, max_new_tokens=6, do_sample=False,
+        **inputs, **kwargs,
         **{CACHE_ARG: MLAStaticQuantizedCache(config=model.config, max_cache_len=max_len, dtype=dtype)},
     )  # fmt: skip
-    assert torch.equal(eager, compiled)
+    prompt = inputs["input_ids"].shape[1]
+    assert len(eager.logits) == len(compiled.logits) == 6
+    for step, (want, got) in enumerate(zip(eager.logits, compiled.logits)):
+        assert relative_error(want.float(), got.float()) < 3e-2, f"step {step}"
+        if not torch.equal(eager.sequences[:, prompt + step], compiled.sequences[:, prompt + step]):
+            break

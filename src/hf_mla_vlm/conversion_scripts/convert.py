@@ -27,6 +27,7 @@ from transformers import AutoConfig
 from transformers.initialization import no_init_weights
 from transformers.utils import logging
 
+from ..cache_size import kv_cache_size
 from ..conversations import encode_conversations, load_processor
 from ..dtypes import as_torch_dtype, check_dtype_name, torch_dtype
 from ..errors import InputError
@@ -51,7 +52,7 @@ from .calibration import (
     parse_mix,
     parse_sources,
 )
-from .report import activation_error_summary, kv_cache_size, model_card
+from .report import activation_error_summary, model_card
 from .rope_selection import (
     CALIBRATED_STRATEGIES,
     FIXED_STRATEGIES,
@@ -61,7 +62,7 @@ from .rope_selection import (
     select_rope_pairs,
 )
 from .statistics import CalibrationStatistics, collect_statistics
-from .svd import LowRankFactors, activation_aware_svd, activation_error, decoupled_vs_joint, weight_svd
+from .svd import LowRankFactors, activation_error, decoupled_vs_joint, low_rank_factors, reusable_factorisations
 from .weights import kv_source_matrix, mla_attention_weights, stage1_attention_weights
 
 
@@ -173,36 +174,6 @@ def build_mla_config(source_config, spec: ArchSpec, **mla_settings):
     return spec.mla_config_class(**values)
 
 
-def low_rank_factors(
-    weight: torch.Tensor, rank: int, svd: str, layer_stats=None, damping: float = 1e-6
-) -> dict[str, LowRankFactors]:
-    """Factors of `[W_k_nope; W_v]` per modality branch: `weight` SVD, one joint activation-aware SVD
-    (`joint-act`), or one activation-aware SVD per modality (`md`, MHA2MLA-VLM's modality decoupling)."""
-    if svd == "weight":
-        factors = weight_svd(weight, rank)
-        return {"text": factors, "image": factors}
-    if layer_stats is None:
-        raise ValueError(f"svd={svd!r} needs calibration statistics.")
-    if svd == "joint-act":
-        factors = activation_aware_svd(
-            weight, layer_stats.cov["text"] + layer_stats.cov["image"], rank, damping=damping
-        )
-        return {"text": factors, "image": factors}
-    if svd == "md":
-        return {m: activation_aware_svd(weight, layer_stats.cov[m], rank, damping=damping) for m in ("text", "image")}
-    raise ValueError(f"svd must be one of weight, joint-act, md; got {svd!r}.")
-
-
-def _computed_factorisations(factors: dict[str, LowRankFactors], svd: str | None) -> dict[str, LowRankFactors]:
-    """The factorisations the decoupled-vs-joint diagnostic can reuse: the per-modality ones of `md`, the joint one
-    of `joint-act` (none of `weight`)."""
-    if svd == "md":
-        return {"text": factors["text"], "image": factors["image"]}
-    if svd == "joint-act":
-        return {"joint": factors["text"]}
-    return {}
-
-
 def layer_report(
     weight: torch.Tensor,
     factors: dict[str, LowRankFactors],
@@ -238,7 +209,7 @@ def layer_report(
     if layer_stats.tokens["text"] and layer_stats.tokens["image"]:
         report["decoupled_vs_joint"] = decoupled_vs_joint(
             weight, layer_stats.cov["text"], layer_stats.cov["image"], rank, damping=damping,
-            factors=_computed_factorisations(factors, svd),
+            factors=reusable_factorisations(factors, svd),
         )  # fmt: skip
     return report
 

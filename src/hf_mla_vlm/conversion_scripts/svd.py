@@ -9,6 +9,10 @@ Per layer, `W = [W_k_nope; W_v]` (`[rows, d]`) is replaced by `W_up @ W_down` wi
 | [`activation_aware_svd`] | `min ||W X - W' X||_F` from `C = X X^T` | MD-SVD, per modality (or joint) |
 | [`decoupled_vs_joint`] | `L_dec = L_text + L_image` vs `L_joint` | diagnostics; `L_dec <= L_joint` always holds |
 
+[`low_rank_factors`] is the entry point of conversion: it picks the factorisation of each modality branch for the
+`--svd` choice (`SVD_METHODS`: `weight`, `joint-act`, `md`); [`reusable_factorisations`] hands the ones it computed to
+the diagnostic, so that each factorisation runs once per layer.
+
 Everything is computed in float64 on CPU; the returned factors are float32 and the caller casts them further.
 
 Activation-aware closed form (SVD-LLM-V2 style, with the stability fixes of the method notes): symmetrise `C`, add
@@ -32,6 +36,9 @@ logger = logging.get_logger(__name__)
 # Eigenvalues of the (damped) covariance are clamped to at least `_EIGENVALUE_RTOL * d * lambda_max`, which is about
 # the accuracy of a float64 symmetric eigendecomposition; it keeps `1 / sqrt(lam)` finite when `damping=0`.
 _EIGENVALUE_RTOL = torch.finfo(torch.float64).eps
+
+# The `--svd` choices (the CLI types the same names to stay import-free; tests/test_cli.py holds them equal).
+SVD_METHODS = ("weight", "joint-act", "md")
 
 
 @dataclass
@@ -291,4 +298,43 @@ def decoupled_vs_joint(
     return {"loss_decoupled": loss_decoupled, "loss_joint": loss_joint, "ratio": ratio}
 
 
-__all__ = ["LowRankFactors", "activation_aware_svd", "activation_error", "decoupled_vs_joint", "weight_svd"]
+def low_rank_factors(
+    weight: torch.Tensor, rank: int, svd: str, layer_stats=None, damping: float = 1e-6
+) -> dict[str, LowRankFactors]:
+    """Factors of `[W_k_nope; W_v]` per modality branch: `weight` SVD, one joint activation-aware SVD
+    (`joint-act`), or one activation-aware SVD per modality (`md`, MHA2MLA-VLM's modality decoupling)."""
+    if svd == "weight":
+        factors = weight_svd(weight, rank)
+        return {"text": factors, "image": factors}
+    if layer_stats is None:
+        raise ValueError(f"svd={svd!r} needs calibration statistics.")
+    if svd == "joint-act":
+        factors = activation_aware_svd(
+            weight, layer_stats.cov["text"] + layer_stats.cov["image"], rank, damping=damping
+        )
+        return {"text": factors, "image": factors}
+    if svd == "md":
+        return {m: activation_aware_svd(weight, layer_stats.cov[m], rank, damping=damping) for m in ("text", "image")}
+    raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}; got {svd!r}.")
+
+
+def reusable_factorisations(factors: dict[str, LowRankFactors], svd: str | None) -> dict[str, LowRankFactors]:
+    """The factorisations the decoupled-vs-joint diagnostic can reuse: the per-modality ones of `md`, the joint one
+    of `joint-act` (none of `weight`)."""
+    if svd == "md":
+        return {"text": factors["text"], "image": factors["image"]}
+    if svd == "joint-act":
+        return {"joint": factors["text"]}
+    return {}
+
+
+__all__ = [
+    "SVD_METHODS",
+    "LowRankFactors",
+    "activation_aware_svd",
+    "activation_error",
+    "decoupled_vs_joint",
+    "low_rank_factors",
+    "reusable_factorisations",
+    "weight_svd",
+]

@@ -12,9 +12,9 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, StaticCache
 
+from ..cache_size import cache_nbytes
 from ..compat import CACHE_ARG
 from ..configuration.configuration_mla_common import text_head_dim
-from ..conversion_scripts.report import cache_nbytes
 from ..modeling.quantized_cache import MLAQuantizedCache, MLAStaticQuantizedCache
 from ..registry import arch_spec
 from .kv_cache import latent_dtype

@@ -132,6 +132,7 @@ def _mla_decode_stage1(
     GROUP: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
     SCALE_OFF: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     """Like ``_mla_decode_stage1``, with one query row per (branch, head): row ``m * BLOCK_H + h``.
 
@@ -145,6 +146,9 @@ def _mla_decode_stage1(
     scales start at element ``SCALE_OFF`` (then, for int4, ``NUM_GROUPS`` zero points). Each tile is dequantized as
     it is loaded (element ``l`` uses the parameters of group ``l // GROUP``; an int4 element ``l`` is the low nibble
     of byte ``l`` or, from ``L / 2`` on, the high nibble of byte ``l - L / 2``), then goes through the same dots.
+    With a power-of-two ``GROUP`` the parameters are loaded once per (token, group), a ``(BLOCK_T, BLOCK_G)`` tile
+    broadcast over the ``(BLOCK_T, BLOCK_G, GROUP)`` view of the values (``BLOCK_G = BLOCK_L / GROUP``; 0 = the
+    parameters of every element gathered, for other group sizes).
     """
     pid_hb = tl.program_id(0)  # head block: the fastest grid axis, so programs that share a latent chunk run together
     pid_b = tl.program_id(1).to(tl.int64)
@@ -186,7 +190,12 @@ def _mla_decode_stage1(
     else:
         c_base = latent_ptr + pid_b * stride_c_b + offs_l[None, :]
     if QUANT > 0:
-        sc_base = scale_ptr + pid_b * stride_sc_b + SCALE_OFF + (offs_l // GROUP)[None, :]
+        if BLOCK_G > 0:  # one scale per (token, group), broadcast over the group's elements in registers
+            offs_g = tl.arange(0, BLOCK_G)
+            g_ok = offs_g < NUM_GROUPS
+            sc_base = scale_ptr + pid_b * stride_sc_b + SCALE_OFF + offs_g[None, :]
+        else:  # a group size that is not a power of two: the scale of every element gathered
+            sc_base = scale_ptr + pid_b * stride_sc_b + SCALE_OFF + (offs_l // GROUP)[None, :]
     if SIDE_ALIGN > 1:
         # the cache pads side rows to whole 16-byte units: written as multiples of the constant SIDE_ALIGN, Triton
         # can prove the rope-key rows aligned and loads them with vectorised asynchronous (pipelined) copies
@@ -216,9 +225,17 @@ def _mla_decode_stage1(
             if QUANT == 3:
                 raw = tl.where(offs_l[None, :] < L // 2, raw & 15, raw >> 4)
             sc_ptrs = sc_base + offs_t[:, None] * stride_sc_t
-            c = raw.to(tl.float32) * tl.load(sc_ptrs, mask=c_mask, other=0.0).to(tl.float32)
-            if QUANT == 3:
-                c += tl.load(sc_ptrs + NUM_GROUPS, mask=c_mask, other=0.0).to(tl.float32)
+            if BLOCK_G > 0:
+                g_mask = valid[:, None] & g_ok[None, :]
+                sc = tl.load(sc_ptrs, mask=g_mask, other=0.0).to(tl.float32)
+                c = tl.reshape(raw.to(tl.float32), (BLOCK_T, BLOCK_G, BLOCK_L // BLOCK_G)) * sc[:, :, None]
+                if QUANT == 3:
+                    c += tl.load(sc_ptrs + NUM_GROUPS, mask=g_mask, other=0.0).to(tl.float32)[:, :, None]
+                c = tl.reshape(c, (BLOCK_T, BLOCK_L))
+            else:
+                c = raw.to(tl.float32) * tl.load(sc_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+                if QUANT == 3:
+                    c += tl.load(sc_ptrs + NUM_GROUPS, mask=c_mask, other=0.0).to(tl.float32)
         kr = tl.load(
             s_base + offs_t[:, None] * stride_s_t + offs_c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0
         )
@@ -451,31 +468,15 @@ def mla_decode_triton(
     num_stages: int | None = None,
     block_h: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Absorbed MLA decode with the Triton split-K kernel (same contract as ``mla_decode_reference``).
-
-    ==============  =====================  ======================================================
-    argument        shape                  notes
-    ==============  =====================  ======================================================
-    ``q_rope``      ``(B, H, R)``          post-RoPE rope part of the query
-    ``q_latent``    ``(B, H, M, L)``       absorbed queries, one per branch (M = 1 or 2)
-    ``q_bias``      ``(B, H, M)`` or None  score offset per branch
-    ``latent``      ``(B, T, L)``          the latents (``LatentCacheLayout.views``: strided, no copy)
-    ``side``        ``(B, T, N*R + 1)``    rope keys (kv-head major) + modality flag, a view of the padded rows
-    ``key_mask``    ``(B, T)`` bool/None   True = attend
-    ``scale``       float                  ``1/sqrt(head_dim)`` of the original model
-    ``num_splits``  int or None            split-K factor; None = from (B, T, SM count)
-    ``latent_format`` str or None          quantized latent (``LatentQuantization.spec``, e.g. ``"int8:64"``):
-                                           ``latent`` is then ``(B, T, K)`` uint8 rows, read and dequantized
-                                           inside the kernel (never a dequantized copy)
-    ==============  =====================  ======================================================
+    """Absorbed MLA decode with the Triton split-K kernel: the arguments, shapes and returns of
+    :func:`~hf_mla_vlm.kernels.reference.mla_decode_reference` (its table is the one contract), plus ``num_splits``
+    (the split-K factor; None = from B, T and the SM count). The cache views must be contiguous in their last dim
+    (``LatentCacheLayout.views`` of the padded rows: strided, no copy); a quantized ``latent_format`` is read and
+    dequantized inside the kernel, never as a dequantized copy.
 
     The (small) query tensors are made contiguous; the cache views are read in place. ``block_t``, ``num_warps``,
     ``num_stages`` and ``block_h`` (query heads per program, a power of two) override the tile configuration (for
     tuning).
-
-    Returns:
-        ``(ctx, p_sum, lse)``: ``(B, H, M, L)``, ``(B, H, M)``, ``(B, H)``, all float32. Rows without a valid key
-        give zeros and ``lse = -inf``.
 
     Raises:
         ValueError: bad shapes/dtypes/devices, a CPU tensor without ``TRITON_INTERPRET=1``, a cache view whose last
@@ -553,12 +554,13 @@ def mla_decode_triton(
     upcast = _INTERPRETING and side.dtype == torch.bfloat16
     precision = "ieee" if side.dtype == torch.float32 or upcast else "tf32"
     if latent_format is None:
-        quant, group, num_groups, scale_off = 0, 1, 1, 0
+        quant, group, num_groups, scale_off, block_g = 0, 1, 1, 0, 0
         latent_arg, scale_arg, scale_strides = latent, latent, (0, 0)
     else:
         fmt = parse_latent_format(latent_format, lat)
         quant, group, num_groups = _QUANT_CODES[fmt.dtype], fmt.group_size, fmt.num_groups
         scale_off = fmt.scale_offset // 2  # in fp16 elements
+        block_g = block_l // group if group & (group - 1) == 0 else 0
         # two views of the same rows: the values (int8 / fp8 / packed uint8) and the fp16 scales and zero points
         latent_arg = latent.view({"int8": torch.int8, "fp8": torch.float8_e4m3fn, "int4": torch.uint8}[fmt.dtype])
         scale_arg = latent.view(torch.float16)
@@ -618,6 +620,7 @@ def mla_decode_triton(
                     GROUP=group,
                     NUM_GROUPS=num_groups,
                     SCALE_OFF=scale_off,
+                    BLOCK_G=block_g,
                     num_warps=num_warps,
                     num_stages=stages,
                 )

@@ -173,9 +173,7 @@ class LatentQuantization:
         rows = latent.new_zeros(*lead, self.row_bytes, dtype=torch.uint8)
         rows[..., : self.value_bytes] = values
         n_params = self.params_per_group * self.num_groups
-        rows[..., self.scale_offset : self.scale_offset + 2 * n_params] = params.reshape(*lead, n_params).view(
-            torch.uint8
-        )
+        rows[..., self.scale_offset : self.scale_offset + 2 * n_params] = _fp16_bytes(params.reshape(*lead, n_params))
         return rows
 
     def scales(self, rows: torch.Tensor) -> torch.Tensor:
@@ -207,6 +205,14 @@ class LatentQuantization:
         if self.dtype == "int4":
             x = x + self.zero_points(rows).float().unsqueeze(-1)
         return x.reshape(*lead, self.latent_dim).to(dtype)
+
+
+def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """fp16 `(..., n)` -> its little-endian bytes `(..., 2n)` uint8 (the layout `view(torch.float16)` reads back).
+    Bit arithmetic, not `view(torch.uint8)`: under `torch.compile` a size-1 last dim may carry stride 0, which a
+    view to a narrower dtype rejects."""
+    bits = values.view(torch.int16)
+    return torch.stack([bits & 0xFF, (bits >> 8) & 0xFF], dim=-1).flatten(-2).to(torch.uint8)
 
 
 # `LatentQuantization.from_spec`, memoised: the decode kernels parse their `latent_format` on every call.
