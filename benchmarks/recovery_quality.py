@@ -52,6 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import write_results
 from transformers import AutoConfig
 from transformers.utils import logging as transformers_logging
 from zoo_quality import score
@@ -540,10 +541,7 @@ def merge(args) -> None:
         "models": join_parts(parts),
         "notes": args.note or [],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_results(result, out, markdown)
 
 
 # --------------------------------------------------------------------------------------------------- main

@@ -13,13 +13,13 @@ Regenerate (CPU, about 40 minutes on 2 cores):
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import write_results
 from transformers import AutoProcessor
 
 import hf_mla_vlm  # noqa: F401
@@ -162,11 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     result = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_results(result, args.out, markdown)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,9 @@ from pathlib import Path
 
 import torch
 import triton
+from bench_decode_kernel import MODELS, _call_args, bench_graph_ms, make_decode_inputs, mla_bytes
 
 from hf_mla_vlm.kernels import mla_decode_triton
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode_kernel import MODELS, _call_args, bench_graph_ms, make_decode_inputs, mla_bytes  # noqa: E402
 
 
 SHAPES = (("qwen2.5-vl-7b", 256), ("qwen2.5-vl-7b", 512), ("llama-3-8b", 512))

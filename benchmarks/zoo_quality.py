@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import write_results
 
 import hf_mla_vlm  # noqa: F401
 from hf_mla_vlm.assets import wikipedia_split
@@ -222,11 +223,7 @@ def merge(args) -> None:
         "--out DIR; done; python benchmarks/zoo_quality.py merge DIR/*.json",
         "models": models,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_results(result, args.out, markdown)
 
 
 def main() -> None:

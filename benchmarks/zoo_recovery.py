@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import write_results
 from transformers import AutoConfig
 
 import hf_mla_vlm  # noqa: F401
@@ -229,11 +230,7 @@ def merge(args) -> None:
         "models": models,
         "notes": args.note or [],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_results(result, args.out, markdown)
 
 
 def main() -> None:
