@@ -668,6 +668,8 @@ def convert(
             "svd='weight'); they are ignored."
         )
 
+    if offload_folder is not None:
+        Path(offload_folder).mkdir(parents=True, exist_ok=True)
     with progress_bars(progress), conversion_threads() as threads, tempfile.TemporaryDirectory(
         prefix="hf-mla-vlm-", dir=offload_folder
     ) as scratch:  # fmt: skip
