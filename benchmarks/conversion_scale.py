@@ -43,26 +43,25 @@ QWEN_VISION_7B = dict(
     spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
     hidden_act="silu", tokens_per_second=2,
 )  # fmt: skip
+QWEN_TEXT = dict(  # the fields Qwen2.5-VL-7B and -72B share
+    vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6, hidden_act="silu", sliding_window=32768,
+    use_sliding_window=False, tie_word_embeddings=False,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+)  # fmt: skip
 SHAPES = {
     "qwen2_5_vl_7b": dict(
         arch="qwen2_5_vl", source="Qwen/Qwen2.5-VL-7B-Instruct config.json",
         text=dict(
-            hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-            num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
-            hidden_act="silu", max_window_layers=28, sliding_window=32768, use_sliding_window=False,
-            tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+            QWEN_TEXT, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+            num_key_value_heads=4, max_window_layers=28,
         ),
         vision=QWEN_VISION_7B,
     ),
     "qwen2_5_vl_72b": dict(
         arch="qwen2_5_vl", source="Qwen/Qwen2.5-VL-72B-Instruct config.json",
         text=dict(
-            hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
-            num_key_value_heads=8, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
-            hidden_act="silu", max_window_layers=80, sliding_window=32768, use_sliding_window=False,
-            tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+            QWEN_TEXT, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+            num_key_value_heads=8, max_window_layers=80,
         ),
         vision={**QWEN_VISION_7B, "intermediate_size": 3456, "out_hidden_size": 8192},
     ),

@@ -204,18 +204,25 @@ def test_streamed_shards_equal_in_memory_conversion_and_load_through_remote_code
     torch.testing.assert_close(torch.load(f"{inputs_file}.AutoModelForImageTextToText.pt"), expected, rtol=0, atol=0)
 
 
-def test_offloaded_calibration_gives_the_same_checkpoint(native_checkpoints, tmp_path):
+def test_offloaded_calibration_gives_the_same_checkpoint(native_checkpoints, tmp_path, monkeypatch):
     src, extra = native_checkpoints["llava"], {"svd": "md", "calibration": "builtin", "num_samples": 4}
     extra["heldout_prose_samples"] = 0
     plain = convert(src, tmp_path / "plain", **SETTINGS, **extra)
-    budget = max(plain.report["memory"]["estimated_stage_bytes"].values()) + 4096  # room for about one sample
-    offload = tmp_path / "offload"
+    stages = dict(plain.report["memory"]["estimated_stage_bytes"])
+    budget = max(size for name, size in stages.items() if name != "hidden_states") + stages["hidden_states"] // 3
+    with pytest.raises(InputError, match="pass --offload-folder"):
+        convert(src, tmp_path / "refused", max_memory={"cpu": budget}, **SETTINGS, **extra)
+    offload, written = tmp_path / "offload", []
+    save_file = streaming.save_file
+    monkeypatch.setattr(streaming, "save_file", lambda tensors, path: written.append(path) or save_file(tensors, path))
     bounded = convert(
         src, tmp_path / "bounded", max_memory={"cpu": budget}, offload_folder=offload, **SETTINGS, **extra
     )
     a, b = _weights(plain.output_dir), _weights(bounded.output_dir)
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert offload.is_dir() and not list(offload.iterdir())  # the scratch space is removed afterwards
+    assert not (tmp_path / "refused").exists()
+    assert any("hidden_states" in path for path in written)  # some hidden states really went to disk
 
 
 def test_a_budget_below_one_stage_is_refused_before_reading(native_checkpoints, tmp_path, monkeypatch):

@@ -849,39 +849,34 @@ def write_checkpoint_atomically(
 def _check_budget(
     budget: dict[str, int], stages: dict[str, int], calibration_device: torch.device | None, offload_folder
 ) -> int | None:
-    """Refuse a `max_memory` the conversion cannot keep (before any weight is read); return the host bytes left for
-    calibration hidden states (None: no bound)."""
+    """Refuse a `max_memory` the conversion cannot keep, before any weight is read (`stages`:
+    `streaming.stage_memory`); return the host bytes left for calibration hidden states (None: no bound)."""
     gib = 2**30
     table = ", ".join(f"{name} {size / gib:.2f} GiB" for name, size in stages.items())
-    host = budget.get("cpu")
-    fixed = {name: size for name, size in stages.items()}
-    if host is not None:
-        # the hidden states can go to disk; the weights of one stage cannot
-        weights_only = max(stages.get("convert_head", 0), stages.get("convert_layer", 0))
-        if weights_only > host:
-            raise InputError(
-                f"max_memory cpu={host / gib:.2f} GiB is below what one conversion stage holds ({table}); raise it."
-            )
-    if calibration_device is not None and calibration_device.type != "cpu":
-        device_budget = budget.get(device_key(calibration_device))
-        need = max(fixed.get("capture", 0), fixed.get("calibration_layer", 0))
-        if device_budget is not None and need > device_budget:
+    calibration = max(stages.get("capture", 0), stages.get("calibration_layer", 0))
+    on_device = calibration_device is not None and calibration_device.type != "cpu"
+    if on_device and (device_budget := budget.get(device_key(calibration_device))) is not None:
+        if calibration > device_budget:
             raise InputError(
                 f"max_memory {device_key(calibration_device)}={device_budget / gib:.2f} GiB is below one calibration "
-                f"stage on the device ({table}); raise it or calibrate on cpu (--device cpu)."
+                f"stage on the device ({table}); raise it or calibrate on the host (--device cpu)."
             )
+    host = budget.get("cpu")
     if host is None:
         return None
-    on_host = max(fixed.get("capture", 0), fixed.get("calibration_layer", 0)) if calibration_device is not None else 0
-    if calibration_device is not None and calibration_device.type != "cpu":
-        on_host = 0
-    left = host - max(on_host, fixed.get("convert_layer", 0))
-    if left <= 0 and offload_folder is None and calibration_device is not None:
+    weights = max(stages["convert_head"], stages["convert_layer"], 0 if on_device else calibration)
+    if weights > host:
         raise InputError(
-            f"max_memory cpu={host / gib:.2f} GiB leaves no room for the calibration hidden states ({table}): pass "
-            "--offload-folder, or raise the budget."
+            f"max_memory cpu={host / gib:.2f} GiB is below what one conversion stage holds ({table}); raise it."
         )
-    return max(left, 0)
+    left = host - weights
+    if stages.get("hidden_states", 0) > left and offload_folder is None:
+        raise InputError(
+            f"max_memory cpu={host / gib:.2f} GiB leaves {left / gib:.2f} GiB for the calibration hidden states, "
+            f"which need {stages['hidden_states'] / gib:.2f} GiB ({table}): pass --offload-folder, fewer samples, or "
+            "a larger budget."
+        )
+    return left
 
 
 __all__ = [

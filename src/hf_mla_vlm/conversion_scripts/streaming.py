@@ -318,15 +318,16 @@ def stage_memory(
     calibrated: bool,
     calibration_tokens: int = 0,
 ) -> dict[str, int]:
-    """Host bytes each stage of a streamed conversion holds at its peak, from the shapes of two empty models (the
-    source and the MLA model, [`empty_model`]); what `convert` checks `--max-memory` against before reading a weight.
+    """Bytes each stage of a streamed conversion holds at its peak, from the shapes of two empty models (the source
+    and the MLA model, [`empty_model`]); what `convert` checks `--max-memory` against before reading a weight.
 
     The model of the code: `capture` holds every weight before the first decoder layer in float32 (the LM head is
-    never read) and the layer-0 inputs; `calibration_layer` one decoder layer in float32, its inputs and outputs and
-    five `d x d` float64 statistics; `convert_head` one non-decoder tensor as read and as written; `convert_layer`
-    one source layer as read, its attention in float32 twice (source and stage-1 copies), the converted layer as
-    written, and for an activation-aware SVD two `d x d` covariances plus four `d x d` float64 work matrices of the
-    eigendecomposition. Python, Torch and the tokenizer come on top (measured: see benchmarks/conversion_scale.py)."""
+    never read); `calibration_layer` one decoder layer in float32 and five `d x d` float64 statistics;
+    `convert_head` one non-decoder tensor as read and as written; `convert_layer` one source layer as read, its
+    attention in float32 twice (source and stage-1 copies), the converted layer as written, and for an
+    activation-aware SVD two `d x d` covariances plus four `d x d` float64 work matrices of the eigendecomposition.
+    `hidden_states` is the float32 hidden states of all calibration tokens, kept between layers on the host (or
+    offloaded). Python, Torch and the tokenizer come on top (measured: see benchmarks/conversion_scale.py)."""
     prefix = f"{text_layers}."
     names, _ = weight_names(source_model)
     shapes = {name: tuple(t.shape) for name, t in source_model.state_dict().items()}
@@ -359,8 +360,9 @@ def stage_memory(
         "convert_layer": int(largest_layer * scale + 2 * attention + mla_layer + (6 * square if calibrated else 0)),
     }
     if calibrated:
-        stages["capture"] = sum(head_sizes) + hidden_states
-        stages["calibration_layer"] = largest_layer + 2 * hidden_states + 5 * square
+        stages["capture"] = sum(head_sizes)
+        stages["calibration_layer"] = largest_layer + 5 * square
+        stages["hidden_states"] = hidden_states
     return stages
 
 
