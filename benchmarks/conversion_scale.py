@@ -25,6 +25,7 @@ Checkpoints go to `--work` (default /tmp/hf-mla-vlm-scale) and are deleted after
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -198,6 +199,7 @@ t = time.perf_counter()
 result = convert(**kwargs)
 print("RESULT " + json.dumps({"wall_s": time.perf_counter() - t, "report_memory": result.report["memory"],
     "timings": result.report["timings_s"], "files": len(result.report["files"]),
+    "layer_seconds": [layer["seconds"] for layer in result.report["layers"]],
     "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
@@ -219,7 +221,12 @@ def convert_in_child(kwargs: dict) -> dict:
 def environment_row() -> dict:
     from hf_mla_vlm.utils import environment
 
-    return {**environment(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        **environment(), "cpu_count": os.cpu_count(),
+        "memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "load_average_1_5_15": os.getloadavg(),  # the machine is shared: wall times are noisy
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
 
 
 def run(args) -> dict:

@@ -242,3 +242,22 @@ def test_cli_memory_flags(native_checkpoints, tmp_path, capsys):
     assert "not DEVICE=SIZE" in capsys.readouterr().err
     assert cli.main([*base, "--max-memory", "cpu=4GiB", "--max-shard-size", "50KB"]) == 0
     assert (out / "model.safetensors.index.json").is_file()
+
+
+def test_a_tied_lm_head_is_read_and_written_once(tmp_path):
+    """Checkpoints of tied models store the embedding only; the converted one too, and it equals the original at
+    full rank."""
+    from hf_mla_vlm.tiny_models import build_tiny_vlm
+
+    model, processor = build_tiny_vlm("qwen2_5_vl")
+    model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "src")
+    processor.save_pretrained(tmp_path / "src")
+    result = convert(tmp_path / "src", tmp_path / "out", rope_dim=32, kv_rank=32, progress=False, return_model=True)
+    assert "lm_head.weight" not in _weights(result.output_dir)
+    converted = result.model
+    assert converted.lm_head.weight is converted.model.language_model.embed_tokens.weight
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    with torch.no_grad():
+        torch.testing.assert_close(converted(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-4)

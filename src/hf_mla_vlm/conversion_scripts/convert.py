@@ -371,6 +371,7 @@ def stream_converted_weights(
             writer.write(name, source.read([name], dtype)[name])
         layer_reports = []
         for layer_idx in tqdm(range(num_layers), desc=f"Converting layers ({svd})", disable=not progress):
+            started = time.perf_counter()
             attn_prefix = f"{prefix}.{layer_idx}.self_attn."
             tensors = source.read(source_layer[layer_idx])
             attention = {k[len(attn_prefix) :]: tensors.pop(k) for k in list(tensors) if k.startswith(attn_prefix)}
@@ -389,6 +390,7 @@ def stream_converted_weights(
             for name in per_layer[layer_idx]:
                 tensor = tensors.pop(name)
                 writer.write(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            entry["seconds"] = time.perf_counter() - started  # read, convert and write this layer
             layer_reports.append(entry)
         return layer_reports, writer.close()
     finally:

@@ -137,6 +137,7 @@ def empty_model(model_class: type, config) -> torch.nn.Module:
     its buffers real; fill it with [`SourceCheckpoint.load_into`]."""
     with no_init_weights(), parameters_on_meta():
         model = model_class(config)
+    model.tie_weights()  # a tied LM head shares the embedding's parameter (checkpoints store it once)
     return model.eval()
 
 
