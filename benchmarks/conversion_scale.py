@@ -362,7 +362,8 @@ def markdown(rows: list[dict]) -> str:
         "the script's docstring for the configs' source and the method). Peak RSS is the conversion subprocess's",
         "`ru_maxrss`. The CPU rows ran on a 2-core, 24 GB machine shared with other jobs (each row's JSON records the",
         "load average), so wall times are upper bounds; a projected wall time extends a few-layer run to the full",
-        "depth with its measured seconds per layer.",
+        "depth with its measured seconds per layer. GPU rows come from the same commands with `--device cuda` on a",
+        "GPU machine; a shape or setting without a row here was not measured.",
         "",
         "| shape | layers | svd | samples | device | source GiB | wall s | peak RSS GiB | projected wall s "
         "| machine | date |",
