@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import SafetensorError
-from transformers import modeling_utils
 
 import hf_mla_vlm
 from hf_mla_vlm import cli
 from hf_mla_vlm.conversion_scripts import convert as convert_module
 from hf_mla_vlm.conversion_scripts.hub import verify_folder
+from hf_mla_vlm.conversion_scripts.streaming import ShardedSafetensorsWriter
 from hf_mla_vlm.utils import folder_leftovers
 from tests.utils import default_sigint_in_child
 
@@ -222,22 +222,23 @@ def _error_line(err: str, verb: str = "convert") -> str:
 
 
 def _full_disk_writer(kind: str):
-    """`safe_save_file` of a disk that fills up half-way: it writes half of the file, then fails as safetensors
-    does (a SafetensorError carrying the OS error) or as a plain write does (OSError ENOSPC)."""
+    """`ShardedSafetensorsWriter.write` (the conversion's weight writer) on a disk that fills up half-way: it writes
+    part of a shard, then fails as safetensors does (a SafetensorError carrying the OS error) or as a plain write
+    does (OSError ENOSPC)."""
 
-    def save(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\0" * 1000)
+    def write(self, name, tensor):
+        (self.folder / self.files[0]).write_bytes(b"\0" * 1000)
         if kind == "safetensors":
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.folder / self.files[0]))
 
-    return save
+    return write
 
 
 @pytest.mark.parametrize("kind", ["safetensors", "oserror"])
 def test_disk_full_while_replacing_a_folder(previous, native_checkpoints, monkeypatch, capsys, kind):
     out, before = previous
-    monkeypatch.setattr(modeling_utils, "safe_save_file", _full_disk_writer(kind))
+    monkeypatch.setattr(ShardedSafetensorsWriter, "write", _full_disk_writer(kind))
     argv = ["convert", str(native_checkpoints["llava"]), "--out", str(out), "--rope-dim", "8", "--kv-rank", "4"]
     assert cli.main(argv + ["--overwrite", "--quiet"]) == 3
     line = _error_line(capsys.readouterr().err)
@@ -249,11 +250,11 @@ def test_disk_full_while_replacing_a_folder(previous, native_checkpoints, monkey
 def test_ctrl_c_while_writing(previous, native_checkpoints, monkeypatch, capsys):
     out, before = previous
 
-    def interrupted(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\0" * 1000)
+    def interrupted(self, name, tensor):
+        (self.folder / self.files[0]).write_bytes(b"\0" * 1000)
         signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(modeling_utils, "safe_save_file", interrupted)
+    monkeypatch.setattr(ShardedSafetensorsWriter, "write", interrupted)
     argv = ["convert", str(native_checkpoints["llava"]), "--out", str(out), "--rope-dim", "8", "--kv-rank", "4"]
     assert cli.main(argv + ["--overwrite", "--quiet"]) == 130
     assert "interrupted" in _error_line(capsys.readouterr().err)
@@ -342,10 +343,10 @@ def test_a_calibration_file_that_is_not_an_image(native_checkpoints, tmp_path, c
 def test_quiet_silences_transformers_progress_bars(native_checkpoints, tmp_path, capsys):
     argv = ["convert", str(native_checkpoints["llava"]), "--rope-dim", "8", "--kv-rank", "8"]
     assert cli.main(argv + ["--out", str(tmp_path / "a")]) == 0
-    assert "Loading weights" in capsys.readouterr().err  # what there is to silence
+    assert "Converting layers" in capsys.readouterr().err  # what there is to silence (the source is streamed)
     assert cli.main(argv + ["--out", str(tmp_path / "b"), "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert "Loading weights" not in err and "it/s" not in err
+    assert "Converting layers" not in err and "Loading weights" not in err and "it/s" not in err
 
 
 def test_a_larger_cache_is_called_larger(native_checkpoints, tmp_path, capsys):

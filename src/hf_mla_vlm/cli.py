@@ -146,6 +146,26 @@ def _add_convert(sub) -> None:
     p.add_argument("--stage", choices=["mla", "partial_rope"], default="mla", help="partial_rope = stage-1 form")
     p.add_argument("--no-modality-split", action="store_true", help="one projection set for image and text")
     p.add_argument("--image-token-ids", type=int, nargs="+", default=None, help="override the image-branch ids")
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="cpu=8GiB,cuda:0=70GiB",
+        help="memory budget per device (accelerate's style): checked against each streamed stage's need before any "
+        "weight is read; calibration hidden states beyond the cpu budget go to --offload-folder (default: no bound)",
+    )
+    p.add_argument(
+        "--offload-folder",
+        default=None,
+        metavar="DIR",
+        help="folder for calibration hidden states beyond --max-memory cpu=... and the per-layer statistics "
+        "(default: a temporary folder)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        metavar="SIZE",
+        help="largest weight file written, e.g. 5GB or 500MiB (default: 5GB, as save_pretrained)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the folder after converting")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
@@ -187,6 +207,9 @@ def _run_convert(args) -> int:
         image_token_ids=args.image_token_ids,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        max_memory=args.max_memory,
+        offload_folder=args.offload_folder,
+        max_shard_size=args.max_shard_size,
     )
     kv = result.report["kv_cache"]
     print(f"wrote {result.output_dir}")

@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from ..cache_size import kv_cache_size
 from ..conversations import encode_conversations, load_processor
 from ..dtypes import as_torch_dtype, check_dtype_name, torch_dtype
 from ..errors import InputError
+from ..modeling.modeling_mla_common import mla_auto_map, write_remote_code
 from ..registry import ArchSpec, arch_spec
 from ..utils import (
     check_output_folder,
@@ -62,6 +64,18 @@ from .rope_selection import (
     select_rope_pairs,
 )
 from .statistics import CalibrationStatistics, collect_statistics
+from .streaming import (
+    DEFAULT_MAX_SHARD_SIZE,
+    ShardedSafetensorsWriter,
+    SourceCheckpoint,
+    device_key,
+    empty_model,
+    parse_max_memory,
+    parse_size,
+    plan_of,
+    stage_memory,
+    weight_names,
+)
 from .svd import LowRankFactors, activation_error, decoupled_vs_joint, low_rank_factors, reusable_factorisations
 from .weights import kv_source_matrix, mla_attention_weights, stage1_attention_weights
 
@@ -214,6 +228,28 @@ def layer_report(
     return report
 
 
+def convert_layer_attention(
+    attention: dict[str, torch.Tensor],
+    mla_config,
+    layer_idx: int,
+    *,
+    svd: SvdMethod = "weight",
+    layer_stats=None,
+    damping: float = 1e-6,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """One layer's converted attention weights (float32, names relative to the attention module) from its native or
+    stage-1 weights, and the layer's report entry: the step `convert` streams and `convert_model` loops over."""
+    entry = {"layer": layer_idx}
+    converted = stage1_attention_weights(attention, mla_config, layer_idx)
+    if mla_config.mla_stage == "mla":
+        rank = mla_config.mla_latent_dim
+        weight, bias = kv_source_matrix(converted)
+        factors = low_rank_factors(weight, rank, svd, layer_stats, damping)
+        entry.update(layer_report(weight, factors, rank, layer_stats, damping, svd))
+        converted = mla_attention_weights(converted, factors, bias, mla_config, layer_idx)
+    return converted, entry
+
+
 @torch.no_grad()
 def convert_model(
     source_model: torch.nn.Module,
@@ -226,8 +262,9 @@ def convert_model(
     dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> tuple[torch.nn.Module, list[dict]]:
-    """Build the MLA model from an in-memory native or stage-1 (`partial_rope`) model. Returns the model and
-    per-layer reports."""
+    """Build the MLA model from an in-memory native or stage-1 (`partial_rope`) model (for experiments on small
+    models; `convert` streams the same per-layer step, `convert_layer_attention`, from disk to disk). Returns the
+    model and per-layer reports."""
     state = source_model.state_dict()
     prefix = spec.text_layers
     new_state, layer_reports = {}, []
@@ -235,18 +272,13 @@ def convert_model(
     for name, tensor in state.items():
         if not (name.startswith(prefix + ".") and ".self_attn." in name):
             new_state[name] = tensor
-    rank = mla_config.mla_latent_dim
     for layer_idx in tqdm(range(num_layers), desc=f"Converting attention ({svd})", disable=not progress):
         attn_prefix = f"{prefix}.{layer_idx}.self_attn."
         attention = {k[len(attn_prefix) :]: v for k, v in state.items() if k.startswith(attn_prefix)}
-        entry = {"layer": layer_idx}
-        converted = stage1_attention_weights(attention, mla_config, layer_idx)
-        if mla_config.mla_stage == "mla":
-            layer_stats = stats.layers[layer_idx] if stats is not None else None
-            weight, bias = kv_source_matrix(converted)
-            factors = low_rank_factors(weight, rank, svd, layer_stats, damping)
-            entry.update(layer_report(weight, factors, rank, layer_stats, damping, svd))
-            converted = mla_attention_weights(converted, factors, bias, mla_config, layer_idx)
+        layer_stats = stats.layers[layer_idx] if stats is not None else None
+        converted, entry = convert_layer_attention(
+            attention, mla_config, layer_idx, svd=svd, layer_stats=layer_stats, damping=damping
+        )
         new_state.update({attn_prefix + k: v for k, v in converted.items()})
         layer_reports.append(entry)
 
@@ -259,6 +291,81 @@ def convert_model(
     if dtype is not None:
         model.to(dtype)
     return model.eval(), layer_reports
+
+
+@torch.no_grad()
+def stream_converted_weights(
+    source: SourceCheckpoint,
+    mla_model: torch.nn.Module,
+    spec: ArchSpec,
+    folder: Path,
+    *,
+    svd: SvdMethod = "weight",
+    stats: CalibrationStatistics | None = None,
+    damping: float = 1e-6,
+    dtype: torch.dtype,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
+) -> tuple[list[dict], list[str]]:
+    """Write the MLA weights into `folder` as safetensors shards, reading the source one tensor (outside the decoder)
+    or one decoder layer at a time: every non-attention weight is cast to `dtype`, every attention is converted
+    (`convert_layer_attention`) and cast, and each tensor is written as soon as it exists (`ShardedSafetensorsWriter`).
+
+    Args:
+        source: the source's weights, bound to its empty model (`SourceCheckpoint.bind`).
+        mla_model: the MLA model, empty ([`streaming.empty_model`]): its names and shapes give the shard plan.
+
+    Returns the per-layer reports and the weight files written."""
+    prefix, mla_config = spec.text_layers, mla_model.config
+    num_layers = mla_config.text_config.num_hidden_layers
+    names, _ = weight_names(mla_model)
+
+    def layer_of(name: str) -> int | None:
+        if not name.startswith(prefix + "."):
+            return None
+        return int(name[len(prefix) + 1 :].split(".", 1)[0])
+
+    head = [n for n in names if layer_of(n) is None]
+    per_layer, source_layer = [[] for _ in range(num_layers)], [[] for _ in range(num_layers)]
+    for name in names:
+        if (i := layer_of(name)) is not None:
+            per_layer[i].append(name)
+    for name in source.names:
+        if (i := layer_of(name)) is not None:
+            source_layer[i].append(name)
+    missing = [n for n in head if n not in source.names]
+    if missing:
+        raise RuntimeError(f"The MLA model has weights outside the decoder that the source lacks: {missing[:5]}")
+    writer = ShardedSafetensorsWriter(folder, plan_of(mla_model, head + sum(per_layer, []), dtype), max_shard_size)
+    try:
+        for name in tqdm(head, desc="Writing non-decoder weights", disable=not progress):
+            writer.write(name, source.read([name], dtype)[name])
+        layer_reports = []
+        for layer_idx in tqdm(range(num_layers), desc=f"Converting layers ({svd})", disable=not progress):
+            started = time.perf_counter()
+            attn_prefix = f"{prefix}.{layer_idx}.self_attn."
+            tensors = source.read(source_layer[layer_idx])
+            attention = {k[len(attn_prefix) :]: tensors.pop(k) for k in list(tensors) if k.startswith(attn_prefix)}
+            layer_stats = stats.layers[layer_idx] if stats is not None else None
+            converted, entry = convert_layer_attention(
+                attention, mla_config, layer_idx, svd=svd, layer_stats=layer_stats, damping=damping
+            )
+            del attention, layer_stats
+            tensors.update({attn_prefix + k: v for k, v in converted.items()})
+            if set(tensors) != set(per_layer[layer_idx]):
+                raise RuntimeError(
+                    f"Layer {layer_idx}: converted weights do not match the MLA model: missing "
+                    f"{sorted(set(per_layer[layer_idx]) - set(tensors))}, unexpected "
+                    f"{sorted(set(tensors) - set(per_layer[layer_idx]))}"
+                )
+            for name in per_layer[layer_idx]:
+                tensor = tensors.pop(name)
+                writer.write(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            entry["seconds"] = time.perf_counter() - started  # read, convert and write this layer
+            layer_reports.append(entry)
+        return layer_reports, writer.close()
+    finally:
+        writer.abort()
 
 
 def calibration_statistics(
@@ -405,6 +512,9 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     return_model: bool = False,
+    max_memory: str | dict[str, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> ConversionResult:
     """Convert a native VLM checkpoint (or a stage-1 `partial_rope` one) to MLA and write a Hub-compatible folder.
 
@@ -455,7 +565,16 @@ def convert(
         seed: calibration sampling seed.
         overwrite: replace an existing non-empty `output_dir`.
         progress: show progress bars.
-        return_model: keep the converted model in the result.
+        return_model: keep the converted model in the result (loaded back from the written folder).
+        max_memory: memory budget per device in accelerate's style, `{"cpu": "8GiB", "cuda:0": "70GiB"}` or
+            `"cpu=8GiB,cuda:0=70GiB"`. The conversion streams the source (one tensor or decoder layer at a time, see
+            `streaming`); the largest stage's need is computed from the model's shapes (`streaming.stage_memory`)
+            and checked against the budget before any weight is read, and calibration hidden states beyond the
+            host budget go to `offload_folder`. Default: no bound.
+        offload_folder: where calibration hidden states beyond `max_memory["cpu"]` and the per-layer statistics
+            go (default: a temporary folder for the statistics, hidden states on the host).
+        max_shard_size: largest weight file written (`save_pretrained`'s default `"5GB"`); shards are written
+            tensor by tensor, never buffered.
     """
     started = time.perf_counter()
     timings, memory = {}, {}
@@ -472,6 +591,10 @@ def convert(
         raise InputError(f"heldout_prose_samples must be >= 0, got {heldout_prose_samples}.")
     parse_mix(calibration_mix, len(parse_sources(calibration)))
     calibration_device = resolve_device(device)
+    budget = parse_max_memory(max_memory)
+    parse_size(max_shard_size)
+    if offload_folder is not None and Path(offload_folder).exists() and not Path(offload_folder).is_dir():
+        raise InputError(f"offload_folder (--offload-folder) {offload_folder} is a file; pass a folder.")
     source_path, is_hub_id = resolve_source(source)
     source_config = AutoConfig.from_pretrained(source_path)
     spec = arch_spec(source_config.model_type)
@@ -518,26 +641,44 @@ def convert(
             "svd='weight'); they are ignored."
         )
 
-    with progress_bars(progress), conversion_threads() as threads:  # progress: also Transformers' own bars
+    if offload_folder is not None:
+        Path(offload_folder).mkdir(parents=True, exist_ok=True)
+    with progress_bars(progress), conversion_threads() as threads, tempfile.TemporaryDirectory(
+        prefix="hf-mla-vlm-", dir=offload_folder
+    ) as scratch:  # fmt: skip
+        # Nothing of the source is loaded whole: an empty model gives names and shapes, the shards are read lazily.
         t = time.perf_counter()
         source_class = spec.native_class if stage == "native" else spec.mla_model_class
-        source_model = source_class.from_pretrained(source_path, dtype=torch.float32).eval()
+        source_model = empty_model(source_class, source_config)
+        source = SourceCheckpoint(source_path).bind(source_model)
         source_dtype = getattr(source_config, "dtype", None) or getattr(source_config.text_config, "dtype", None)
         target_dtype = torch_dtype(dtype) if dtype != "auto" else as_torch_dtype(source_dtype)
         timings["load_source_s"] = time.perf_counter() - t
+        calibrates = samples is not None
+        tokens = sum(int(x["input_ids"].numel()) for x in (samples or []) + (prose or []))
+        stages = stage_memory(
+            source_model, empty_model(spec.mla_model_class, build_mla_config(source_config, spec, **mla_settings)),
+            spec.text_layers, source_dtype=as_torch_dtype(source_dtype) or torch.float32, target_dtype=target_dtype,
+            calibrated=calibrates or (stats is not None and svd != "weight"), calibration_tokens=tokens,
+        )  # fmt: skip
+        memory["estimated_stage_bytes"] = stages
+        host_budget = _check_budget(budget, stages, calibration_device if calibrates else None, offload_folder)
 
-        if samples is not None or stats is not None:
+        if calibrates or stats is not None:
             t = time.perf_counter()
             if stats is None:
                 stats = collect_statistics(
                     source_model, samples, mla_settings["image_token_ids"], text_layers_path=spec.text_layers,
-                    device=calibration_device, seed=seed, progress=progress, heldout_prose=prose,
+                    device=calibration_device, seed=seed, progress=progress, heldout_prose=prose, weights=source,
+                    spill_folder=scratch, host_budget=host_budget,
+                    offload_folder=Path(scratch) / "hidden_states" if offload_folder is not None else None,
                 )  # fmt: skip
                 del samples, prose
             _check_statistics(stats, svd if mla_stage == "mla" else "weight", modality_split)
             timings["calibration_s"] = time.perf_counter() - t
             if calibration_device.type == "cuda":
                 memory["peak_device_bytes_during_calibration"] = torch.cuda.max_memory_allocated()
+        del source_model
 
         t = time.perf_counter()
         if planned is not None:
@@ -549,15 +690,8 @@ def convert(
         else:  # trained with these pairs in stage 1
             rope_pairs, rope_source, ranks = source_config.rope_pairs, "stage-1 source", None
         mla_config = build_mla_config(source_config, spec, rope_pairs=rope_pairs, dtype=target_dtype, **mla_settings)
+        mla_model = empty_model(spec.mla_model_class, mla_config)
         timings["rope_selection_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        model, layer_reports = convert_model(
-            source_model, mla_config, spec, svd=svd if mla_stage == "mla" else "weight", stats=stats, damping=damping,
-            dtype=target_dtype, progress=progress,
-        )  # fmt: skip
-        del source_model
-        timings["convert_s"] = time.perf_counter() - t
 
         settings = {
             "architecture": spec.source_model_type,
@@ -578,13 +712,12 @@ def convert(
             "model_type": mla_config.model_type,
             "settings": settings,
             "kv_cache": kv_cache_size(mla_config, target_dtype).to_dict(),
-            "layers": layer_reports,
+            "layers": [],  # filled by write_weights, layer by layer
             "timings_s": timings,
             "memory": memory,
             "environment": {**environment(), "torch_threads": str(threads)},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        memory["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         if stats is not None:
             report["calibration"] = {
                 "source": ",".join(parse_sources(calibration)) if statistics is None else "precomputed statistics",
@@ -602,18 +735,35 @@ def convert(
                 report["calibration"]["samples_per_source"] = describe_sources(
                     calibration, calibration_mix, num_samples
                 )
-            report["activation_error_summary"] = activation_error_summary(layer_reports)
         section = (getattr(source_config.text_config, "rope_parameters", None) or {}).get("mrope_section")
         if spec.rope == "mrope" and section:
             report["mrope_axis_pairs"] = count_pairs_per_axis(rope_pairs, list(section))
 
+        def write_weights(staging: Path) -> list[str]:
+            t = time.perf_counter()
+            layer_reports, files = stream_converted_weights(
+                source, mla_model, spec, staging, svd=svd if mla_stage == "mla" else "weight", stats=stats,
+                damping=damping, dtype=target_dtype, max_shard_size=max_shard_size, progress=progress,
+            )  # fmt: skip
+            report["layers"] = layer_reports
+            if stats is not None:
+                report["activation_error_summary"] = activation_error_summary(layer_reports)
+            timings["convert_s"] = time.perf_counter() - t
+            return files
+
         t = time.perf_counter()
-        write_checkpoint_atomically(model, report, source_path, output_dir, ranks=ranks, progress=progress)
-        timings["save_s"] = time.perf_counter() - t
+        write_checkpoint_atomically(
+            mla_model, report, source_path, output_dir, ranks=ranks, progress=progress, write_weights=write_weights
+        )
+        timings["save_s"] = time.perf_counter() - t - timings["convert_s"]
+        memory["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        memory["source_bytes_read"] = source.bytes_read
+        memory["largest_read_bytes"] = source.max_resident_bytes
         timings["total_s"] = time.perf_counter() - started
         write_text_atomically(output_dir / REPORT_NAME, json.dumps(report, indent=2) + "\n")  # with the save timings
-        logger.info(f"Converted {source} -> {output_dir} in {timings['total_s']:.1f}s")
-        return ConversionResult(output_dir=output_dir, report=report, model=model if return_model else None)
+        logger.info(f"Converted {source_path} -> {output_dir} in {timings['total_s']:.1f}s")
+    model = spec.mla_model_class.from_pretrained(output_dir, dtype=target_dtype).eval() if return_model else None
+    return ConversionResult(output_dir=output_dir, report=report, model=model)
 
 
 def copy_processor_files(source_path: Path, output_dir: Path) -> list[str]:
@@ -629,20 +779,77 @@ def copy_processor_files(source_path: Path, output_dir: Path) -> list[str]:
     return copied
 
 
+def write_model_files(model, folder: Path) -> None:
+    """What `save_pretrained` writes besides the weights, for an empty (meta) MLA model: `config.json` with the
+    `auto_map` and `architectures`, `generation_config.json` and the flat remote-code files."""
+    model.config.auto_map = mla_auto_map(type(model.config), type(model))
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    write_remote_code(model, folder)
+
+
 def write_checkpoint_atomically(
-    model, report: dict, source_path: Path, output_dir: Path, ranks: torch.Tensor | None = None, progress: bool = False
+    model,
+    report: dict,
+    source_path: Path,
+    output_dir: Path,
+    ranks: torch.Tensor | None = None,
+    progress: bool = False,
+    write_weights=None,
 ) -> None:
     """Write weights, config, remote code, processor files, card and report in a hidden sibling folder, then
     move it into place (`staged_folder`: an interrupted run never leaves a half-written folder, and a replaced one
-    is deleted only once the new one is in place). The report records the sha256 of every weight file."""
+    is deleted only once the new one is in place). The report records the sha256 of every weight file.
+
+    `write_weights(staging)` writes the weight files (the streamed conversion, with `model` empty); without it the
+    in-memory `model` is saved with `save_pretrained`."""
     with staged_folder(output_dir) as staging:
-        model.save_pretrained(staging)
+        if write_weights is None:
+            model.save_pretrained(staging)
+        else:
+            write_weights(staging)
+            write_model_files(model, staging)
         report["copied_from_source"] = copy_processor_files(source_path, staging)
         if ranks is not None:  # reusable with --rope-ranks
             save_rank_file(ranks, staging / RANKS_NAME, metadata={"strategy": report["settings"]["rope_strategy"]})
         report["files"] = weight_file_digests(staging, progress=progress)
         (staging / "README.md").write_text(model_card(report))
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _check_budget(
+    budget: dict[str, int], stages: dict[str, int], calibration_device: torch.device | None, offload_folder
+) -> int | None:
+    """Refuse a `max_memory` the conversion cannot keep, before any weight is read (`stages`:
+    `streaming.stage_memory`); return the host bytes left for calibration hidden states (None: no bound)."""
+    gib = 2**30
+    table = ", ".join(f"{name} {size / gib:.2f} GiB" for name, size in stages.items())
+    calibration = max(stages.get("capture", 0), stages.get("calibration_layer", 0))
+    on_device = calibration_device is not None and calibration_device.type != "cpu"
+    if on_device and (device_budget := budget.get(device_key(calibration_device))) is not None:
+        if calibration > device_budget:
+            raise InputError(
+                f"max_memory {device_key(calibration_device)}={device_budget / gib:.2f} GiB is below one calibration "
+                f"stage on the device ({table}); raise it or calibrate on the host (--device cpu)."
+            )
+    host = budget.get("cpu")
+    if host is None:
+        return None
+    weights = max(stages["convert_head"], stages["convert_layer"], 0 if on_device else calibration)
+    if weights > host:
+        raise InputError(
+            f"max_memory cpu={host / gib:.2f} GiB is below what one conversion stage holds ({table}); raise it."
+        )
+    left = host - weights
+    if stages.get("hidden_states", 0) > left and offload_folder is None:
+        raise InputError(
+            f"max_memory cpu={host / gib:.2f} GiB leaves {left / gib:.2f} GiB for the calibration hidden states, "
+            f"which need {stages['hidden_states'] / gib:.2f} GiB ({table}): pass --offload-folder, fewer samples, or "
+            "a larger budget."
+        )
+    return left
 
 
 __all__ = [
@@ -654,8 +861,11 @@ __all__ = [
     "check_rope_options",
     "check_stages",
     "convert",
+    "convert_layer_attention",
     "convert_model",
     "resolve_source",
     "source_stage",
     "stage1_rope_dim",
+    "stream_converted_weights",
+    "write_model_files",
 ]

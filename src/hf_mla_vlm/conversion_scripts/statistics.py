@@ -17,17 +17,22 @@ and modality they accumulate, in float64 on CPU:
 On a converted (MLA) model the rotary pairs are fixed already: only the covariances are collected there, and the
 pair norms / MKL fields are NaN (`settings["attention"]` records which kind of attention was measured).
 
-Device memory therefore peaks at one decoder layer plus the activations of one sample; host memory holds the layer
-inputs of all samples and the statistics (four `d x d` float64 matrices per layer).
+Device memory therefore peaks at one decoder layer plus the activations of one sample. With `weights` (a
+[`~streaming.SourceCheckpoint`] behind a model whose parameters are on the meta device, as `convert` builds it) the
+model is never whole in memory either: the parts before the first decoder layer are read for the capture and released,
+then each decoder layer is read, used and released (llm-compressor's sequential pipeline). The hidden states between
+layers stay on the host up to a budget and go to an offload folder beyond it ([`~streaming.IntermediatesCache`]), and
+with `spill_folder` each layer's `d x d` matrices are written to disk as soon as the layer is done ([`SpilledLayers`]),
+so host memory no longer grows with the number of layers.
 """
 
 import json
 import math
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -43,6 +48,7 @@ from ..modeling.partial_rope import rotate_half
 from ..utils import atomic_file, resolve_device, to_device
 from .calibration import TokenCounts
 from .rope_selection import mkl_pair_sensitivity, pair_norms
+from .streaming import IntermediatesCache, SourceCheckpoint, SpilledTensors, release, weight_names
 
 
 logger = logging.get_logger(__name__)
@@ -83,6 +89,8 @@ class CalibrationStatistics:
 
     def stacked(self, name: str) -> torch.Tensor:
         """`[num_layers, ...]` stack of a per-layer tensor field (`q_pair_norm`, `k_pair_norm`, `mkl`)."""
+        if isinstance(self.layers, SpilledLayers):  # the small fields are in memory: read no covariance
+            return torch.stack([getattr(layer, name) for layer in self.layers.small])
         return torch.stack([getattr(layer, name) for layer in self.layers])
 
     def save(self, path: str | os.PathLike) -> None:
@@ -173,6 +181,39 @@ class CalibrationStatistics:
             raise InputError(f"{path}: incomplete calibration statistics ({error!r}); regenerate the file.") from error
 
 
+class SpilledLayers(Sequence):
+    """Per-layer statistics whose `d x d` matrices live in one safetensors file per layer (`spill`): indexing reads a
+    layer's held-out prose matrix, and its covariances one at a time on access (`SpilledTensors`), so that only the
+    layer a step works on costs memory. The small fields (counts, pair norms, MKL) stay in memory (`small`)."""
+
+    def __init__(self):
+        self.small: list[LayerStatistics] = []  # the layers without their d x d matrices
+        self.paths: list[Path] = []
+        self.has_prose: list[bool] = []
+
+    def spill(self, layer: LayerStatistics, path: Path) -> None:
+        """Write `layer`'s matrices to `path` and keep only its small fields."""
+        tensors = {f"{name}.{m}": getattr(layer, name)[m].contiguous() for name in _MODALITY_FIELDS for m in layer.cov}
+        if layer.prose is not None:
+            tensors["prose"] = layer.prose.contiguous()
+        with atomic_file(path) as temporary:
+            save_file(tensors, str(temporary))
+        self.small.append(replace(layer, cov={}, heldout={}, prose=None))
+        self.paths.append(path)
+        self.has_prose.append(layer.prose is not None)
+
+    def __len__(self) -> int:
+        return len(self.small)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        path = self.paths[index]
+        lazy = {name: SpilledTensors(path, ("text", "image"), prefix=f"{name}.") for name in _MODALITY_FIELDS}
+        prose = SpilledTensors(path, ("prose",))["prose"] if self.has_prose[index] else None
+        return replace(self.small[index], **lazy, prose=prose)
+
+
 @contextmanager
 def forward_pre_hook(module: torch.nn.Module, hook):
     """Register a keyword-aware forward pre-hook for the duration of the block; always removed."""
@@ -225,6 +266,10 @@ def collect_statistics(
     seed: int = 0,
     progress: bool = True,
     heldout_prose: list[dict] | None = None,
+    weights: SourceCheckpoint | None = None,
+    spill_folder: str | os.PathLike | None = None,
+    host_budget: int | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> CalibrationStatistics:
     """Collect the per-layer statistics of a VLM on encoded calibration samples.
 
@@ -246,6 +291,13 @@ def collect_statistics(
         progress: show progress bars.
         heldout_prose: batch-1 processor outputs of text the calibration does not contain (e.g. Wikipedia test-split
             prose): they only feed `LayerStatistics.prose`, the report's second held-out measurement.
+        weights: the source's weights, when `model`'s parameters are on the meta device (`streaming.empty_model`):
+            every part is read in float32 when it runs and released after (the LM head is never read).
+        spill_folder: write each layer's `d x d` matrices there once the layer is done (the result's `layers` is a
+            [`SpilledLayers`] reading them back on access); None keeps them in memory.
+        host_budget: bytes of hidden states kept on the host between layers (None: no bound); the rest goes to
+            `offload_folder` (`streaming.IntermediatesCache`).
+        offload_folder: where hidden states beyond `host_budget` go.
     """
     device = resolve_device(device)
     text_layers = model.get_submodule(text_layers_path)
@@ -274,19 +326,36 @@ def collect_statistics(
         image_masks.append(torch.isin(ids[0], torch.tensor(image_token_ids, dtype=ids.dtype)))
         valid_masks.append(attention[0].bool() if attention is not None else torch.ones_like(ids[0], dtype=torch.bool))
 
-    # Everything but the text decoder layers goes to the device for the capture, then back.
-    original_device = next(model.parameters()).device
-    offload = device != original_device
-    if offload:
+    # Everything but the text decoder layers goes to the device for the capture, then back (or is read, then
+    # released).
+    names = weight_names(model)[0] if weights is not None else []
+    in_layers = [[n for n in names if n.startswith(f"{text_layers_path}.{i}.")] for i in range(len(text_layers))]
+    capture_names = [n for n in names if not n.startswith((f"{text_layers_path}.", "lm_head."))]
+    original_device = device if weights is not None else next(model.parameters()).device
+    if weights is not None:
+        weights.load_into(model, capture_names, torch.float32, device)
+    if device != original_device or weights is not None:
         _move_non_layers(model, text_layers, device)
-    inputs = capture_layer_inputs(model, text_layers, samples, device)
-    if offload:
+    captured = capture_layer_inputs(model, text_layers, samples, device)
+    if device != original_device:
         _move_non_layers(model, text_layers, original_device)
+    if weights is not None:
+        release(model, capture_names)
+        _move_non_layers(model, text_layers, "cpu")
     kind = attention_kind(text_layers[0].self_attn)
+    hidden_cache = IntermediatesCache(host_budget, offload_folder)
+    inputs = []
+    for i, (hidden_states, kwargs) in enumerate(captured):
+        hidden_cache.put(i, hidden_states)
+        inputs.append(kwargs)
+    del captured
 
-    stats = []
+    stats = SpilledLayers() if spill_folder is not None else []
     for layer_idx, layer in enumerate(tqdm(text_layers, desc="Calibration statistics (layers)", disable=not progress)):
-        layer.to(device)
+        if weights is not None:
+            weights.load_into(model, in_layers[layer_idx], torch.float32, device)
+        else:
+            layer.to(device)
         attn = layer.self_attn
         cov = {m: torch.zeros(hidden, hidden, dtype=torch.float64) for m in ("text", "image")}
         held = {m: torch.zeros(hidden, hidden, dtype=torch.float64) for m in ("text", "image")}
@@ -303,9 +372,9 @@ def collect_statistics(
             seen["rope"] = kwargs.get("position_embeddings")
 
         with forward_pre_hook(attn, read_attention_input):
-            for i, (hidden_states, kwargs) in enumerate(inputs):
-                out = layer(hidden_states.to(device), **to_device(kwargs, device))
-                inputs[i] = ((out[0] if isinstance(out, tuple) else out).cpu(), kwargs)
+            for i, kwargs in enumerate(inputs):
+                out = layer(hidden_cache.get(i).to(device), **to_device(kwargs, device))
+                hidden_cache.put(i, out[0] if isinstance(out, tuple) else out)
                 x = seen["x"][0].double().cpu()  # (T, d)
                 valid, is_image = valid_masks[i], image_masks[i]
                 if not torch.isfinite(x).all():
@@ -345,23 +414,30 @@ def collect_statistics(
                 )
                 mkl += sens * len(rows)
                 mkl_rows += len(rows)
-        layer.to(original_device)
+        if weights is not None:
+            release(model, in_layers[layer_idx])
+        else:
+            layer.to(original_device)
         for name, tensor in list(cov.items()) + list(held.items()) + ([("prose", prose_cov)] if prose else []):
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"Layer {layer_idx}: non-finite {name} covariance; check the model and data.")
-        stats.append(
-            LayerStatistics(
-                cov=cov,
-                heldout=held,
-                tokens=tokens,
-                heldout_tokens=held_tokens,
-                q_pair_norm=q_norm / norm_tokens if norm_tokens else torch.full_like(q_norm, math.nan),
-                k_pair_norm=k_norm / norm_tokens if norm_tokens else torch.full_like(k_norm, math.nan),
-                mkl=mkl / mkl_rows if mkl_rows else torch.full_like(mkl, math.nan),
-                prose=prose_cov,
-                prose_tokens=prose_tokens,
-            )
+        layer_stats = LayerStatistics(
+            cov=cov,
+            heldout=held,
+            tokens=tokens,
+            heldout_tokens=held_tokens,
+            q_pair_norm=q_norm / norm_tokens if norm_tokens else torch.full_like(q_norm, math.nan),
+            k_pair_norm=k_norm / norm_tokens if norm_tokens else torch.full_like(k_norm, math.nan),
+            mkl=mkl / mkl_rows if mkl_rows else torch.full_like(mkl, math.nan),
+            prose=prose_cov,
+            prose_tokens=prose_tokens,
         )
+        if spill_folder is not None:
+            stats.spill(layer_stats, Path(spill_folder) / f"layer-{layer_idx:05d}.safetensors")
+        else:
+            stats.append(layer_stats)
+        del layer_stats, cov, held, prose_cov
+    hidden_cache.clear()
     return CalibrationStatistics(
         layers=stats,
         token_counts=counts,
@@ -381,11 +457,18 @@ def _move_non_layers(model, text_layers, device) -> None:
     layer_params = {id(p) for p in text_layers.parameters()} | {id(b) for b in text_layers.buffers()}
     for module in model.modules():
         for param in list(module.parameters(recurse=False)):
-            if id(param) not in layer_params:
+            if id(param) not in layer_params and not param.is_meta:  # meta: not read (the LM head of a lazy model)
                 param.data = param.data.to(device)
         for name, buffer in list(module.named_buffers(recurse=False)):
             if id(buffer) not in layer_params:
                 module._buffers[name] = buffer.to(device)
 
 
-__all__ = ["CalibrationStatistics", "LayerStatistics", "attention_kind", "capture_layer_inputs", "collect_statistics"]
+__all__ = [
+    "CalibrationStatistics",
+    "LayerStatistics",
+    "SpilledLayers",
+    "attention_kind",
+    "capture_layer_inputs",
+    "collect_statistics",
+]
