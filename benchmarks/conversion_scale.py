@@ -35,6 +35,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import write_results
+
+from hf_mla_vlm.conversion_scripts.rope_selection import CALIBRATED_STRATEGIES, FIXED_STRATEGIES
+from hf_mla_vlm.conversion_scripts.svd import SVD_METHODS
 
 
 RESULTS = Path(__file__).parent / "results" / "conversion_scale.json"
@@ -238,16 +242,17 @@ def run(args) -> dict:
     config, _ = build_config(args.shape, args.layers)
     kwargs = dict(
         source=str(source), output_dir=str(output), rope_dim=args.rope_dim, kv_rank=args.kv_rank, svd=args.svd,
-        overwrite=True, progress=False, device=args.device, max_memory=args.max_memory,
-        offload_folder=args.offload_folder,
+        rope_strategy=args.rope_strategy, overwrite=True, progress=False, device=args.device,
+        max_memory=args.max_memory, offload_folder=args.offload_folder,
     )  # fmt: skip
-    if args.svd != "weight":
+    if args.svd != "weight" or args.rope_strategy in CALIBRATED_STRATEGIES:
         kwargs.update(calibration="builtin", num_samples=args.num_samples, heldout_prose_samples=0)
     measured = convert_in_child(kwargs)
     row = {
         "shape": args.shape, "config_source": SHAPES[args.shape]["source"],
         "num_layers": config.text_config.num_hidden_layers, "svd": args.svd, "device": args.device,
-        "num_samples": args.num_samples if args.svd != "weight" else 0, "rope_dim": args.rope_dim,
+        "rope_strategy": args.rope_strategy,
+        "num_samples": args.num_samples if "calibration" in kwargs else 0, "rope_dim": args.rope_dim,
         "kv_rank": args.kv_rank, "max_memory": args.max_memory, "checkpoint_written": written, **measured,
         "environment": environment_row(),
     }  # fmt: skip
@@ -348,9 +353,7 @@ def check(args) -> dict:
 def save(row: dict, path: Path) -> None:
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
     rows.append(row)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown(rows))
+    write_results({"rows": rows}, path, lambda result: markdown(result["rows"]))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -365,9 +368,9 @@ def markdown(rows: list[dict]) -> str:
         "depth with its measured seconds per layer. GPU rows come from the same commands with `--device cuda` on a",
         "GPU machine; a shape or setting without a row here was not measured.",
         "",
-        "| shape | layers | svd | samples | device | source GiB | wall s | peak RSS GiB | projected wall s "
-        "| machine | date |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | layers | rope | svd | samples | device | source GiB | wall s | peak RSS GiB | peak device GiB "
+        "| projected wall s | machine | date |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if row.get("kind") in ("plan", "logits_check"):
@@ -375,10 +378,13 @@ def markdown(rows: list[dict]) -> str:
         env = row["environment"]
         projection = row.get("projection")
         projected = f"{projection['projected_wall_s']:.0f} ({projection['full_layers']} layers)" if projection else "-"
+        device_bytes = row.get("report_memory", {}).get("peak_device_bytes_during_calibration")
+        device_peak = f"{device_bytes / gib:.2f}" if device_bytes else "-"
         lines.append(
-            f"| {row['shape']} | {row['num_layers']} | {row['svd']} | {row['num_samples']} | {row['device']} | "
-            f"{row['source_bytes'] / gib:.1f} | {row['wall_s']:.0f} | {row['peak_rss_bytes'] / gib:.2f} | "
-            f"{projected} | {env.get('cpu_count', '?')} cores, torch {env.get('torch', '?')}, transformers "
+            f"| {row['shape']} | {row['num_layers']} | {row.get('rope_strategy', 'high')} | {row['svd']} | "
+            f"{row['num_samples']} | {row['device']} | {row['source_bytes'] / gib:.1f} | {row['wall_s']:.0f} | "
+            f"{row['peak_rss_bytes'] / gib:.2f} | {device_peak} | {projected} | "
+            f"{env.get('cpu_count', '?')} cores, torch {env.get('torch', '?')}, transformers "
             f"{env.get('transformers', '?')} | {env['date'][:10]} |"
         )
     for row in rows:
@@ -408,7 +414,13 @@ def main(argv=None) -> int:
         p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the config's)")
         p.add_argument("--rope-dim", type=int, default=32, help="kept rotary dims per head (default 32)")
         p.add_argument("--kv-rank", type=int, default=64, help="latent width per kv head (default 64)")
-        p.add_argument("--svd", default="weight", choices=("weight", "joint-act", "md"), help="default weight")
+        p.add_argument("--svd", default="weight", choices=SVD_METHODS, help="default weight")
+        p.add_argument(
+            "--rope-strategy",
+            default="high",
+            choices=FIXED_STRATEGIES + CALIBRATED_STRATEGIES,
+            help="kept rotary pairs (default high; 2-norm / mkl calibrate)",
+        )
         p.add_argument("--num-samples", type=int, default=4, help="calibration samples (default 4)")
         p.add_argument("--device", default="cpu", help="calibration device (default cpu; cuda for GPU rows)")
         p.add_argument("--max-memory", default=None, help="convert's max_memory, e.g. cpu=8GiB (default none)")
