@@ -468,7 +468,7 @@ def methods_for(mla_models: dict, args) -> tuple[list[dict], list[dict]]:
     return mla, quant
 
 
-def evaluate_all(reference_model, processor, mla_models: dict, args) -> dict:
+def evaluate_all(reference_model, processor, mla_models: dict, args, on_rows=None) -> dict:
     image_size = args.image_size or vqa_image_size(processor)
     samples = generate_split("test", args.vqa_samples, seed=args.seed, image_size=image_size)
     texts, text_label = load_texts(args.text_file) if args.text_file else (None, None)
@@ -479,6 +479,15 @@ def evaluate_all(reference_model, processor, mla_models: dict, args) -> dict:
     reference_model.to(dtype)
     for model in mla_models.values():
         model.to(dtype)
+    meta = {
+        "reference": args.reference_label, "mla": list(mla_models), "recovery": args.recovery,
+        "dtype": args.dtype, "text": text_label,
+        "seq_len": args.seq_len, "windows": 0 if work.windows is None else work.windows.shape[0],
+        "vqa_samples": len(samples), "vqa_seed": args.seed, "image_size": image_size,
+        "max_new_tokens": args.max_new_tokens, "group_size": args.group_size, "tiny": args.tiny,
+        "device": "cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "PYTHONPATH=src python " + " ".join(sys.argv), "environment": environment(),
+    }  # fmt: skip
     rows = []
 
     def record(model, methods, reference):
@@ -490,6 +499,8 @@ def evaluate_all(reference_model, processor, mla_models: dict, args) -> dict:
             row["seconds"] = round((time.perf_counter() - t) / len(methods), 1)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "vqa_correct"}), flush=True)
+        if on_rows is not None:  # the rows so far, in case the run is cut short
+            on_rows({"meta": {**meta, "complete": False}, "rows": rows})
         return scores
 
     reference = record(reference_model, [{"family": "original", "setting": "original", "kv": "bf16"}], None)
@@ -505,18 +516,7 @@ def evaluate_all(reference_model, processor, mla_models: dict, args) -> dict:
                for keep in budgets for press in args.presses]  # fmt: skip
     if pruning:
         record(reference_model, pruning, reference)
-    return {
-        "meta": {
-            "reference": args.reference_label, "mla": list(mla_models), "recovery": args.recovery,
-            "dtype": args.dtype, "text": text_label,
-            "seq_len": args.seq_len, "windows": 0 if work.windows is None else work.windows.shape[0],
-            "vqa_samples": len(samples), "vqa_seed": args.seed, "image_size": image_size,
-            "max_new_tokens": args.max_new_tokens, "group_size": args.group_size, "tiny": args.tiny,
-            "device": "cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "PYTHONPATH=src python " + " ".join(sys.argv), "environment": environment(),
-        },
-        "rows": rows,
-    }  # fmt: skip
+    return {"meta": {**meta, "complete": True}, "rows": rows}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -603,6 +603,8 @@ def results_markdown(data: dict) -> str:
             + f" | {_fmt(row['ppl'], '.3f')} | {_fmt(row['kl'], '.2e')} | {row['vqa_kl']:.2e} |"
         )
     warning = "\n**Tiny random models: a smoke run, the numbers are meaningless.**\n" if meta["tiny"] else ""
+    if not meta.get("complete", True):
+        warning += "\n**Partial run: the rows measured before the run was stopped.**\n"
     env = meta["environment"]
     return (
         f"# KV-cache compression at equal bytes per token: {meta['reference']}\n{warning}\n"
@@ -695,6 +697,14 @@ def main(argv: list[str] | None = None) -> None:
     if sum(bool(x) for x in (args.zoo, args.reference, args.tiny)) != 1 or bool(args.reference) != bool(args.mla):
         p.error("pass one of --zoo NAME, --reference DIR with --mla DIR, or --tiny")
     torch.manual_seed(args.seed)
+    stem = "kv_compression" + (f"_{args.tag}" if args.tag else "")
+
+    def write(data: dict) -> None:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(data, indent=2, default=str))
+        (out / f"{stem}.md").write_text(results_markdown(data))
+
     with tempfile.TemporaryDirectory() as workdir:
         if args.zoo:
             reference, processor, mla_models = zoo_models(args.zoo, parse_settings(args.settings), args.calibration,
@@ -711,14 +721,10 @@ def main(argv: list[str] | None = None) -> None:
             mla_models = {path: load_model_and_processor(path, device="cpu")[0] for path in args.mla}
             args.reference_label = "tiny random llava_next" if args.tiny else str(args.reference)
             args.recovery = "checkpoints as given"
-        data = evaluate_all(reference, processor, mla_models, args)
+        data = evaluate_all(reference, processor, mla_models, args, on_rows=write if args.out_dir else None)
     if args.out_dir:
-        out = Path(args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = "kv_compression" + (f"_{args.tag}" if args.tag else "")
-        (out / f"{stem}.json").write_text(json.dumps(data, indent=2, default=str))
-        (out / f"{stem}.md").write_text(results_markdown(data))
-        print(f"wrote {out / stem}.json and .md")
+        write(data)
+        print(f"wrote {Path(args.out_dir) / stem}.json and .md")
 
 
 if __name__ == "__main__":
