@@ -54,6 +54,28 @@ def test_two_phase_matches_one_forward(kv, arch):
     torch.testing.assert_close(first[0], full, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llava_next", "qwen2_5_vl"])
+def test_two_phase_matches_one_forward_mla(kv, arch, native_checkpoints, tmp_path):
+    """The same on a converted model, with the latent unquantized and quantized on write (int8)."""
+    from hf_mla_vlm.compat import CACHE_ARG
+    from hf_mla_vlm.conversion_scripts.convert import convert
+    from hf_mla_vlm.evaluation import load_model_and_processor
+    from hf_mla_vlm.modeling.quantized_cache import MLAQuantizedCache
+
+    mla = convert(native_checkpoints[arch], tmp_path / "mla", rope_dim=8, kv_rank=16, progress=False).output_dir
+    model, processor = load_model_and_processor(mla, device="cpu")
+    batch, ctx_len = _prompt(model, processor, kv)
+    positions = kv.full_positions(model, batch)
+    for dtype in (None, "int8"):
+        with torch.no_grad():
+            extra = {} if dtype is None else {CACHE_ARG: MLAQuantizedCache(config=model.config, dtype=dtype)}
+            full = model(**batch, **extra).logits[0, -1].float().log_softmax(-1)
+        method = {"family": "mla", "kv": dtype or "bf16"}
+        cache = kv.run_context(model, batch, ctx_len, positions, kv.make_cache(model, method))
+        _, first = kv.greedy_answer(model, batch, ctx_len, positions, cache, max_new_tokens=1)
+        torch.testing.assert_close(first[0], full, atol=2e-4, rtol=1e-4)
+
+
 def test_prompt_quantized_cache_and_pruning(kv):
     model, processor = build_tiny_vlm("llava")
     model.eval()
