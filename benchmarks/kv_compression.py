@@ -39,6 +39,7 @@ its numbers are meaningless)::
     PYTHONPATH=src python benchmarks/kv_compression.py --zoo llava --out-dir benchmarks/results
     PYTHONPATH=src python benchmarks/kv_compression.py --reference ./llava --mla ./llava-mla --out-dir DIR
     PYTHONPATH=src python benchmarks/kv_compression.py --tiny --out-dir /tmp/kv --vqa-samples 8
+    PYTHONPATH=src python benchmarks/kv_compression.py --merge DIR/kv_compression_*.json --out-dir benchmarks/results
 """
 
 from __future__ import annotations
@@ -634,6 +635,19 @@ def results_markdown(data: dict) -> str:
 # CLI
 
 
+def merge(paths: list[str], out_dir: str) -> None:
+    """One page for several runs (one per zoo model): `kv_compression.json` holds the runs, the page their tables."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kv_compression.json").write_text(json.dumps({"runs": runs}, indent=2, default=str))
+    pages = [results_markdown(run).replace("\n## Checks", "\n### Checks").replace("# KV-cache", "## KV-cache", 1)
+             for run in runs]  # fmt: skip
+    title = "# KV-cache compression at equal bytes per token (zoo models)\n\n"
+    (out / "kv_compression.md").write_text(title + "\n".join(pages))
+    print(f"wrote {out / 'kv_compression'}.json and .md")
+
+
 def _tiny_pair(workdir: Path) -> tuple[Path, Path, Path]:
     from hf_mla_vlm.conversion_scripts.convert import convert
     from hf_mla_vlm.tiny_models import WORDS, save_tiny_vlm
@@ -678,8 +692,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="compute dtype of the quality runs (bytes are always measured in bfloat16)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="VQA split and calibration seed")
     p.add_argument("--out-dir", default=None, help="write kv_compression[_<tag>].json/.md here")
+    p.add_argument("--merge", nargs="+", default=None, help="join these runs' JSON files into --out-dir's page")
     p.add_argument("--tag", default=None, help="file name suffix: kv_compression_<tag>")
     args = p.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out_dir or "benchmarks/results")
+        return
     args.kv_cache = _csv(args.kv_cache)
     args.quant_backends = _csv(args.quant_backends)
     args.quant_bits = _csv(args.quant_bits, int)

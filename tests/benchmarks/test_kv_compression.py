@@ -136,3 +136,12 @@ def test_tiny_run_writes_measured_rows(tmp_path):
     assert all(row["ppl"] > 1 and 0 <= row["vqa"] <= 1 for row in data["rows"])
     page = (tmp_path / "kv_compression_t.md").read_text()
     assert "meaningless" in page and "## Checks" in page and "| original + quanto | int4 |" in page
+    merged = tmp_path / "merged"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "kv_compression.py"), "--merge", str(tmp_path / "kv_compression_t.json"),
+         "--out-dir", str(merged)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((merged / "kv_compression.json").read_text())["runs"][0]["rows"] == data["rows"]
+    assert "### Checks" in (merged / "kv_compression.md").read_text()
