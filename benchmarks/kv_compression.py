@@ -643,7 +643,10 @@ def merge(paths: list[str], out_dir: str) -> None:
     (out / "kv_compression.json").write_text(json.dumps({"runs": runs}, indent=2, default=str))
     pages = [results_markdown(run).replace("\n## Checks", "\n### Checks").replace("# KV-cache", "## KV-cache", 1)
              for run in runs]  # fmt: skip
-    title = "# KV-cache compression at equal bytes per token (zoo models)\n\n"
+    title = (
+        "# KV-cache compression at equal bytes per token (zoo models)\n\nOne section per run (each gives its "
+        f"command); joined with `PYTHONPATH=src python {' '.join(sys.argv)}`.\n\n"
+    )
     (out / "kv_compression.md").write_text(title + "\n".join(pages))
     print(f"wrote {out / 'kv_compression'}.json and .md")
 
