@@ -622,7 +622,12 @@ def results_markdown(data: dict) -> str:
         "the tensors a cache holds after a VQA context pass in bfloat16; quantized caches count scales and zero "
         f"points (group {meta['group_size']}, no full-precision residual window: the prompt is quantized before "
         "attention); pruning keeps `keep` of the context tokens per layer and kv head (the question and answer are "
-        "not pruned); kvpress could not hook Transformers 5.24, so its four rules are reimplemented.\n\n"
+        "not pruned); kvpress could not hook Transformers 5.24, so its four rules are reimplemented. Pruning's bytes "
+        "are those of the pruned context: the continuation's own tokens (the question; the second half of a text "
+        "window) stay unpruned, an advantage over MLA and the quantized caches, which compress every token (over a "
+        "whole text window a pruned cache holds (keep + 1) / 2 of the original's bytes). Quantized caches use "
+        "Transformers' default axes (quanto axis 0, the HQQ equivalent axis 1): per-token groups for keys and values "
+        "alike, not KIVI's per-channel keys.\n\n"
         + head
         + "\n".join(lines)
         + "\n\n## Checks\n\n"
