@@ -625,14 +625,10 @@ def results_markdown(data: dict) -> str:
         "not pruned); kvpress could not hook Transformers 5.24, so its four rules are reimplemented. Pruning's bytes "
         "are those of the pruned context: the continuation's own tokens (the question; the second half of a text "
         "window) stay unpruned, an advantage over MLA and the quantized caches, which compress every token (over a "
-        "whole text window a pruned cache holds (keep + 1) / 2 of the original's bytes). Quantized caches use "
-        "Transformers' default axes (quanto axis 0, the HQQ equivalent axis 1): per-token groups for keys and values "
-        "alike, not KIVI's per-channel keys.\n\n"
-        + head
-        + "\n".join(lines)
-        + "\n\n## Checks\n\n"
-        + "\n".join(comparison_lines(rows))
-        + "\n"
+        "whole text window a pruned cache holds (keep + 1) / 2 of the original's bytes). Quantized caches: "
+        "quanto with Transformers' default axis 0, HQQ with axis 1 (its contiguous groups; Transformers' HQQ default "
+        "axis 0 would group strided elements): per-token groups for keys and values alike, not KIVI's per-channel "
+        "keys.\n\n" + head + "\n".join(lines) + "\n\n## Checks\n\n" + "\n".join(comparison_lines(rows)) + "\n"
     )
 
 
