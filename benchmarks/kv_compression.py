@@ -590,7 +590,7 @@ def results_markdown(data: dict) -> str:
     n = meta["vqa_samples"]
     types = [t for t in QTYPES if any(t in r["vqa_per_type"] for r in rows)]
     head = ("| method | KV | bytes / token / layer | / original | VQA % (± s.e.) | " + " | ".join(types)
-            + " | ppl | KL text | KL answer |\n" + "|---" * (9 + len(types)) + "|\n")  # fmt: skip
+            + " | ppl | KL text | KL answer |\n" + "|---" * (8 + len(types)) + "|\n")  # fmt: skip
     lines = []
     for row in rows:
         se = 100 * math.sqrt(max(row["vqa"] * (1 - row["vqa"]), 1e-12) / n)
