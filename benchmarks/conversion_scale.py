@@ -334,20 +334,48 @@ def check(args) -> dict:
     finally:
         torch.set_default_dtype(previous)
     del native
-    reference = in_memory(input_ids=ids).logits.float()
+    with torch.no_grad():
+        reference = in_memory(input_ids=ids).logits.float()
+    weights = compare_weights(in_memory.state_dict(), output)
     del in_memory
     loaded = AutoModelForImageTextToText.from_pretrained(output, trust_remote_code=True, dtype=torch.bfloat16).eval()
-    logits = loaded(input_ids=ids).logits.float()
+    with torch.no_grad():
+        logits = loaded(input_ids=ids).logits.float()
+    difference = (logits - reference).abs().max().item()
     row = {
         "shape": "qwen2_5_vl_7b", "kind": "logits_check", "num_layers": 2, "prompt_tokens": ids.shape[1],
         "loaded_class": f"{type(loaded).__module__}.{type(loaded).__name__}",
-        "max_abs_logit_difference": (logits - reference).abs().max().item(),
+        "max_abs_logit_difference": difference, "max_abs_logit": reference.abs().max().item(),
+        "logits_equal": bool(torch.equal(logits, reference)), "weights": weights,
         "logits_finite": bool(torch.isfinite(logits).all()), "streamed": streamed, "environment": environment_row(),
     }  # fmt: skip
     if not args.keep:
         shutil.rmtree(output, ignore_errors=True)
         shutil.rmtree(source, ignore_errors=True)
     return row
+
+
+def compare_weights(state: dict[str, torch.Tensor], folder: Path) -> dict:
+    """The streamed checkpoint's tensors against an in-memory model's state dict, one tensor at a time."""
+    from safetensors import safe_open
+
+    differing, missing, worst = [], [], 0.0
+    seen = set()
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            for name in f.keys():
+                seen.add(name)
+                if name not in state:
+                    missing.append(name)
+                    continue
+                saved, kept = f.get_tensor(name), state[name]
+                if saved.dtype != kept.dtype or saved.shape != kept.shape or not torch.equal(saved, kept):
+                    differing.append(name)
+                    if saved.shape == kept.shape:
+                        worst = max(worst, (saved.float() - kept.float()).abs().max().item())
+    not_saved = sorted(set(state) - seen)
+    return {"tensors": len(seen), "differing": differing[:20], "num_differing": len(differing),
+            "max_abs_difference": worst, "only_in_file": missing[:20], "only_in_memory": not_saved[:20]}  # fmt: skip
 
 
 def save(row: dict, path: Path) -> None:
@@ -400,8 +428,17 @@ def markdown(rows: list[dict]) -> str:
                 "", "## Streamed output vs in-memory conversion (logits)", "",
                 f"{row['shape']} with {row['num_layers']} layers, loaded as `{row['loaded_class']}` (remote code), "
                 f"{row['prompt_tokens']}-token prompt: max |logit difference| = "
-                f"{row['max_abs_logit_difference']:.3g}.",
+                f"{row['max_abs_logit_difference']:.3g}"
+                + (f" (largest |logit| {row['max_abs_logit']:.3g}; logits equal: {row['logits_equal']})"
+                   if "max_abs_logit" in row else "") + ".",
             ]  # fmt: skip
+            if "weights" in row:
+                w = row["weights"]
+                lines.append(
+                    f"Weights: {w['tensors']} tensors in the streamed checkpoint, {w['num_differing']} differ from "
+                    f"the in-memory conversion's (max |difference| {w['max_abs_difference']:.3g}); only in the file: "
+                    f"{w['only_in_file'] or 'none'}; only in memory: {w['only_in_memory'] or 'none'}."
+                )
     return "\n".join(lines) + "\n"
 
 
