@@ -1,7 +1,11 @@
 """Helpers shared by the tests (not fixtures)."""
 
+import contextlib
+import importlib
 import importlib.util
 import signal
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,3 +61,17 @@ def random_texts(num: int = 12, words: int = 9) -> list[str]:
     return [
         " ".join(body[i] for i in torch.randint(len(body), (words,), generator=generator).tolist()) for _ in range(num)
     ]
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str):
+    """A script of `benchmarks/` imported as a module (the scripts import each other as top-level modules, so their
+    folder is on `sys.path` while the module is in use)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))

@@ -4,25 +4,20 @@ itself needs a GPU)."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.utils import BENCHMARKS, benchmark_module
+
 
 pytest.importorskip("triton")
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_decode_kernel
-
-        yield bench_decode_kernel
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("bench_decode_kernel") as module:
+        yield module
 
 
 @pytest.mark.parametrize("kv_cache", ["bf16", "int8", "fp8", "int4"])

@@ -4,29 +4,21 @@ pruning rules, and a tiny end-to-end run (CPU)."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from hf_mla_vlm.tiny_models import build_tiny_vlm
 from hf_mla_vlm.zoo.vqa_data import generate_split
-
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.utils import BENCHMARKS, benchmark_module
 
 
 @pytest.fixture(scope="module")
 def kv():
     pytest.importorskip("optimum.quanto")
     pytest.importorskip("hqq")
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import kv_compression
-
-        yield kv_compression
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("kv_compression") as module:
+        yield module
 
 
 def _prompt(model, processor, kv):

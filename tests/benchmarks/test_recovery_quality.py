@@ -1,13 +1,12 @@
 """benchmarks/recovery_quality.py end to end on a tiny random LLaVA (CPU, 1 training step per stage)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.utils import benchmark_module
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
 REQUIRED = ("model", "rope_dim", "kv_rank", "kv_ratio", "route", "init", "rope_strategy", "seed", "vqa", "ppl", "kl",
             "tokens", "gpu_minutes", "tokens_per_s", "vqa_per_type", "ppl_scenes", "top1")  # fmt: skip
 TINY = ["--stage1-steps", "1", "--stage2-steps", "1", "--train-batch", "2", "--workers", "0", "--calibration", "4",
@@ -18,13 +17,8 @@ TINY = ["--stage1-steps", "1", "--stage2-steps", "1", "--train-batch", "2", "--w
 
 @pytest.fixture(scope="module")
 def recovery_quality():
-    sys.path.insert(0, str(BENCHMARKS))  # the scripts import each other as top-level modules
-    try:
-        import recovery_quality
-
-        yield recovery_quality
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("recovery_quality") as module:
+        yield module
 
 
 def test_rows_merge_and_page(recovery_quality, native_checkpoints, tmp_path):

@@ -1,22 +1,15 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.utils import benchmark_module
 
 
 @pytest.fixture
 def results_io():
-    sys.path.insert(0, str(BENCHMARKS))  # the scripts import each other as top-level modules
-    try:
-        import results_io
-
-        yield results_io
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("results_io") as module:
+        yield module
 
 
 def test_write_results_writes_json_and_page(results_io, tmp_path):
