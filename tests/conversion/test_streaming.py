@@ -261,3 +261,25 @@ def test_a_tied_lm_head_is_read_and_written_once(tmp_path):
     ids = torch.tensor([[1, 5, 9, 17, 33]])
     with torch.no_grad():
         torch.testing.assert_close(converted(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-4)
+
+
+def test_in_memory_bf16_conversion_computes_like_the_loaded_checkpoint(native_checkpoints, tmp_path):
+    """`convert_model(..., dtype=bf16)` casts what a checkpoint holds and keeps the computed rotary frequencies in
+    float32, as loading the streamed bf16 checkpoint does: the two give identical logits (casting the whole model
+    rounded the frequencies to bf16 and moved the logits by a few bf16 steps)."""
+    from transformers import AutoModelForImageTextToText
+
+    src, spec = native_checkpoints["qwen2_5_vl"], arch_spec("qwen2_5_vl")
+    out = tmp_path / "mla"
+    convert(src, out, **SETTINGS, dtype="bfloat16")
+    native = spec.native_class.from_pretrained(src, dtype=torch.float32).eval()  # the source's dtype, as streamed
+    pairs, _, _ = select_rope_pairs(native.config, 8, "high", None)
+    config = build_mla_config(native.config, spec, rope_pairs=pairs, rope_dim=8, kv_rank=8, dtype=torch.bfloat16)
+    in_memory, _ = convert_model(native, config, spec, dtype=torch.bfloat16, progress=False)
+    loaded = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    frequencies = {name: b.dtype for name, b in in_memory.named_buffers() if name.endswith("inv_freq")}
+    assert frequencies and set(frequencies.values()) == {torch.float32}
+    assert next(in_memory.parameters()).dtype == torch.bfloat16
+    ids = torch.tensor([[1, 5, 9, 17, 33, 60, 71, 80]])
+    with torch.no_grad():
+        torch.testing.assert_close(in_memory(input_ids=ids).logits, loaded(input_ids=ids).logits, rtol=0, atol=0)

@@ -289,8 +289,22 @@ def convert_model(
         raise RuntimeError(f"Converted weights do not match the MLA model: missing={missing}, unexpected={unexpected}")
     model.tie_weights()
     if dtype is not None:
-        model.to(dtype)
+        cast_as_loaded(model, dtype)
     return model.eval(), layer_reports
+
+
+def cast_as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Floating parameters and saved buffers to `dtype`, in place; computed buffers (the rotary frequencies) keep
+    their float32, as `from_pretrained(dtype=...)` of the written checkpoint leaves them (`model.to(dtype)` would
+    round them to bf16 and move every rotary angle)."""
+    saved = set(model.state_dict())
+    for prefix, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and (f"{prefix}.{name}" if prefix else name) in saved:
+                module._buffers[name] = buffer.to(dtype)
 
 
 @torch.no_grad()
