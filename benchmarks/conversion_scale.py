@@ -303,9 +303,10 @@ def plan(args) -> dict:
 
 @torch.no_grad()
 def check(args) -> dict:
-    """2-layer 7B-shaped Qwen2.5-VL: the streamed conversion loaded through remote code (without the package on the
-    import path of the loader: AutoModel + trust_remote_code) against the in-memory `convert_model`, on a short
-    text prompt, both bf16."""
+    """2-layer 7B-shaped Qwen2.5-VL: the streamed conversion, loaded with `AutoModelForImageTextToText` (here the
+    package's registered class; `tests/conversion/test_streaming.py` loads the same sharded layout where the package
+    is not importable, through the bundled remote code), against the in-memory `convert_model`: every tensor, and
+    the logits on a short text prompt, both bf16."""
     from transformers import AutoModelForImageTextToText
 
     from hf_mla_vlm.conversion_scripts.convert import build_mla_config, convert_model
@@ -426,7 +427,8 @@ def markdown(rows: list[dict]) -> str:
         if row.get("kind") == "logits_check":
             lines += [
                 "", "## Streamed output vs in-memory conversion (logits)", "",
-                f"{row['shape']} with {row['num_layers']} layers, loaded as `{row['loaded_class']}` (remote code), "
+                f"{row['shape']} with {row['num_layers']} layers, loaded by `AutoModelForImageTextToText` as "
+                f"`{row['loaded_class']}`, "
                 f"{row['prompt_tokens']}-token prompt: max |logit difference| = "
                 f"{row['max_abs_logit_difference']:.3g}"
                 + (f" (largest |logit| {row['max_abs_logit']:.3g}; logits equal: {row['logits_equal']})"
