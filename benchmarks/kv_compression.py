@@ -67,13 +67,13 @@ import hf_mla_vlm  # noqa: F401  (registers the MLA classes)
 from hf_mla_vlm.cache_size import cache_nbytes
 from hf_mla_vlm.compat import CACHE_ARG, output_cache
 from hf_mla_vlm.evaluation import load_model_and_processor, load_texts, vqa_image_size
+from hf_mla_vlm.evaluation.kv_cache import KV_CACHE_DTYPES
 from hf_mla_vlm.evaluation.perplexity import token_stream
 from hf_mla_vlm.modeling.quantized_cache import MLAQuantizedCache
 from hf_mla_vlm.utils import as_tokenizer, environment
 from hf_mla_vlm.zoo.vqa_data import QTYPES, generate_split, per_type_accuracy, score_answer
 
 
-LATENT_FORMATS = ("bf16", "int8", "fp8", "int4")
 QUANT_BACKENDS = ("quanto", "hqq")
 QUANT_BITS = (4, 2)
 PRESSES = ("tova", "snapkv", "h2o", "knorm")
@@ -679,7 +679,7 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--reference", help="the original checkpoint (with --mla)")
     source.add_argument("--mla", action="append", default=[], help="a converted (e.g. recovered) checkpoint; repeat")
     source.add_argument("--tiny", action="store_true", help="a tiny random pair built offline (smoke run)")
-    p.add_argument("--kv-cache", default=",".join(LATENT_FORMATS), help="MLA latent formats, comma-separated")
+    p.add_argument("--kv-cache", default=",".join(KV_CACHE_DTYPES), help="MLA latent formats, comma-separated")
     p.add_argument("--quant-backends", default=",".join(QUANT_BACKENDS), help="quantized caches of the original")
     p.add_argument("--quant-bits", default="4,2", help="their bit widths")
     p.add_argument("--group-size", type=int, default=64, help="quantized-cache group (channels of one token)")
@@ -708,7 +708,7 @@ def main(argv: list[str] | None = None) -> None:
     args.presses = _csv(args.presses)
     args.prune_budgets = _csv(args.prune_budgets, float)
     choices = (
-        ("--kv-cache", args.kv_cache, LATENT_FORMATS),
+        ("--kv-cache", args.kv_cache, KV_CACHE_DTYPES),
         ("--quant-backends", args.quant_backends, QUANT_BACKENDS),
         ("--quant-bits", args.quant_bits, QUANT_BITS),
         ("--presses", args.presses, PRESSES),

@@ -16,7 +16,7 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -672,7 +672,7 @@ def convert(
         tokens = sum(int(x["input_ids"].numel()) for x in (samples or []) + (prose or []))
         stages = stage_memory(
             source_model, empty_model(spec.mla_model_class, build_mla_config(source_config, spec, **mla_settings)),
-            spec.text_layers, source_dtype=as_torch_dtype(source_dtype) or torch.float32, target_dtype=target_dtype,
+            spec.text_layers, source_dtype=as_torch_dtype(source_dtype), target_dtype=target_dtype,
             calibrated=calibrates or (stats is not None and svd != "weight"), calibration_tokens=tokens,
         )  # fmt: skip
         memory["estimated_stage_bytes"] = stages
@@ -767,7 +767,7 @@ def convert(
 
         t = time.perf_counter()
         write_checkpoint_atomically(
-            mla_model, report, source_path, output_dir, ranks=ranks, progress=progress, write_weights=write_weights
+            mla_model, report, source_path, output_dir, write_weights, ranks=ranks, progress=progress
         )
         timings["save_s"] = time.perf_counter() - t - timings["convert_s"]
         memory["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -809,22 +809,19 @@ def write_checkpoint_atomically(
     report: dict,
     source_path: Path,
     output_dir: Path,
+    write_weights: Callable[[Path], list[str]],
     ranks: torch.Tensor | None = None,
     progress: bool = False,
-    write_weights=None,
 ) -> None:
     """Write weights, config, remote code, processor files, card and report in a hidden sibling folder, then
     move it into place (`staged_folder`: an interrupted run never leaves a half-written folder, and a replaced one
     is deleted only once the new one is in place). The report records the sha256 of every weight file.
 
-    `write_weights(staging)` writes the weight files (the streamed conversion, with `model` empty); without it the
-    in-memory `model` is saved with `save_pretrained`."""
+    `write_weights(staging)` writes the weight files (the streamed conversion); `model` is the empty MLA model whose
+    config and remote code go beside them."""
     with staged_folder(output_dir) as staging:
-        if write_weights is None:
-            model.save_pretrained(staging)
-        else:
-            write_weights(staging)
-            write_model_files(model, staging)
+        write_weights(staging)
+        write_model_files(model, staging)
         report["copied_from_source"] = copy_processor_files(source_path, staging)
         if ranks is not None:  # reusable with --rope-ranks
             save_rank_file(ranks, staging / RANKS_NAME, metadata={"strategy": report["settings"]["rope_strategy"]})

@@ -24,12 +24,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers.initialization import no_init_weights
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..errors import InputError
 
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # `save_pretrained`'s default
 
 # On-disk prefix -> in-memory prefix: the pre-v5 layouts the supported VLMs are published in (Transformers 5 renames
@@ -230,17 +229,6 @@ class SourceCheckpoint:
         self.names = {name: disk for name, disk in names.items() if name not in tied}
         return self
 
-    def dtypes(self) -> set[torch.dtype]:
-        """The floating dtypes the shards hold (read from the headers only)."""
-        found = set()
-        for shard in sorted(set(self.disk_map.values())):
-            with safe_open(str(self.folder / shard), framework="pt") as handle:
-                for key in handle.keys():
-                    dtype = handle.get_slice(key).get_dtype()
-                    found.add(dtype)
-        codes = {code: dtype for dtype, code in _DTYPE_CODES.items()}
-        return {codes[code] for code in found if code in codes and codes[code].is_floating_point}
-
     def read(
         self, names: Iterable[str], dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
     ) -> dict[str, torch.Tensor]:
@@ -265,13 +253,11 @@ class SourceCheckpoint:
 
     def load_into(
         self, model: torch.nn.Module, names: Iterable[str], dtype: torch.dtype | None, device: torch.device | str
-    ) -> list[str]:
-        """Materialise the weights `names` of `model` (an [`empty_model`] bound here) on `device`; returns the names
-        loaded, for [`release`]."""
-        names = list(names)
+    ) -> None:
+        """Materialise the weights `names` of `model` (an [`empty_model`] bound here) on `device` ([`release`] puts
+        them back on the meta device)."""
         for name, tensor in self.read(names, dtype, device).items():
             set_tensor(model, name, tensor)
-        return names
 
 
 def memory_name(disk_name: str, expected: set[str]) -> str | None:
