@@ -540,10 +540,14 @@ def _add_zoo(sub) -> None:
     )
     build.add_argument("name", choices=ZOO_NAMES, help="the zoo model (its architecture)")
     build.add_argument("--out", required=True, help="output folder (a native checkpoint)")
-    build.add_argument("--weights", default=None, help="vision weights file (default: the package's)")
+    build.add_argument(
+        "--weights", default=None, help="weights file: vision side and LM delta (default: the package's)"
+    )
     build.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     train = verbs.add_parser(
-        "train", parents=[COMMON], help="train a zoo model's vision side, SmolLM2 frozen (GPU recommended)"
+        "train",
+        parents=[COMMON],
+        help="train a zoo model's vision side, and optionally a low-rank delta of SmolLM2 (GPU recommended)",
     )
     train.add_argument("name", choices=ZOO_NAMES, help="the zoo model (its architecture)")
     train.add_argument("--out", required=True, help="folder for <name>.safetensors and the training log")
@@ -552,7 +556,16 @@ def _add_zoo(sub) -> None:
     train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (linear warm-up, cosine decay)")
     train.add_argument("--warmup-steps", type=int, default=100, help="steps of linear warm-up")
     train.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the data")
-    train.add_argument("--init", default=None, help="start from these vision weights")
+    train.add_argument("--init", default=None, help="start from these weights (a stored LM delta is continued)")
+    train.add_argument(
+        "--lm-rank", type=int, default=0, help="rank of a trained delta on SmolLM2's decoder projections (0: frozen)"
+    )
+    train.add_argument("--lm-lr", type=float, default=5e-4, help="peak learning rate of the LM delta")
+    train.add_argument("--text-batch-size", type=int, default=8, help="Wikipedia windows per step (with --lm-rank)")
+    train.add_argument("--text-seq-len", type=int, default=256, help="tokens per Wikipedia window")
+    train.add_argument(
+        "--text-weight", type=float, default=1.0, help="weight of the KL to SmolLM2 on the text windows"
+    )
     train.add_argument("--num-workers", type=int, default=4, help="data-loader worker processes rendering scenes")
     train.add_argument("--eval-every", type=int, default=250, help="score the validation split every N steps")
     train.add_argument("--max-minutes", type=float, default=None, help="time budget: schedule ends, then save")
@@ -574,7 +587,8 @@ def _run_zoo(args) -> int:
         args.name, args.out, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
         warmup_steps=args.warmup_steps, seed=args.seed, init_weights=args.init, num_workers=args.num_workers,
         eval_every=args.eval_every, max_minutes=args.max_minutes, test_samples=args.test_samples, device=args.device,
-        progress=not args.quiet,
+        progress=not args.quiet, lm_rank=args.lm_rank, lm_learning_rate=args.lm_lr,
+        text_batch_size=args.text_batch_size, text_seq_len=args.text_seq_len, text_weight=args.text_weight,
     )  # fmt: skip
     last = log["validation"][-1]
     print(f"{args.name}: {log['settings']['steps_done']} steps, validation accuracy {last['accuracy']:.3f}")

