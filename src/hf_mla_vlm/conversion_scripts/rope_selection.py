@@ -400,7 +400,7 @@ def pair_norms(x: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
     if x.dtype != torch.float64:
         x = x.float()
     x = x.unflatten(-1, (num_heads, 2, head_dim // 2))
-    return torch.linalg.vector_norm(x, dim=-2)
+    return torch.hypot(x[..., 0, :], x[..., 1, :])  # elementwise: much faster than vector_norm over a dim of 2
 
 
 def two_norm_scores(q_pair_norm_mean: torch.Tensor, k_pair_norm_mean: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
