@@ -387,10 +387,81 @@ def test_mkl_chunked_matches_unchunked(monkeypatch):
     q = torch.randn(4, 33, 16, generator=generator)
     k = torch.randn(2, 33, 16, generator=generator)
     reference = mkl_pair_sensitivity(q, k, 0.25)
-    # Force one row and one pair per block.
+    # Force one row and one pair per block, in both the blocked path and the reference.
     monkeypatch.setattr(rope_selection, "_MKL_MAX_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(rope_selection, "_MKL_BLOCK_ELEMENTS", 1)
     chunked = mkl_pair_sensitivity(q, k, 0.25)
     torch.testing.assert_close(chunked, reference, rtol=1e-12, atol=1e-14)
+
+
+def _reference_mkl(q, k, scale, *, causal=True, key_padding_mask=None, query_index=None):
+    """The float64 `E_P[C_j] + logsumexp(log P - C_j)` form (`_mkl_reference`) on the same inputs."""
+    import hf_mla_vlm.conversion_scripts.rope_selection as rope_selection
+
+    seq_len = q.shape[1]
+    visible = torch.ones(seq_len, seq_len, dtype=torch.bool)
+    if causal:
+        visible = visible.tril()
+    valid = torch.ones(seq_len, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
+    visible = visible & valid[None, :]
+    rows = (valid & visible.any(-1)).nonzero().flatten() if query_index is None else query_index
+    group = q.shape[0] // k.shape[0]
+    return rope_selection._mkl_reference(q.double(), k.double(), scale, visible, rows, group) / rows.numel()
+
+
+@pytest.mark.parametrize(
+    "num_q_heads, num_kv_heads, seq_len, causal, padding, subsample, key_bias",
+    [
+        (9, 3, 117, True, False, True, 0.0),  # the zoo model's heads, one calibration sample
+        (4, 1, 60, True, True, True, 0.0),
+        (2, 2, 45, False, True, False, 0.0),
+        (6, 2, 80, True, False, False, 20.0),  # keys with a large common bias (centred away)
+        (4, 2, 300, True, False, True, 0.0),  # several row blocks with growing key ranges
+    ],
+)
+def test_mkl_blocks_match_the_logsumexp_reference(
+    num_q_heads, num_kv_heads, seq_len, causal, padding, subsample, key_bias
+):
+    """The blocked float64 form equals the reference up to float64 rounding. Both are float64; they differ only in
+    where `E_P[C_j]` is added (inside the exponent or after a logsumexp) and in the key centring, so the per-(head,
+    pair) means agree to ~1e-12 relative (the reference's own cancellation `E_P[C] + LSE(log P - C)` costs about
+    1e-16 * |logits| absolute; rtol 1e-9 / atol 1e-12 leave a wide margin and still catch any real mistake, whose
+    error would be of the size of the KL itself)."""
+    generator = torch.Generator().manual_seed(seq_len)
+    head_dim = 16
+    q = 1.5 * torch.randn(num_q_heads, seq_len, head_dim, generator=generator)
+    k = 1.5 * torch.randn(num_kv_heads, seq_len, head_dim, generator=generator) + key_bias
+    q[:, :, 3] *= 6.0  # one dominant pair, as massive q/k channels give
+    k[:, :, 3 + head_dim // 2] *= 6.0
+    q[:, :, [5, 5 + head_dim // 2]] *= 1e-3  # and one nearly idle pair (KL ~1e-8)
+    mask = None
+    if padding:
+        mask = torch.rand(seq_len, generator=generator) > 0.2
+        mask[:2] = False  # left padding
+    valid = (torch.ones(seq_len, dtype=torch.bool) if mask is None else mask).nonzero().flatten()
+    index = valid[torch.randperm(valid.numel(), generator=generator)[: valid.numel() // 2]] if subsample else None
+    kwargs = dict(causal=causal, key_padding_mask=mask, query_index=index)
+    blocked = mkl_pair_sensitivity(q, k, head_dim**-0.5, **kwargs)
+    reference = _reference_mkl(q, k, head_dim**-0.5, **kwargs)
+    assert float(reference.min()) < 1e-3 < float(reference.max())  # tiny and large KLs both present
+    torch.testing.assert_close(blocked, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_mkl_falls_back_to_the_reference_when_a_term_overflows(monkeypatch):
+    import hf_mla_vlm.conversion_scripts.rope_selection as rope_selection
+
+    generator = torch.Generator().manual_seed(15)
+    q = torch.randn(2, 20, 8, generator=generator, dtype=torch.float64)
+    k = torch.randn(1, 20, 8, generator=generator, dtype=torch.float64)
+    # Logits spread over thousands: dropping a pair moves the attention to keys whose term exp(log P + E_P[C] - C)
+    # overflows float64, which the reference's max-shifted logsumexp handles.
+    q, k = 100.0 * q, 100.0 * k
+    reference = _reference_mkl(q, k, 0.25)
+    calls, original = [], rope_selection._mkl_reference
+    monkeypatch.setattr(rope_selection, "_mkl_reference", lambda *args: calls.append(1) or original(*args))
+    kl = mkl_pair_sensitivity(q, k, 0.25)
+    assert calls and torch.isfinite(kl).all()
+    torch.testing.assert_close(kl, reference, rtol=0, atol=0)
 
 
 def test_mkl_identifies_the_only_informative_pair():
@@ -519,15 +590,16 @@ def test_mkl_blocks_are_memory_bounded(monkeypatch):
     import hf_mla_vlm.conversion_scripts.rope_selection as rope_selection
 
     budget = 2**14
-    monkeypatch.setattr(rope_selection, "_MKL_MAX_CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(rope_selection, "_MKL_BLOCK_ELEMENTS", budget)
     largest = []
-    original_logsumexp = torch.logsumexp
+    original_baddbmm = torch.baddbmm
 
-    def recording_logsumexp(x, *args, **kwargs):
-        largest.append(x.numel())
-        return original_logsumexp(x, *args, **kwargs)
+    def recording_baddbmm(*args, **kwargs):
+        out = original_baddbmm(*args, **kwargs)
+        largest.append(out.numel())
+        return out
 
-    monkeypatch.setattr(torch, "logsumexp", recording_logsumexp)
+    monkeypatch.setattr(torch, "baddbmm", recording_baddbmm)
     generator = torch.Generator().manual_seed(14)
     seq_len = 512
     q = torch.randn(2, seq_len, 16, generator=generator)

@@ -54,6 +54,9 @@ MROPE_AXES: tuple[MRopeAxis, MRopeAxis, MRopeAxis] = ("t", "h", "w")
 # Largest number of float64 elements of one `[pairs, heads, rows, keys]` block materialised by
 # `mkl_pair_sensitivity` (2**23 elements = 64 MiB; peak memory is a small multiple of it).
 _MKL_MAX_CHUNK_ELEMENTS = 2**23
+# Target number of float64 terms of one `[pairs, heads, rows, keys]` block of `_mkl_blocks` (1 MiB: a block's passes
+# stay in cache).
+_MKL_BLOCK_ELEMENTS = 2**17
 
 
 def _check_head_geometry(head_dim: int, rope_dim: int) -> int:
@@ -397,7 +400,7 @@ def pair_norms(x: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
     if x.dtype != torch.float64:
         x = x.float()
     x = x.unflatten(-1, (num_heads, 2, head_dim // 2))
-    return torch.linalg.vector_norm(x, dim=-2)
+    return torch.hypot(x[..., 0, :], x[..., 1, :])  # elementwise: much faster than vector_norm over a dim of 2
 
 
 def two_norm_scores(q_pair_norm_mean: torch.Tensor, k_pair_norm_mean: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -480,8 +483,12 @@ def mkl_pair_sensitivity(
 
         KL(P_t || P_t^(-j)) = sum_s P_ts C_j,ts + LSE_s(S_t - C_j,t) - LSE_s(S_t).
 
-    It is evaluated as `E_P[C_j] + logsumexp(log P_t - C_j,t)`, in float64, in blocks of pairs and query rows of at
-    most 2**23 elements, so memory is bounded for long sequences (cost `O(hd/2 * n_q * T_q * T)`).
+    It is evaluated in float64 as `log sum_s exp(log P_ts + E_P[C_j] - C_j,ts)` (the same sum, with `E_P[C_j]` moved
+    inside the exponent, which is then one rank-3 matmul plus `log P`), in blocks of query rows and pairs of at most
+    2**18 elements; a block of causal rows only reads the keys they see, and the query heads of a kv group share
+    their keys (cost `O(hd/2 * n_q * T_q * T)`, memory bounded for long sequences). Should a term overflow, the
+    sample is recomputed by the reference form `E_P[C_j] + logsumexp(log P_t - C_j,t)` (blocks of at most 2**23
+    elements), which the tests compare it with.
 
     Zeroing a pair before or after the rotation is the same, so post-RoPE inputs can be used directly.
 
@@ -516,7 +523,6 @@ def mkl_pair_sensitivity(
         raise ValueError(f"`q` {tuple(q.shape)} and `k` {tuple(k.shape)} must share T and head_dim.")
     group = _group_size(num_q_heads, num_kv_heads)
     _check_head_geometry(head_dim, 0)
-    num_pairs = head_dim // 2
     if seq_len == 0:
         raise ValueError("Empty sequence: `q` and `k` have T=0.")
 
@@ -556,6 +562,20 @@ def mkl_pair_sensitivity(
     if rows.numel() == 0:
         raise ValueError("No query rows to evaluate: every position is padding or `query_index` is empty.")
 
+    kl_sum = _mkl_blocks(q, k, scale, visible, rows, group)
+    if kl_sum is None:
+        logger.debug("S_MKL: a term overflows float64 on this sample; using the logsumexp form.")
+        kl_sum = _mkl_reference(q, k, scale, visible, rows, group)
+    return kl_sum / rows.numel()
+
+
+def _mkl_reference(
+    q: torch.Tensor, k: torch.Tensor, scale: float, visible: torch.Tensor, rows: torch.Tensor, group: int
+) -> torch.Tensor:
+    """Reference S_MKL core (float64, validated inputs): the `[n_q, P]` sum over `rows` of the per-row KL, as
+    `E_P[C_j] + logsumexp(log P_t - C_j,t)` in blocks of pairs and rows of at most `_MKL_MAX_CHUNK_ELEMENTS`."""
+    num_q_heads, seq_len, head_dim = q.shape
+    num_pairs = head_dim // 2
     num_rows = rows.numel()
     row_chunk = max(1, min(num_rows, _MKL_MAX_CHUNK_ELEMENTS // (num_q_heads * seq_len)))
     pair_chunk = max(1, min(num_pairs, _MKL_MAX_CHUNK_ELEMENTS // (num_q_heads * row_chunk * seq_len)))
@@ -584,7 +604,62 @@ def mkl_pair_sensitivity(
             log_ratio = torch.logsumexp(log_probs.unsqueeze(0) - contrib, dim=-1)  # [J, n_q, R]
             kl = expected[..., pair_ids].permute(2, 0, 1) + log_ratio  # [J, n_q, R]
             kl_sum[:, pair_ids] += kl.clamp_min(0.0).sum(dim=-1).transpose(0, 1)
-    return kl_sum / num_rows
+    return kl_sum
+
+
+def _mkl_blocks(
+    q: torch.Tensor, k: torch.Tensor, scale: float, visible: torch.Tensor, rows: torch.Tensor, group: int
+) -> torch.Tensor | None:
+    """S_MKL core (float64, validated inputs): the `[n_q, P]` sum over `rows` of the per-row KL, or None when a term
+    overflows.
+
+    The reference's `E_P[C_j] + logsumexp(log P_t - C_j,t)` is evaluated as `log sum_s exp(x_ts)` with
+    `x_ts = log P_ts + E_P[C_j] - C_j,ts`: the same sum with `E_P[C_j]` moved into the exponent and no max shift
+    (`x` is small, the terms sum to about 1; a sample where one overflows goes to the reference). Per block,
+    `E_P[C_j] - C_j` is one batched matmul of inner size 2 per (pair, kv head), shared by the query heads of the
+    kv group, plus `log P`, one `exp` and one sum over the keys. The keys are first centred over the visible ones (a
+    per-row shift of the logits and of every `C_j`, which changes neither `P` nor the KL but keeps `x` free of a
+    key bias). Rows go in blocks of about `_MKL_BLOCK_ELEMENTS` terms, each block reading only the keys its rows see
+    (the causal triangle, not the square)."""
+    num_q_heads, _, head_dim = q.shape
+    num_kv_heads, num_pairs, num_rows = k.shape[0], head_dim // 2, rows.numel()
+    rows = rows.sort().values
+    seen = visible[rows]  # [R, T]
+    k = k - k[:, seen.any(dim=0)].mean(dim=1, keepdim=True)
+    # Layout [n_kv, R * group, ...]: a block of rows is a contiguous run of (row, query head) matrix rows.
+    q_rows = q[:, rows].view(num_kv_heads, group, num_rows, head_dim).transpose(1, 2)
+    q_rows = q_rows.reshape(num_kv_heads, num_rows * group, head_dim)
+    logits = scale * (q_rows @ k.transpose(-1, -2))  # [n_kv, R * group, T]
+    log_probs = torch.log_softmax(logits.masked_fill(~seen.repeat_interleave(group, dim=0), float("-inf")), dim=-1)
+    expected = scale * q_rows * (log_probs.exp() @ k)  # [n_kv, R * group, hd]
+    expected = (expected[..., :num_pairs] + expected[..., num_pairs:]).permute(2, 0, 1).contiguous()  # E_P[C_j]
+    q_pairs = q_rows.unflatten(-1, (2, num_pairs)).permute(3, 0, 1, 2).contiguous()  # [P, n_kv, R * group, 2]
+    k_pairs = k.unflatten(-1, (2, num_pairs)).permute(3, 0, 2, 1).contiguous()  # [P, n_kv, 2, T]
+
+    key_ends = (seen.cumsum(dim=-1).argmax(dim=-1) + 1).tolist()  # per row: keys up to its last visible one
+    totals = torch.empty(num_pairs, num_kv_heads, num_rows * group, dtype=q.dtype)
+    start = 0
+    while start < num_rows:
+        pair_chunk = max(1, min(num_pairs, _MKL_BLOCK_ELEMENTS // (num_q_heads * key_ends[start])))
+        stop = start + 1  # key_ends grows with the (sorted) rows
+        budget = _MKL_BLOCK_ELEMENTS // (pair_chunk * num_q_heads)
+        while stop < num_rows and (stop + 1 - start) * key_ends[stop] <= budget:
+            stop += 1
+        keys, block = max(key_ends[start:stop]), slice(group * start, group * stop)
+        for pair_start in range(0, num_pairs, pair_chunk):
+            pairs = slice(pair_start, pair_start + pair_chunk)
+            terms = torch.baddbmm(  # E_P[C_j] - C_j: [J * n_kv, block rows, S]
+                expected[pairs, :, block].flatten(0, 1)[..., None],
+                q_pairs[pairs, :, block].flatten(0, 1),
+                k_pairs[pairs, ..., :keys].flatten(0, 1),
+                alpha=-scale,
+            ).unflatten(0, (-1, num_kv_heads))
+            totals[pairs, :, block] = terms.add_(log_probs[:, block, :keys]).exp_().sum(dim=-1)
+        start = stop
+    if not bool(torch.isfinite(totals).all()):
+        return None
+    kl = totals.log_().clamp_min_(0.0).view(num_pairs, num_kv_heads, num_rows, group).transpose(2, 3)
+    return kl.reshape(num_pairs, num_q_heads, num_rows).sum(dim=-1).T
 
 
 def _check_mrope_section(mrope_section: list[int]) -> list[int]:

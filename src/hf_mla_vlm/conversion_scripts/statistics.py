@@ -244,6 +244,16 @@ def capture_layer_inputs(model, text_layers, samples: Iterable[dict], device) ->
     return captured
 
 
+@contextmanager
+def _removed(handles):
+    """Remove the hook `handles` when the block ends."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def attention_kind(attention: torch.nn.Module) -> str:
     """`native` for an original attention, else the `mla_stage` of a converted [`MLAAttention`]."""
     return attention.stage if isinstance(attention, MLAAttention) else "native"
@@ -371,14 +381,23 @@ def collect_statistics(
             seen["x"] = kwargs.get("hidden_states", args[0] if args else None)
             seen["rope"] = kwargs.get("position_embeddings")
 
-        with forward_pre_hook(attn, read_attention_input):
+        def read_output(name, seen=seen):
+            def hook(module, args, output):
+                seen[name] = output
+
+            return hook
+
+        # The pre-RoPE queries and keys the layer computes anyway (a native attention only).
+        handles = [attn.q_proj.register_forward_hook(read_output("q"))] if kind == "native" else []
+        handles += [attn.k_proj.register_forward_hook(read_output("k"))] if kind == "native" else []
+        with forward_pre_hook(attn, read_attention_input), _removed(handles):
             for i, kwargs in enumerate(inputs):
                 out = layer(hidden_cache.get(i).to(device), **to_device(kwargs, device))
                 hidden_cache.put(i, out[0] if isinstance(out, tuple) else out)
+                if not torch.isfinite(seen["x"]).all():  # checked before the (finiteness-preserving) widening
+                    raise ValueError(f"Layer {layer_idx}: non-finite attention inputs on calibration sample {i}.")
                 x = seen["x"][0].double().cpu()  # (T, d)
                 valid, is_image = valid_masks[i], image_masks[i]
-                if not torch.isfinite(x).all():
-                    raise ValueError(f"Layer {layer_idx}: non-finite attention inputs on calibration sample {i}.")
                 if i in prose_ids:
                     xp = x[valid & ~is_image]
                     prose_cov += xp.T @ xp
@@ -391,9 +410,8 @@ def collect_statistics(
                     target_tokens[modality] += xm.shape[0]
                 if i in heldout_ids or kind != "native":
                     continue
-                xs = seen["x"].float()
-                q = attn.q_proj(xs).view(1, -1, n_q, head_dim).transpose(1, 2).float()  # (1, H, T, D)
-                k = attn.k_proj(xs).view(1, -1, n_kv, head_dim).transpose(1, 2).float()
+                q = seen["q"].view(1, -1, n_q, head_dim).transpose(1, 2).float()  # (1, H, T, D)
+                k = seen["k"].view(1, -1, n_kv, head_dim).transpose(1, 2).float()
                 keep = valid.to(q.device)
                 q_norm += pair_norms(q[0].transpose(0, 1)[keep].flatten(1), n_q, head_dim).double().sum(0).cpu()
                 k_norm += pair_norms(k[0].transpose(0, 1)[keep].flatten(1), n_kv, head_dim).double().sum(0).cpu()
