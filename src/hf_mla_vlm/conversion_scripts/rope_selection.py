@@ -484,11 +484,11 @@ def mkl_pair_sensitivity(
         KL(P_t || P_t^(-j)) = sum_s P_ts C_j,ts + LSE_s(S_t - C_j,t) - LSE_s(S_t).
 
     It is evaluated in float64 as `log sum_s exp(log P_ts + E_P[C_j] - C_j,ts)` (the same sum, with `E_P[C_j]` moved
-    inside the exponent, which is then one rank-3 matmul plus `log P`), in blocks of query rows and pairs of at most
-    2**18 elements; a block of causal rows only reads the keys they see, and the query heads of a kv group share
-    their keys (cost `O(hd/2 * n_q * T_q * T)`, memory bounded for long sequences). Should a term overflow, the
-    sample is recomputed by the reference form `E_P[C_j] + logsumexp(log P_t - C_j,t)` (blocks of at most 2**23
-    elements), which the tests compare it with.
+    inside the exponent, which is then one rank-3 matmul plus `log P`), in blocks of query rows and pairs of about
+    `_MKL_BLOCK_ELEMENTS` (2**17) terms; a block of causal rows only reads the keys they see, and the query heads of
+    a kv group share their keys (cost `O(hd/2 * n_q * T_q * T)`, memory bounded for long sequences). Should a term
+    overflow, the sample is recomputed by the reference form `E_P[C_j] + logsumexp(log P_t - C_j,t)` (blocks of at
+    most 2**23 elements), which the tests compare it with.
 
     Zeroing a pair before or after the rotation is the same, so post-RoPE inputs can be used directly.
 

@@ -215,13 +215,18 @@ class SpilledLayers(Sequence):
 
 
 @contextmanager
-def forward_pre_hook(module: torch.nn.Module, hook):
-    """Register a keyword-aware forward pre-hook for the duration of the block; always removed."""
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+def hooks_removed(*handles):
+    """Remove the hook `handles` when the block ends, however it ends."""
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def forward_pre_hook(module: torch.nn.Module, hook):
+    """Register a keyword-aware forward pre-hook for the duration of the block; always removed."""
+    return hooks_removed(module.register_forward_pre_hook(hook, with_kwargs=True))
 
 
 @torch.no_grad()
@@ -242,16 +247,6 @@ def capture_layer_inputs(model, text_layers, samples: Iterable[dict], device) ->
             except _StopForward:
                 pass
     return captured
-
-
-@contextmanager
-def _removed(handles):
-    """Remove the hook `handles` when the block ends."""
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def attention_kind(attention: torch.nn.Module) -> str:
@@ -388,9 +383,9 @@ def collect_statistics(
             return hook
 
         # The pre-RoPE queries and keys the layer computes anyway (a native attention only).
-        handles = [attn.q_proj.register_forward_hook(read_output("q"))] if kind == "native" else []
-        handles += [attn.k_proj.register_forward_hook(read_output("k"))] if kind == "native" else []
-        with forward_pre_hook(attn, read_attention_input), _removed(handles):
+        projections = {"q": attn.q_proj, "k": attn.k_proj} if kind == "native" else {}
+        handles = [proj.register_forward_hook(read_output(name)) for name, proj in projections.items()]
+        with forward_pre_hook(attn, read_attention_input), hooks_removed(*handles):
             for i, kwargs in enumerate(inputs):
                 out = layer(hidden_cache.get(i).to(device), **to_device(kwargs, device))
                 hidden_cache.put(i, out[0] if isinstance(out, tuple) else out)
