@@ -592,14 +592,13 @@ def test_mkl_blocks_are_memory_bounded(monkeypatch):
     budget = 2**14
     monkeypatch.setattr(rope_selection, "_MKL_BLOCK_ELEMENTS", budget)
     largest = []
-    original_baddbmm = torch.baddbmm
+    original_baddbmm = torch.Tensor.baddbmm_
 
-    def recording_baddbmm(*args, **kwargs):
-        out = original_baddbmm(*args, **kwargs)
-        largest.append(out.numel())
-        return out
+    def recording_baddbmm(terms, *args, **kwargs):  # the block's terms, updated in place
+        largest.append(terms.numel())
+        return original_baddbmm(terms, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "baddbmm", recording_baddbmm)
+    monkeypatch.setattr(torch.Tensor, "baddbmm_", recording_baddbmm)
     generator = torch.Generator().manual_seed(14)
     seq_len = 512
     q = torch.randn(2, seq_len, 16, generator=generator)

@@ -10,7 +10,12 @@ from safetensors.torch import save_file
 
 from hf_mla_vlm.conversations import Conversation, builtin_conversations, encode_conversations
 from hf_mla_vlm.conversion_scripts.convert import convert
-from hf_mla_vlm.conversion_scripts.statistics import STATISTICS_FORMAT, CalibrationStatistics, collect_statistics
+from hf_mla_vlm.conversion_scripts.statistics import (
+    STATISTICS_FORMAT,
+    CalibrationStatistics,
+    SpilledLayers,
+    collect_statistics,
+)
 from hf_mla_vlm.errors import InputError
 from tests.utils import load_native
 
@@ -62,6 +67,27 @@ def test_statistics_round_trip_through_safetensors(stats, tmp_path):
         for name in ("q_pair_norm", "k_pair_norm", "mkl"):
             assert torch.equal(getattr(ours, name), getattr(theirs, name))
     assert [p.name for p in tmp_path.iterdir()] == ["stats.safetensors"]  # written atomically, no temporary left
+    # The d x d matrices stay in the file until a step reads them; the loaded statistics save again unchanged.
+    assert isinstance(loaded.layers, SpilledLayers)
+    assert all(layer.cov == {} and layer.heldout == {} and layer.prose is None for layer in loaded.layers.small)
+    loaded.save(tmp_path / "again.safetensors")
+    assert _tensors(tmp_path / "again.safetensors") == _tensors(path)
+
+
+def _tensors(path) -> dict:
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key).tolist() for key in handle.keys()}
+
+
+def test_a_file_without_a_layer_matrix_is_refused_when_loaded(stats, tmp_path):
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys() if key != "layers.1.heldout.image"}
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(InputError, match="incomplete calibration statistics .*layers.1.heldout.image"):
+        CalibrationStatistics.load(path)
 
 
 class _Payload:
@@ -103,3 +129,48 @@ def test_other_files_are_refused(tmp_path):
     save_file({"x": torch.zeros(2)}, tmp_path / "cut.safetensors", metadata={"format": STATISTICS_FORMAT})
     with pytest.raises(InputError, match="incomplete calibration statistics"):
         CalibrationStatistics.load(tmp_path / "cut.safetensors")
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _collect(model, processor, **kwargs):
+    samples = list(encode_conversations(processor, builtin_conversations(9)))
+    prose = list(encode_conversations(processor, [_TEXT_ONLY]))
+    return collect_statistics(model, samples, [model.config.image_token_id], device="cpu", progress=False,
+                              heldout_prose=prose, **kwargs)  # fmt: skip
+
+
+def test_the_statistics_thread_gives_the_inline_statistics(native_checkpoints, threads):
+    """With two torch threads the float64 statistics run on a second thread beside the layer forwards, one torch
+    thread each: every field equals the inline computation's on one thread (same inputs, same order, same draws)."""
+    model, processor = load_native(native_checkpoints["qwen2_5_vl"])
+    threads(1)
+    inline = _collect(model, processor)
+    threads(2)
+    pipelined = _collect(model, processor)
+    assert torch.get_num_threads() == 2  # restored after the layer loops
+    assert inline.token_counts == pipelined.token_counts and inline.heldout_counts == pipelined.heldout_counts
+    for ours, theirs in zip(pipelined.layers, inline.layers):
+        for name in ("q_pair_norm", "k_pair_norm", "mkl", "prose"):
+            assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+        for modality in ("text", "image"):
+            assert torch.equal(ours.cov[modality], theirs.cov[modality])
+            assert torch.equal(ours.heldout[modality], theirs.heldout[modality])
+        assert (ours.tokens, ours.heldout_tokens, ours.prose_tokens) == (
+            theirs.tokens, theirs.heldout_tokens, theirs.prose_tokens)  # fmt: skip
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_non_finite_attention_inputs_name_the_layer_and_sample(native_checkpoints, threads, count):
+    model, processor = load_native(native_checkpoints["llava"])
+    with torch.no_grad():
+        model.model.language_model.layers[1].input_layernorm.weight[3] = float("nan")
+    threads(count)
+    with pytest.raises(ValueError, match="Layer 1: non-finite attention inputs on calibration sample 0"):
+        _collect(model, processor)
+    assert torch.get_num_threads() == count  # restored when the statistics thread failed

@@ -648,13 +648,11 @@ def _mkl_blocks(
         keys, block = max(key_ends[start:stop]), slice(group * start, group * stop)
         for pair_start in range(0, num_pairs, pair_chunk):
             pairs = slice(pair_start, pair_start + pair_chunk)
-            terms = torch.baddbmm(  # E_P[C_j] - C_j: [J * n_kv, block rows, S]
-                expected[pairs, :, block].flatten(0, 1)[..., None],
-                q_pairs[pairs, :, block].flatten(0, 1),
-                k_pairs[pairs, ..., :keys].flatten(0, 1),
-                alpha=-scale,
-            ).unflatten(0, (-1, num_kv_heads))
-            totals[pairs, :, block] = terms.add_(log_probs[:, block, :keys]).exp_().sum(dim=-1)
+            terms = torch.add(expected[pairs, :, block, None], log_probs[:, block, :keys])  # [J, n_kv, rows, S]
+            terms.flatten(0, 1).baddbmm_(  # log P + E_P[C_j] - C_j
+                q_pairs[pairs, :, block].flatten(0, 1), k_pairs[pairs, ..., :keys].flatten(0, 1), alpha=-scale
+            )
+            totals[pairs, :, block] = terms.exp_().sum(dim=-1)
         start = stop
     if not bool(torch.isfinite(totals).all()):
         return None

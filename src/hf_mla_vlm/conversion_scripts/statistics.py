@@ -14,6 +14,9 @@ and modality they accumulate, in float64 on CPU:
 * the mean per-pair 2-norms of the pre-RoPE queries and keys (the S_2-norm scores of MHA2MLA);
 * the closed-form KL sensitivity of every rotary pair (S_MKL, method.md 2.3), on a random subset of query rows.
 
+The float64 work of a sample (covariances, MKL) runs on a second thread while the layer runs the next samples
+([`statistics_pipeline`]); the pair norms and rotary inputs are computed beside the forward, on the layer's device.
+
 On a converted (MLA) model the rotary pairs are fixed already: only the covariances are collected there, and the
 pair norms / MKL fields are NaN (`settings["attention"]` records which kind of attention was measured).
 
@@ -31,6 +34,7 @@ import math
 import os
 import random
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -124,6 +128,11 @@ class CalibrationStatistics:
     def load(cls, path: str | os.PathLike) -> "CalibrationStatistics":
         """Read statistics written by [`~CalibrationStatistics.save`] (safetensors; never unpickles anything).
 
+        Only the counts, pair norms and MKL scores are read here; each layer's `d x d` matrices (up to five float64
+        `hidden x hidden` ones) stay in the file and are read when a step uses them (`layers` is a
+        [`SpilledLayers`]), so host memory does not grow with the number of layers. The file must stay in place
+        while the statistics are in use.
+
         Raises:
             `FileNotFoundError`: no file at `path`.
             `InputError`: the file is not hf-mla-vlm statistics, or is an old pickle file (`torch.save`), which is
@@ -135,7 +144,8 @@ class CalibrationStatistics:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+                keys = set(handle.keys())
+                small = {key: handle.get_tensor(key) for key in keys if key.rsplit(".", 1)[-1] in _TENSOR_FIELDS}
         except (SafetensorError, OSError, ValueError) as error:
             with open(path, "rb") as handle:
                 head = handle.read(4)
@@ -153,22 +163,21 @@ class CalibrationStatistics:
             )
         try:
             description = json.loads(metadata["statistics"])
-            layers = []
+            layers = SpilledLayers()
             for i in range(description["num_layers"]):
-                modality = {
-                    name: {m: tensors[f"layers.{i}.{name}.{m}"] for m in ("text", "image")}
-                    for name in _MODALITY_FIELDS
-                }
-                layers.append(
-                    LayerStatistics(
-                        **modality,
-                        tokens=description["tokens"][i],
-                        heldout_tokens=description["heldout_tokens"][i],
-                        **{name: tensors[f"layers.{i}.{name}"] for name in _TENSOR_FIELDS},
-                        prose=tensors.get(f"layers.{i}.prose"),  # absent in files without held-out prose
-                        prose_tokens=description.get("prose_tokens", [0] * (i + 1))[i],
-                    )
+                prefix = f"layers.{i}."
+                missing = {f"{prefix}{name}.{m}" for name in _MODALITY_FIELDS for m in ("text", "image")} - keys
+                if missing:
+                    raise KeyError(sorted(missing)[0])
+                layer = LayerStatistics(
+                    cov={},
+                    heldout={},
+                    tokens=description["tokens"][i],
+                    heldout_tokens=description["heldout_tokens"][i],
+                    **{name: small[f"{prefix}{name}"] for name in _TENSOR_FIELDS},
+                    prose_tokens=description.get("prose_tokens", [0] * (i + 1))[i],
                 )
+                layers.attach(layer, path, prefix, has_prose=f"{prefix}prose" in keys)  # absent in older files
             return cls(
                 layers=layers,
                 token_counts=TokenCounts(**description["token_counts"]),
@@ -182,13 +191,15 @@ class CalibrationStatistics:
 
 
 class SpilledLayers(Sequence):
-    """Per-layer statistics whose `d x d` matrices live in one safetensors file per layer (`spill`): indexing reads a
-    layer's held-out prose matrix, and its covariances one at a time on access (`SpilledTensors`), so that only the
-    layer a step works on costs memory. The small fields (counts, pair norms, MKL) stay in memory (`small`)."""
+    """Per-layer statistics whose `d x d` matrices stay in safetensors files: one file per layer written by `spill`
+    during a collection, or a saved statistics file (`CalibrationStatistics.load`, one prefix per layer). Indexing
+    reads a layer's held-out prose matrix, and its covariances one at a time on access (`SpilledTensors`), so that
+    only the layer a step works on costs memory. The small fields (counts, pair norms, MKL) stay in memory
+    (`small`)."""
 
     def __init__(self):
         self.small: list[LayerStatistics] = []  # the layers without their d x d matrices
-        self.paths: list[Path] = []
+        self.files: list[tuple[Path, str]] = []  # per layer: the file holding its matrices, and their key prefix
         self.has_prose: list[bool] = []
 
     def spill(self, layer: LayerStatistics, path: Path) -> None:
@@ -198,9 +209,14 @@ class SpilledLayers(Sequence):
             tensors["prose"] = layer.prose.contiguous()
         with atomic_file(path) as temporary:
             save_file(tensors, str(temporary))
+        self.attach(layer, path, "", layer.prose is not None)
+
+    def attach(self, layer: LayerStatistics, path: Path, prefix: str, has_prose: bool) -> None:
+        """Add a layer whose matrices are in `path` under `prefix` (`<prefix>cov.text`, ..., `<prefix>prose`); only
+        `layer`'s small fields are kept."""
         self.small.append(replace(layer, cov={}, heldout={}, prose=None))
-        self.paths.append(path)
-        self.has_prose.append(layer.prose is not None)
+        self.files.append((Path(path), prefix))
+        self.has_prose.append(has_prose)
 
     def __len__(self) -> int:
         return len(self.small)
@@ -208,9 +224,9 @@ class SpilledLayers(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        path = self.paths[index]
-        lazy = {name: SpilledTensors(path, ("text", "image"), prefix=f"{name}.") for name in _MODALITY_FIELDS}
-        prose = SpilledTensors(path, ("prose",))["prose"] if self.has_prose[index] else None
+        path, prefix = self.files[index]
+        lazy = {name: SpilledTensors(path, ("text", "image"), prefix=f"{prefix}{name}.") for name in _MODALITY_FIELDS}
+        prose = SpilledTensors(path, ("prose",), prefix=prefix)["prose"] if self.has_prose[index] else None
         return replace(self.small[index], **lazy, prose=prose)
 
 
@@ -227,6 +243,38 @@ def hooks_removed(*handles):
 def forward_pre_hook(module: torch.nn.Module, hook):
     """Register a keyword-aware forward pre-hook for the duration of the block; always removed."""
     return hooks_removed(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+
+@contextmanager
+def statistics_pipeline(device: torch.device, queued: int = 3):
+    """Yield `run(fn, *args)`, which calls `fn(*args)` on one background thread, in submission order, with at most
+    `queued` calls outstanding (the caller waits beyond that), so that a layer's statistics of the last samples are
+    computed while the layer runs the next ones. The calls see the same inputs in the same order as inline calls, so
+    the statistics are the same. With one torch thread there is nothing to overlap and `run` calls inline. When the
+    layers run on the CPU too, the intra-op threads are split between the two sides for the block
+    (`torch.set_num_threads`, restored after) so that they do not compete for the cores. A call's exception is raised
+    in the caller, at a later `run` or when the block ends."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        yield lambda fn, *args: fn(*args)
+        return
+    if device.type == "cpu":
+        torch.set_num_threads(threads // 2)
+    pending: list[Future] = []
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibration-statistics")
+
+    def run(fn, *args):
+        while len(pending) >= queued:
+            pending.pop(0).result()
+        pending.append(executor.submit(torch.no_grad()(fn), *args))
+
+    try:
+        yield run
+        while pending:
+            pending.pop(0).result()
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -256,6 +304,79 @@ def attention_kind(attention: torch.nn.Module) -> str:
 
 def _apply_full_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+class _LayerAccumulator:
+    """One decoder layer's statistics, added sample by sample (float64, CPU): `rotary_terms` runs in the caller, on
+    the layer's device, `add` on the statistics thread (`statistics_pipeline`)."""
+
+    def __init__(self, layer_idx: int, hidden: int, n_q: int, n_kv: int, head_dim: int, scaling: float, *,
+                 with_prose: bool):  # fmt: skip
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        self.layer_idx, self.n_q, self.n_kv, self.head_dim, self.scaling = layer_idx, n_q, n_kv, head_dim, scaling
+        self.cov = {m: zeros(hidden, hidden) for m in ("text", "image")}
+        self.held = {m: zeros(hidden, hidden) for m in ("text", "image")}
+        self.tokens, self.held_tokens = {"text": 0, "image": 0}, {"text": 0, "image": 0}
+        self.prose, self.prose_tokens = (zeros(hidden, hidden) if with_prose else None), 0
+        self.q_norm, self.k_norm, self.norm_tokens = zeros(n_q, head_dim // 2), zeros(n_kv, head_dim // 2), 0
+        self.mkl, self.mkl_rows = zeros(n_q, head_dim // 2), 0
+
+    def rotary_terms(self, q, k, rope, valid: torch.Tensor, rng: random.Random, num_rows: int):
+        """Add a calibration sample's pre-RoPE pair norms (`q`, `k`: the projections' outputs) and return what its
+        MKL term needs: the post-RoPE `q`, `k` on the CPU and `num_rows` query rows drawn with `rng`."""
+        q = q.view(1, -1, self.n_q, self.head_dim).transpose(1, 2).float()  # (1, H, T, D)
+        k = k.view(1, -1, self.n_kv, self.head_dim).transpose(1, 2).float()
+        keep = valid.to(q.device)
+        for total, x, heads in ((self.q_norm, q, self.n_q), (self.k_norm, k, self.n_kv)):
+            total += pair_norms(x[0].transpose(0, 1)[keep].flatten(1), heads, self.head_dim).double().sum(0).cpu()
+        self.norm_tokens += int(keep.sum())
+        cos, sin = rope
+        q_rot, k_rot = _apply_full_rope(q, cos.float(), sin.float()), _apply_full_rope(k, cos.float(), sin.float())
+        rows = keep.nonzero().flatten().tolist()
+        rows = sorted(rng.sample(rows, min(len(rows), num_rows)))
+        return q_rot[0].cpu(), k_rot[0].cpu(), torch.tensor(rows)
+
+    def add(self, i: int, x: torch.Tensor, valid: torch.Tensor, is_image: torch.Tensor, role: str, rotary) -> None:
+        """Add sample `i`'s attention input `x` (`(1, T, d)`) to the covariances of its `role` (`calibration`,
+        `heldout` or `prose`) and its MKL term (`rotary_terms`, or None)."""
+        if not torch.isfinite(x).all():  # checked before the (finiteness-preserving) widening
+            raise ValueError(f"Layer {self.layer_idx}: non-finite attention inputs on calibration sample {i}.")
+        x = x[0].double().cpu()  # (T, d)
+        if role == "prose":
+            xp = x[valid & ~is_image]
+            self.prose += xp.T @ xp
+            self.prose_tokens += xp.shape[0]
+            return
+        target, target_tokens = (self.held, self.held_tokens) if role == "heldout" else (self.cov, self.tokens)
+        for modality, select in (("text", valid & ~is_image), ("image", valid & is_image)):
+            xm = x[select]
+            target[modality] += xm.T @ xm
+            target_tokens[modality] += xm.shape[0]
+        if rotary is not None:
+            q_rot, k_rot, rows = rotary
+            sens = mkl_pair_sensitivity(q_rot, k_rot, self.scaling, key_padding_mask=valid, query_index=rows)
+            self.mkl += sens * rows.numel()
+            self.mkl_rows += rows.numel()
+
+    def result(self) -> LayerStatistics:
+        matrices = [*self.cov.items(), *self.held.items()] + (
+            [("prose", self.prose)] if self.prose is not None else []
+        )
+        for name, tensor in matrices:
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"Layer {self.layer_idx}: non-finite {name} covariance; check the model and data.")
+        mean = lambda total, count: total / count if count else torch.full_like(total, math.nan)  # noqa: E731
+        return LayerStatistics(
+            cov=self.cov,
+            heldout=self.held,
+            tokens=self.tokens,
+            heldout_tokens=self.held_tokens,
+            q_pair_norm=mean(self.q_norm, self.norm_tokens),
+            k_pair_norm=mean(self.k_norm, self.norm_tokens),
+            mkl=mean(self.mkl, self.mkl_rows),
+            prose=self.prose,
+            prose_tokens=self.prose_tokens,
+        )
 
 
 @torch.no_grad()
@@ -309,7 +430,7 @@ def collect_statistics(
     text = model.config.text_config
     n_q, n_kv = text.num_attention_heads, text.num_key_value_heads
     head_dim = text_head_dim(text)
-    num_pairs, hidden = head_dim // 2, text.hidden_size
+    hidden = text.hidden_size
     rng = random.Random(seed)
     image_ids = torch.tensor(image_token_ids)
     with_images = [i for i, sample in enumerate(samples) if torch.isin(sample["input_ids"], image_ids).any()]
@@ -356,20 +477,16 @@ def collect_statistics(
     del captured
 
     stats = SpilledLayers() if spill_folder is not None else []
+    roles = [
+        "prose" if i in prose_ids else "heldout" if i in heldout_ids else "calibration" for i in range(len(samples))
+    ]
     for layer_idx, layer in enumerate(tqdm(text_layers, desc="Calibration statistics (layers)", disable=not progress)):
         if weights is not None:
             weights.load_into(model, in_layers[layer_idx], torch.float32, device)
         else:
             layer.to(device)
         attn = layer.self_attn
-        cov = {m: torch.zeros(hidden, hidden, dtype=torch.float64) for m in ("text", "image")}
-        held = {m: torch.zeros(hidden, hidden, dtype=torch.float64) for m in ("text", "image")}
-        tokens, held_tokens = {"text": 0, "image": 0}, {"text": 0, "image": 0}
-        q_norm = torch.zeros(n_q, num_pairs, dtype=torch.float64)
-        k_norm = torch.zeros(n_kv, num_pairs, dtype=torch.float64)
-        mkl = torch.zeros(n_q, num_pairs, dtype=torch.float64)
-        prose_cov, prose_tokens = (torch.zeros(hidden, hidden, dtype=torch.float64), 0) if prose else (None, 0)
-        norm_tokens, mkl_rows = 0, 0
+        accumulator = _LayerAccumulator(layer_idx, hidden, n_q, n_kv, head_dim, attn.scaling, with_prose=bool(prose))
         seen = {}
 
         def read_attention_input(module, args, kwargs, seen=seen):
@@ -385,71 +502,25 @@ def collect_statistics(
         # The pre-RoPE queries and keys the layer computes anyway (a native attention only).
         projections = {"q": attn.q_proj, "k": attn.k_proj} if kind == "native" else {}
         handles = [proj.register_forward_hook(read_output(name)) for name, proj in projections.items()]
-        with forward_pre_hook(attn, read_attention_input), hooks_removed(*handles):
+        with forward_pre_hook(attn, read_attention_input), hooks_removed(*handles), statistics_pipeline(device) as run:
             for i, kwargs in enumerate(inputs):
                 out = layer(hidden_cache.get(i).to(device), **to_device(kwargs, device))
                 hidden_cache.put(i, out[0] if isinstance(out, tuple) else out)
-                if not torch.isfinite(seen["x"]).all():  # checked before the (finiteness-preserving) widening
-                    raise ValueError(f"Layer {layer_idx}: non-finite attention inputs on calibration sample {i}.")
-                x = seen["x"][0].double().cpu()  # (T, d)
-                valid, is_image = valid_masks[i], image_masks[i]
-                if i in prose_ids:
-                    xp = x[valid & ~is_image]
-                    prose_cov += xp.T @ xp
-                    prose_tokens += xp.shape[0]
-                    continue
-                target, target_tokens = (held, held_tokens) if i in heldout_ids else (cov, tokens)
-                for modality, select in (("text", valid & ~is_image), ("image", valid & is_image)):
-                    xm = x[select]
-                    target[modality] += xm.T @ xm
-                    target_tokens[modality] += xm.shape[0]
-                if i in heldout_ids or kind != "native":
-                    continue
-                q = seen["q"].view(1, -1, n_q, head_dim).transpose(1, 2).float()  # (1, H, T, D)
-                k = seen["k"].view(1, -1, n_kv, head_dim).transpose(1, 2).float()
-                keep = valid.to(q.device)
-                q_norm += pair_norms(q[0].transpose(0, 1)[keep].flatten(1), n_q, head_dim).double().sum(0).cpu()
-                k_norm += pair_norms(k[0].transpose(0, 1)[keep].flatten(1), n_kv, head_dim).double().sum(0).cpu()
-                norm_tokens += int(keep.sum())
-                cos, sin = seen["rope"]
-                q_rot, k_rot = (
-                    _apply_full_rope(q, cos.float(), sin.float()),
-                    _apply_full_rope(k, cos.float(), sin.float()),
-                )
-                rows = keep.nonzero().flatten().tolist()
-                rows = sorted(rng.sample(rows, min(len(rows), mkl_queries_per_sample)))
-                sens = mkl_pair_sensitivity(
-                    q_rot[0].cpu(),
-                    k_rot[0].cpu(),
-                    attn.scaling,
-                    key_padding_mask=valid,
-                    query_index=torch.tensor(rows),
-                )
-                mkl += sens * len(rows)
-                mkl_rows += len(rows)
+                rotary = None
+                if kind == "native" and roles[i] == "calibration":
+                    rotary = accumulator.rotary_terms(seen["q"], seen["k"], seen["rope"], valid_masks[i], rng,
+                                                      mkl_queries_per_sample)  # fmt: skip
+                run(accumulator.add, i, seen["x"], valid_masks[i], image_masks[i], roles[i], rotary)
         if weights is not None:
             release(model, in_layers[layer_idx])
         else:
             layer.to(original_device)
-        for name, tensor in list(cov.items()) + list(held.items()) + ([("prose", prose_cov)] if prose else []):
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"Layer {layer_idx}: non-finite {name} covariance; check the model and data.")
-        layer_stats = LayerStatistics(
-            cov=cov,
-            heldout=held,
-            tokens=tokens,
-            heldout_tokens=held_tokens,
-            q_pair_norm=q_norm / norm_tokens if norm_tokens else torch.full_like(q_norm, math.nan),
-            k_pair_norm=k_norm / norm_tokens if norm_tokens else torch.full_like(k_norm, math.nan),
-            mkl=mkl / mkl_rows if mkl_rows else torch.full_like(mkl, math.nan),
-            prose=prose_cov,
-            prose_tokens=prose_tokens,
-        )
+        layer_stats = accumulator.result()
         if spill_folder is not None:
             stats.spill(layer_stats, Path(spill_folder) / f"layer-{layer_idx:05d}.safetensors")
         else:
             stats.append(layer_stats)
-        del layer_stats, cov, held, prose_cov
+        del layer_stats, accumulator
     hidden_cache.clear()
     return CalibrationStatistics(
         layers=stats,
