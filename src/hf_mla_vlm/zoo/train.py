@@ -34,6 +34,7 @@ from transformers.utils import logging
 from hf_mla_vlm.training.data import IGNORE_INDEX, ChatCollator
 from hf_mla_vlm.training.distill import distillation_kl, text_windows
 from hf_mla_vlm.utils import resolve_device, to_device, write_text_atomically
+from hf_mla_vlm.zoo.batched_attention import batch_vision_attention
 from hf_mla_vlm.zoo.lm_delta import add_lm_deltas, deltas_disabled, lm_delta_state, load_lm_deltas
 from hf_mla_vlm.zoo.models import (
     build_zoo_model,
@@ -228,62 +229,67 @@ def train_vision(
     schedule = BudgetedCosine(steps, warmup_steps, max_minutes)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    log = {"losses": [], "validation": []}
-    started = time.perf_counter()
-    data = iter(loader)
-    step, tokens, text_tokens, running, running_text = 0, 0, 0, [], []
-    bar = tqdm(total=steps, desc=f"zoo {name}", disable=not progress)
-    while step < steps:
-        batch = to_device(next(data), device, non_blocking=True)
-        tokens += int(batch["attention_mask"].sum())
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
-            loss = model(**batch).loss
-        running.append(loss.detach())
-        if text is not None:
-            kl, count = text.loss(model, device, on_cuda)
-            loss = loss + text_weight * kl
-            running_text.append(kl.detach())
-            text_tokens += count
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        timed_out = schedule.progress(step) >= 1.0 and step < steps
-        if step % 50 == 0 or step == steps or timed_out:  # a time-budget stop logs its last losses too
-            mean = torch.stack(running).float().mean().item()
-            entry = {"step": step, "loss": mean, "lr": scheduler.get_last_lr()[0]}
-            if running_text:
-                entry["text_kl"] = torch.stack(running_text).float().mean().item()
-            running, running_text = [], []
-            log["losses"].append(entry)
-            bar.set_postfix(
-                loss=f"{mean:.3f}", **({"text_kl": f"{entry['text_kl']:.4f}"} if "text_kl" in entry else {})
+    # Qwen2.5-VL's vision attention in one call per block instead of one per image and window (batched_attention).
+    with batch_vision_attention(model) as batched_attention:
+        log = {"losses": [], "validation": []}
+        started = time.perf_counter()
+        data = iter(loader)
+        step, tokens, text_tokens, running, running_text = 0, 0, 0, [], []
+        bar = tqdm(total=steps, desc=f"zoo {name}", disable=not progress)
+        while step < steps:
+            batch = to_device(next(data), device, non_blocking=True)
+            tokens += int(batch["attention_mask"].sum())
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
+                loss = model(**batch).loss
+            running.append(loss.detach())
+            if text is not None:
+                kl, count = text.loss(model, device, on_cuda)
+                loss = loss + text_weight * kl
+                running_text.append(kl.detach())
+                text_tokens += count
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            timed_out = schedule.progress(step) >= 1.0 and step < steps
+            if step % 50 == 0 or step == steps or timed_out:  # a time-budget stop logs its last losses too
+                mean = torch.stack(running).float().mean().item()
+                entry = {"step": step, "loss": mean, "lr": scheduler.get_last_lr()[0]}
+                if running_text:
+                    entry["text_kl"] = torch.stack(running_text).float().mean().item()
+                running, running_text = [], []
+                log["losses"].append(entry)
+                bar.set_postfix(
+                    loss=f"{mean:.3f}", **({"text_kl": f"{entry['text_kl']:.4f}"} if "text_kl" in entry else {})
+                )
+            if step % eval_every == 0 or step == steps or timed_out:
+                model.eval()
+                accuracy = per_type_accuracy(validation, teacher_forced_correct(model, val_batches, device, on_cuda))
+                accuracy = accuracy["accuracy"]
+                model.train()
+                log["validation"].append(
+                    {"step": step, "accuracy": accuracy, "minutes": (time.perf_counter() - started) / 60}
+                )
+                logger.warning(f"{name} step {step}: validation accuracy {accuracy:.3f}")
+            if timed_out:
+                logger.warning(f"{name}: stopping at step {step} after {max_minutes} minutes")
+                break
+        bar.close()
+        train_seconds = time.perf_counter() - started
+        model.eval()
+        if test_samples:
+            test = generate_split("test", test_samples, seed=seed, image_size=spec.render_size)
+            batches = (
+                collator([s.to_conversation() for s in test[i : i + batch_size]])
+                for i in range(0, len(test), batch_size)
             )
-        if step % eval_every == 0 or step == steps or timed_out:
-            model.eval()
-            accuracy = per_type_accuracy(validation, teacher_forced_correct(model, val_batches, device, on_cuda))
-            accuracy = accuracy["accuracy"]
-            model.train()
-            log["validation"].append(
-                {"step": step, "accuracy": accuracy, "minutes": (time.perf_counter() - started) / 60}
+            log["test_teacher_forced"] = per_type_accuracy(
+                test, teacher_forced_correct(model, batches, device, on_cuda)
             )
-            logger.warning(f"{name} step {step}: validation accuracy {accuracy:.3f}")
-        if timed_out:
-            logger.warning(f"{name}: stopping at step {step} after {max_minutes} minutes")
-            break
-    bar.close()
-    train_seconds = time.perf_counter() - started
-    model.eval()
-    if test_samples:
-        test = generate_split("test", test_samples, seed=seed, image_size=spec.render_size)
-        batches = (
-            collator([s.to_conversation() for s in test[i : i + batch_size]]) for i in range(0, len(test), batch_size)
-        )
-        log["test_teacher_forced"] = per_type_accuracy(test, teacher_forced_correct(model, batches, device, on_cuda))
-        logger.warning(f"{name}: test accuracy (teacher-forced) {log['test_teacher_forced']}")
+            logger.warning(f"{name}: test accuracy (teacher-forced) {log['test_teacher_forced']}")
     settings = dict(
         steps_planned=steps, steps_done=step, batch_size=batch_size, learning_rate=learning_rate,
         weight_decay=weight_decay, warmup_steps=warmup_steps, seed=seed, init_weights=str(init_weights or ""),
@@ -291,7 +297,7 @@ def train_vision(
         total_parameters=num_total, render_size=spec.render_size, lm_rank=lm_rank,
         lm_learning_rate=lm_learning_rate if lm_rank else None, text_batch_size=text_batch_size if lm_rank else None,
         text_seq_len=text_seq_len if lm_rank else None, text_weight=text_weight if lm_rank else None,
-        text_tokens_seen=text_tokens,
+        text_tokens_seen=text_tokens, batched_vision_attention=batched_attention,
         tokens_per_second=round((tokens + text_tokens) / train_seconds, 1),
     )  # fmt: skip
     import transformers
