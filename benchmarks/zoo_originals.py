@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from results_io import write_results
+from zoo_quality import eval_settings
 
 import hf_mla_vlm  # noqa: F401
 from hf_mla_vlm.assets import load_smollm2, wikipedia_split
@@ -101,14 +102,7 @@ def run(args) -> dict:
     return {
         "rows": rows,
         "targets": TARGETS,
-        "eval": {
-            "vqa_split": "test",
-            "vqa_samples": args.num_samples,
-            "seed": args.seed,
-            "wikipedia_split": "test",
-            "seq_len": args.seq_len,
-            "max_sequences": args.max_sequences,
-        },
+        "eval": eval_settings(args),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "environment": environment(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

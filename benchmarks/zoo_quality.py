@@ -47,6 +47,12 @@ KV_RANKS = (8, 16, 32)
 AXIS_MINIMUM = {"t": 0, "h": 2, "w": 2}
 
 
+def eval_settings(args) -> dict:
+    """The evaluation `score` runs with `args`: VQA on the test split, perplexity on Wikipedia's test split."""
+    return {"vqa_split": "test", "vqa_samples": args.num_samples, "seed": args.seed, "wikipedia_split": "test",
+            "seq_len": args.seq_len, "max_sequences": args.max_sequences}  # fmt: skip
+
+
 def score(model, processor, samples, texts, args) -> dict:
     vqa = vqa_accuracy(model, processor, samples, batch_size=args.batch_size, progress=False)
     ppl = perplexity(model, processor.tokenizer, texts, seq_len=args.seq_len, max_sequences=args.max_sequences)
@@ -116,14 +122,7 @@ def run(args) -> dict:
     return {
         **header,
         "complete": True,
-        "eval": {
-            "vqa_split": "test",
-            "vqa_samples": args.num_samples,
-            "seed": args.seed,
-            "wikipedia_split": "test",
-            "seq_len": args.seq_len,
-            "max_sequences": args.max_sequences,
-        },  # fmt: skip
+        "eval": eval_settings(args),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "environment": environment(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -35,11 +35,11 @@ def test_batched_vision_attention_equals_the_chunked_one(qwen, sizes, monkeypatc
     original = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **k: calls.append(k.get("attn_mask") is None) or original(*a, **k))  # fmt: skip
-    before = dict(model.state_dict())
+    before = dict(model.named_parameters())
     with batch_vision_attention(model) as swapped:
         assert swapped == model.config.vision_config.depth
         assert all(isinstance(block.attn, BatchedVisionAttention) for block in model.model.visual.blocks)
-        assert model.state_dict().keys() == before.keys()
+        assert dict(model.named_parameters()) == before  # the same parameters under the same names
         actual, input_grad, grads = _tower(model, processor, sizes)
     assert len(calls) == model.config.vision_config.depth  # one call per block
     assert all(calls) == (len(set(sizes)) == 1)  # equal images have equal windows: a batch, no mask
@@ -49,7 +49,7 @@ def test_batched_vision_attention_equals_the_chunked_one(qwen, sizes, monkeypatc
     for name in grads:
         assert relative_error(expected_grads[name], grads[name]) < 1e-5, name
     assert not any(isinstance(m, BatchedVisionAttention) for m in model.modules())  # the originals are back
-    assert all(model.state_dict()[k] is not None and torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert dict(model.named_parameters()) == before
 
 
 def test_models_without_a_qwen_tower_are_left_alone(native_checkpoints):

@@ -613,14 +613,14 @@ def _mkl_blocks(
     """S_MKL core (float64, validated inputs): the `[n_q, P]` sum over `rows` of the per-row KL, or None when a term
     overflows.
 
-    The reference's `E_P[C_j] + logsumexp(log P_t - C_j,t)` is evaluated as `log sum_s exp(x_ts)` with
-    `x_ts = log P_ts + E_P[C_j] - C_j,ts`: the same sum with `E_P[C_j]` moved into the exponent and no max shift
-    (`x` is small, the terms sum to about 1; a sample where one overflows goes to the reference). Per block,
-    `E_P[C_j] - C_j` is one batched matmul of inner size 2 per (pair, kv head), shared by the query heads of the
-    kv group, plus `log P`, one `exp` and one sum over the keys. The keys are first centred over the visible ones (a
-    per-row shift of the logits and of every `C_j`, which changes neither `P` nor the KL but keeps `x` free of a
-    key bias). Rows go in blocks of about `_MKL_BLOCK_ELEMENTS` terms, each block reading only the keys its rows see
-    (the causal triangle, not the square)."""
+    The reference's `E_P[C_j] + logsumexp(log P_t - C_j,t)` is evaluated as `log sum_s exp(x_ts)` with `x_ts = log
+    P_ts + E_P[C_j] - C_j,ts`: the same sum with `E_P[C_j]` moved into the exponent and no max shift (`x` is small,
+    the terms sum to about 1; a sample where one overflows goes to the reference). Per block, `x` starts as `log P +
+    E_P[C_j]`, one batched matmul of inner size 2 per (pair, kv head), shared by the query heads of the kv group,
+    subtracts `C_j` in place, then one `exp` and one sum over the keys. The keys are first centred over the visible
+    ones (a per-row shift of the logits and of every `C_j`, which changes neither `P` nor the KL but keeps `x` free
+    of a key bias). Rows go in blocks of about `_MKL_BLOCK_ELEMENTS` terms, each block reading only the keys its
+    rows see (the causal triangle, not the square)."""
     num_q_heads, _, head_dim = q.shape
     num_kv_heads, num_pairs, num_rows = k.shape[0], head_dim // 2, rows.numel()
     rows = rows.sort().values

@@ -250,10 +250,10 @@ def statistics_pipeline(device: torch.device, queued: int = 3):
     """Yield `run(fn, *args)`, which calls `fn(*args)` on one background thread, in submission order, with at most
     `queued` calls outstanding (the caller waits beyond that), so that a layer's statistics of the last samples are
     computed while the layer runs the next ones. The calls see the same inputs in the same order as inline calls, so
-    the statistics are the same. With one torch thread there is nothing to overlap and `run` calls inline. When the
-    layers run on the CPU too, the intra-op threads are split between the two sides for the block
-    (`torch.set_num_threads`, restored after) so that they do not compete for the cores. A call's exception is raised
-    in the caller, at a later `run` or when the block ends."""
+    the statistics are those of an inline run at the same thread count. With one torch thread there is nothing to
+    overlap and `run` calls inline. When the layers run on the CPU too, the intra-op threads are split between the
+    two sides for the block (`torch.set_num_threads`, restored after) so that they do not compete for the cores. A
+    call's exception is raised in the caller, at a later `run` or when the block ends."""
     threads = torch.get_num_threads()
     if threads < 2:
         yield lambda fn, *args: fn(*args)
