@@ -1,23 +1,43 @@
 #!/usr/bin/env bash
-# Launch benchmarks/recovery_quality.py on one GPU, detached: per zoo model, one process per route group.
+# Run benchmarks/recovery_quality.py on one GPU, detached: per zoo model, one job per route group, at most PARALLEL
+# jobs at a time.
 # Usage (GPU machine, SmolLM2 installed, from the repository root):
 #   bash benchmarks/zoo/recovery_gpu.sh OUT_DIR [extra `recovery_quality.py run` args, e.g. --levels 62.5 --seeds 0]
 # MODELS (default "llava llava_next qwen2_5_vl") and ROUTE_GROUPS (default "control;none sft;distill": groups
-# separated by ';', routes in a group by spaces) choose the processes. Each process writes OUT_DIR/<part>.json after every row and
-# logs to OUT_DIR/<model>-<group>.log; merge the parts with `recovery_quality.py merge OUT_DIR/*.json`.
-# Processes are host-bound: one thread and one dataloader worker each (override with OMP_NUM_THREADS / --workers).
-# Not run on the GPU machine yet (2026-12-02): the layout is the README's untested one.
+# separated by ';', routes in a group by spaces) choose the jobs. Each job writes OUT_DIR/<part>.json after every
+# row and logs to OUT_DIR/<model>-<group>.log; OUT_DIR/queue.log says when each job started and ended. Merge the
+# parts with `recovery_quality.py merge OUT_DIR/*.json`.
+# PARALLEL (default 2): the first H200 run (2026-12-02) started all nine jobs at once and six died of CUDA
+# out-of-memory; the jobs that ran held 24-50 GiB each (the 49152-token vocabulary's logits of 32 x 512-token
+# batches, twice with a teacher). Jobs are host-bound: one thread and one dataloader worker each (override with
+# OMP_NUM_THREADS / --workers).
 set -euo pipefail
 out=$1; shift
 mkdir -p "$out"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} HF_HUB_OFFLINE=1
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 python3 -c "from hf_mla_vlm.assets import load_smollm2; load_smollm2()"  # the safetensors cache, once
+jobs=()
 IFS=';' read -ra groups <<< "${ROUTE_GROUPS:-control;none sft;distill}"
 for model in ${MODELS:-llava llava_next qwen2_5_vl}; do
   for group in "${groups[@]}"; do
-    read -ra routes <<< "$group"
-    log="$out/$model-$(IFS=-; echo "${routes[*]}").log"
-    setsid nohup python3 benchmarks/recovery_quality.py run --model "$model" --routes "${routes[@]}" --workers 1 \
-      --out "$out" --workdir "$out/work" "$@" > "$log" 2>&1 < /dev/null &
+    jobs+=("$model|$group")
   done
 done
+# The queue runs in its own session so that it outlives this shell (the GPU tool ends a command's processes).
+setsid nohup bash -c '
+  out=$1; parallel=$2; shift 2
+  args=(); while [ "$1" != "--" ]; do args+=("$1"); shift; done; shift
+  for job in "$@"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$parallel" ]; do wait -n || true; done
+    model=${job%%|*}; read -ra routes <<< "${job#*|}"
+    log="$out/$model-$(IFS=-; echo "${routes[*]}").log"
+    echo "$(date -u +%FT%TZ) start $model ${routes[*]}" >> "$out/queue.log"
+    ( python3 benchmarks/recovery_quality.py run --model "$model" --routes "${routes[@]}" --workers 1 \
+        --out "$out" --workdir "$out/work" "${args[@]}" > "$log" 2>&1 < /dev/null
+      echo "$(date -u +%FT%TZ) end $model ${routes[*]} rc=$?" >> "$out/queue.log" ) &
+  done
+  wait
+  echo "$(date -u +%FT%TZ) all done" >> "$out/queue.log"
+' queue "$out" "${PARALLEL:-2}" "$@" -- "${jobs[@]}" > "$out/queue.stderr" 2>&1 < /dev/null &
+echo "queued ${#jobs[@]} jobs, ${PARALLEL:-2} at a time: $out/queue.log"
