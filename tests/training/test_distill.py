@@ -38,6 +38,54 @@ def test_distillation_kl_is_the_temperature_scaled_kl_over_the_mask():
     assert distilled_positions(labels).tolist() == [[False, True, False, False]]
 
 
+def _plain_kl(student, teacher, mask, temperature):
+    """The unchunked formula: what `distillation_kl` computed before it worked in chunks."""
+    s = student[mask].float() / temperature
+    t = teacher[mask].float() / temperature
+    return torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum") * (
+        temperature**2
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("chunk", [1 << 24, 7, 23])  # one chunk; chunks of one row (V = 13 > 7); uneven chunks
+def test_chunked_distillation_kl_equals_the_plain_formula_and_its_gradient(dtype, chunk, monkeypatch):
+    import hf_mla_vlm.training.distill as distill
+
+    monkeypatch.setattr(distill, "CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(1)
+    student = (3 * torch.randn(3, 7, 13)).to(dtype).requires_grad_(True)
+    teacher = (3 * torch.randn(3, 7, 13)).to(dtype)
+    mask = torch.rand(3, 7) > 0.4
+    mask[1] = False  # a sequence without a distilled position
+    for temperature in (1.0, 2.0):
+        got = distillation_kl(student, teacher, mask, temperature)
+        (grad,) = torch.autograd.grad(3.0 * got, student)
+        reference = student.detach().double().requires_grad_(True)
+        expected = _plain_kl(reference, teacher.double(), mask, temperature)
+        (expected_grad,) = torch.autograd.grad(3.0 * expected, reference)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        assert got.dtype == torch.float32
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert grad.dtype == dtype and not grad[1].any()
+        assert torch.allclose(grad.double(), expected_grad, rtol=tol, atol=tol * expected_grad.abs().max().item())
+
+
+def test_chunked_distillation_kl_keeps_one_logits_sized_tensor_for_the_backward():
+    student = torch.randn(4, 50, 97, requires_grad=True)
+    teacher, mask = torch.randn(4, 50, 97), torch.ones(4, 50, dtype=torch.bool)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        distillation_kl(student, teacher, mask)
+    assert sum(saved) == student.numel()  # the gradient itself; the plain formula saves several such blocks
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        _plain_kl(student, teacher, mask, 1.0)
+    assert sum(saved) >= 2 * student.numel()
+    with pytest.raises(ValueError, match="one shape"):
+        distillation_kl(student, teacher[:, :-1], mask)
+
+
 def test_mixed_items_follow_the_weights_and_the_seed():
     sources = {"a": list(range(100)), "b": [f"b{i}" for i in range(100)]}
     items = mixed_training_items(sources, [3, 1], 10, seed=1)

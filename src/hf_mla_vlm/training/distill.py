@@ -70,17 +70,64 @@ def mixed_training_items(sources: Mapping[str, Sequence], weights: Sequence[floa
     return items
 
 
+# Elements of one float32 chunk of rows in `distillation_kl` (64 MiB): a chunk's softmax work holds a few blocks
+# of this size, never one of the whole batch
+CHUNK_ELEMENTS = 1 << 24
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """`T^2 * KL(teacher || student)` summed over the masked rows, computed a chunk of rows at a time. The gradient
+    with respect to the student logits, `T * (softmax(s / T) - softmax(t / T))` on the masked rows and 0 elsewhere,
+    is written during the forward into one tensor of the logits' shape and dtype, so no float32 copy, log-softmax or
+    elementwise KL of the whole `(rows, V)` block is kept for the backward (the plain formula keeps several)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, mask, temperature):
+        rows, vocab = student.shape
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(student) if need_grad else None
+        total = student.new_zeros((), dtype=torch.float32)
+        step = max(1, CHUNK_ELEMENTS // vocab)
+        for start in range(0, rows, step):  # whole chunks, the mask applied by value: no host synchronisation
+            end = min(start + step, rows)
+            keep = mask[start:end, None]
+            log_s = (student[start:end].float() / temperature).log_softmax(-1)
+            log_t = (teacher[start:end].float() / temperature).log_softmax(-1)
+            p_t = log_t.exp()
+            total += torch.where(keep, p_t * (log_t - log_s), 0.0).sum()
+            if need_grad:
+                grad[start:end] = torch.where(keep, temperature * (log_s.exp_() - p_t), 0.0)
+        ctx.save_for_backward(grad)
+        return total * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
 def distillation_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """Sum over the positions where `mask` is True of `T^2 * KL(teacher || student)` of the next-token
-    distributions at temperature `T` (float32 math). Shapes: logits `(B, S, V)`, mask `(B, S)`."""
+    distributions at temperature `T` (float32 math). Shapes: logits `(B, S, V)`, mask `(B, S)`.
+
+    Memory: besides the two logits tensors, one tensor of the student logits' size (its gradient) and float32
+    chunks of `CHUNK_ELEMENTS`; the teacher gets no gradient."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
-    student = student_logits[mask].float() / temperature
-    teacher = teacher_logits[mask].float() / temperature
-    kl = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="sum")
-    return kl * temperature**2
+    if student_logits.shape != teacher_logits.shape or mask.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"student and teacher logits must have one shape (B, S, V) and the mask (B, S), got "
+            f"{tuple(student_logits.shape)}, {tuple(teacher_logits.shape)} and {tuple(mask.shape)}."
+        )
+    vocab = student_logits.shape[-1]
+    return _ChunkedKL.apply(
+        student_logits.reshape(-1, vocab),
+        teacher_logits.detach().reshape(-1, vocab),
+        mask.reshape(-1).to(torch.bool),
+        float(temperature),
+    )
 
 
 def distilled_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -92,6 +139,7 @@ def distilled_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "CHUNK_ELEMENTS",
     "TEXT_SOURCES",
     "distillation_kl",
     "distilled_positions",
