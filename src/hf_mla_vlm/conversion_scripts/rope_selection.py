@@ -57,6 +57,8 @@ _MKL_MAX_CHUNK_ELEMENTS = 2**23
 # Target number of float64 terms of one `[pairs, heads, rows, keys]` block of `_mkl_blocks` (1 MiB: a block's passes
 # stay in cache).
 _MKL_BLOCK_ELEMENTS = 2**17
+# The same on an accelerator (128 MiB): large enough that a block's kernels are not launch-bound.
+_MKL_DEVICE_BLOCK_ELEMENTS = 2**24
 
 
 def _check_head_geometry(head_dim: int, rope_dim: int) -> int:
@@ -484,11 +486,12 @@ def mkl_pair_sensitivity(
         KL(P_t || P_t^(-j)) = sum_s P_ts C_j,ts + LSE_s(S_t - C_j,t) - LSE_s(S_t).
 
     It is evaluated in float64 as `log sum_s exp(log P_ts + E_P[C_j] - C_j,ts)` (the same sum, with `E_P[C_j]` moved
-    inside the exponent, which is then one rank-3 matmul plus `log P`), in blocks of query rows and pairs of about
-    `_MKL_BLOCK_ELEMENTS` (2**17) terms; a block of causal rows only reads the keys they see, and the query heads of
-    a kv group share their keys (cost `O(hd/2 * n_q * T_q * T)`, memory bounded for long sequences). Should a term
-    overflow, the sample is recomputed by the reference form `E_P[C_j] + logsumexp(log P_t - C_j,t)` (blocks of at
-    most 2**23 elements), which the tests compare it with.
+    inside the exponent, which is then one rank-3 matmul plus `log P`), on the inputs' device, in blocks of query rows
+    and pairs of about `_MKL_BLOCK_ELEMENTS` (2**17) terms on the CPU and `_MKL_DEVICE_BLOCK_ELEMENTS` (2**24) on an
+    accelerator; a block of causal rows only reads the keys they see, and the query heads of a kv group share their
+    keys (cost `O(hd/2 * n_q * T_q * T)`, memory bounded for long sequences). Should a term overflow, the sample is
+    recomputed by the reference form `E_P[C_j] + logsumexp(log P_t - C_j,t)` (blocks of at most 2**23 elements),
+    which the tests compare it with.
 
     Zeroing a pair before or after the rotation is the same, so post-RoPE inputs can be used directly.
 
@@ -509,8 +512,8 @@ def mkl_pair_sensitivity(
             at least one key. Every given row must be valid and see at least one key.
 
     Returns:
-        `torch.Tensor`: float64 tensor `[num_q_heads, head_dim/2]`, the KL per query head and pair averaged over the
-        selected rows. Aggregate over kv groups with [`aggregate_gqa`].
+        `torch.Tensor`: float64 tensor `[num_q_heads, head_dim/2]` on `q`'s device, the KL per query head and pair
+        averaged over the selected rows. Aggregate over kv groups with [`aggregate_gqa`].
     """
     if q.ndim != 3 or k.ndim != 3:
         raise ValueError(
@@ -526,22 +529,23 @@ def mkl_pair_sensitivity(
     if seq_len == 0:
         raise ValueError("Empty sequence: `q` and `k` have T=0.")
 
-    q = q.detach().to(device="cpu", dtype=torch.float64)
-    k = k.detach().to(device="cpu", dtype=torch.float64)
+    device = q.device  # computed where the inputs are: the calibration's device (CUDA) or the CPU
+    q = q.detach().to(dtype=torch.float64)
+    k = k.detach().to(device=device, dtype=torch.float64)
     if not bool(torch.isfinite(q).all()) or not bool(torch.isfinite(k).all()):
         raise ValueError("`q` or `k` contains NaN or Inf values.")
 
-    visible = torch.ones(seq_len, seq_len, dtype=torch.bool)
+    visible = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
     if causal:
         visible = torch.tril(visible)
-    valid_rows = torch.ones(seq_len, dtype=torch.bool)
+    valid_rows = torch.ones(seq_len, dtype=torch.bool, device=device)
     if key_padding_mask is not None:
         if key_padding_mask.shape != (seq_len,) or key_padding_mask.dtype != torch.bool:
             raise ValueError(
                 f"`key_padding_mask` must be a bool tensor of shape [{seq_len}], got {key_padding_mask.dtype} "
                 f"{tuple(key_padding_mask.shape)}."
             )
-        key_padding_mask = key_padding_mask.cpu()
+        key_padding_mask = key_padding_mask.to(device)
         visible = visible & key_padding_mask[None, :]
         valid_rows = key_padding_mask.clone()
     valid_rows &= visible.any(dim=-1)
@@ -551,7 +555,7 @@ def mkl_pair_sensitivity(
     else:
         if query_index.ndim != 1 or query_index.dtype.is_floating_point or query_index.dtype == torch.bool:
             raise ValueError("`query_index` must be a 1-D integer tensor of query positions.")
-        rows = query_index.to(device="cpu", dtype=torch.int64)
+        rows = query_index.to(device=device, dtype=torch.int64)
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= seq_len):
             raise ValueError(f"`query_index` values must lie in [0, {seq_len}).")
         if not bool(valid_rows[rows].all()):
@@ -584,7 +588,7 @@ def _mkl_reference(
         f"S_MKL: {num_rows} query rows x {seq_len} keys, blocks of {row_chunk} rows x {pair_chunk}/{num_pairs} pairs."
     )
     k_per_q_head = k.repeat_interleave(group, dim=0)  # [n_q, T, hd]
-    kl_sum = torch.zeros(num_q_heads, num_pairs, dtype=torch.float64)
+    kl_sum = torch.zeros(num_q_heads, num_pairs, dtype=torch.float64, device=q.device)
     for row_start in range(0, num_rows, row_chunk):
         row_ids = rows[row_start : row_start + row_chunk]
         q_rows = q[:, row_ids]  # [n_q, R, hd]
@@ -596,7 +600,7 @@ def _mkl_reference(
         expected = scale * q_rows * (probs @ k_per_q_head)  # [n_q, R, hd]
         expected = expected[..., :num_pairs] + expected[..., num_pairs:]  # [n_q, R, P]
         for pair_start in range(0, num_pairs, pair_chunk):
-            pair_ids = torch.arange(pair_start, min(pair_start + pair_chunk, num_pairs))
+            pair_ids = torch.arange(pair_start, min(pair_start + pair_chunk, num_pairs), device=q.device)
             dims = torch.stack([pair_ids, pair_ids + num_pairs], dim=-1)  # [J, 2]
             q_pair = q_rows[..., dims]  # [n_q, R, J, 2]
             k_pair = k_per_q_head[..., dims]  # [n_q, T, J, 2]
@@ -637,12 +641,13 @@ def _mkl_blocks(
     k_pairs = k.unflatten(-1, (2, num_pairs)).permute(3, 0, 2, 1).contiguous()  # [P, n_kv, 2, T]
 
     key_ends = (seen.cumsum(dim=-1).argmax(dim=-1) + 1).tolist()  # per row: keys up to its last visible one
-    totals = torch.empty(num_pairs, num_kv_heads, num_rows * group, dtype=q.dtype)
+    totals = torch.empty(num_pairs, num_kv_heads, num_rows * group, dtype=q.dtype, device=q.device)
+    block_elements = _MKL_BLOCK_ELEMENTS if q.device.type == "cpu" else _MKL_DEVICE_BLOCK_ELEMENTS
     start = 0
     while start < num_rows:
-        pair_chunk = max(1, min(num_pairs, _MKL_BLOCK_ELEMENTS // (num_q_heads * key_ends[start])))
+        pair_chunk = max(1, min(num_pairs, block_elements // (num_q_heads * key_ends[start])))
         stop = start + 1  # key_ends grows with the (sorted) rows
-        budget = _MKL_BLOCK_ELEMENTS // (pair_chunk * num_q_heads)
+        budget = block_elements // (pair_chunk * num_q_heads)
         while stop < num_rows and (stop + 1 - start) * key_ends[stop] <= budget:
             stop += 1
         keys, block = max(key_ends[start:stop]), slice(group * start, group * stop)

@@ -4,7 +4,8 @@
 The text decoder's layer-0 inputs are captured once (vision tower, projector and embeddings run on the device, then
 go back). Each decoder layer is then moved to the device alone, every calibration sample is streamed through it, and
 forward hooks on its attention read the attention input `x` (post `input_layernorm`) and the rotary tables. Per layer
-and modality they accumulate, in float64 on CPU:
+and modality they accumulate, in float64 (on the layer's device when that is an accelerator, else on the CPU; each
+finished layer's statistics are moved to the CPU):
 
 * `X^T X` of the image and text tokens (`cov_*`; a held-out share of the samples, drawn per kind of sample (with
   and without images), goes to `heldout_*` instead, for measuring the approximation error on tokens the
@@ -307,12 +308,14 @@ def _apply_full_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 class _LayerAccumulator:
-    """One decoder layer's statistics, added sample by sample (float64, CPU): `rotary_terms` runs in the caller, on
-    the layer's device, `add` on the statistics thread (`statistics_pipeline`)."""
+    """One decoder layer's statistics, added sample by sample in float64 on `device` (the layer's device when that
+    is an accelerator, else the CPU; `result` hands them back on the CPU): `rotary_terms` runs in the caller, `add`
+    on the statistics thread (`statistics_pipeline`)."""
 
     def __init__(self, layer_idx: int, hidden: int, n_q: int, n_kv: int, head_dim: int, scaling: float, *,
-                 with_prose: bool):  # fmt: skip
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+                 with_prose: bool, device: torch.device | str = "cpu"):  # fmt: skip
+        self.device = torch.device(device)
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
         self.layer_idx, self.n_q, self.n_kv, self.head_dim, self.scaling = layer_idx, n_q, n_kv, head_dim, scaling
         self.cov = {m: zeros(hidden, hidden) for m in ("text", "image")}
         self.held = {m: zeros(hidden, hidden) for m in ("text", "image")}
@@ -323,25 +326,31 @@ class _LayerAccumulator:
 
     def rotary_terms(self, q, k, rope, valid: torch.Tensor, rng: random.Random, num_rows: int):
         """Add a calibration sample's pre-RoPE pair norms (`q`, `k`: the projections' outputs) and return what its
-        MKL term needs: the post-RoPE `q`, `k` on the CPU and `num_rows` query rows drawn with `rng`."""
+        MKL term needs: the post-RoPE `q`, `k` on the statistics device and `num_rows` query rows drawn with `rng`."""
         q = q.view(1, -1, self.n_q, self.head_dim).transpose(1, 2).float()  # (1, H, T, D)
         k = k.view(1, -1, self.n_kv, self.head_dim).transpose(1, 2).float()
         keep = valid.to(q.device)
         for total, x, heads in ((self.q_norm, q, self.n_q), (self.k_norm, k, self.n_kv)):
-            total += pair_norms(x[0].transpose(0, 1)[keep].flatten(1), heads, self.head_dim).double().sum(0).cpu()
+            total += (
+                pair_norms(x[0].transpose(0, 1)[keep].flatten(1), heads, self.head_dim)
+                .double()
+                .sum(0)
+                .to(total.device)
+            )
         self.norm_tokens += int(keep.sum())
         cos, sin = rope
         q_rot, k_rot = _apply_full_rope(q, cos.float(), sin.float()), _apply_full_rope(k, cos.float(), sin.float())
         rows = keep.nonzero().flatten().tolist()
         rows = sorted(rng.sample(rows, min(len(rows), num_rows)))
-        return q_rot[0].cpu(), k_rot[0].cpu(), torch.tensor(rows)
+        return q_rot[0].to(self.device), k_rot[0].to(self.device), torch.tensor(rows, device=self.device)
 
     def add(self, i: int, x: torch.Tensor, valid: torch.Tensor, is_image: torch.Tensor, role: str, rotary) -> None:
         """Add sample `i`'s attention input `x` (`(1, T, d)`) to the covariances of its `role` (`calibration`,
         `heldout` or `prose`) and its MKL term (`rotary_terms`, or None)."""
         if not torch.isfinite(x).all():  # checked before the (finiteness-preserving) widening
             raise ValueError(f"Layer {self.layer_idx}: non-finite attention inputs on calibration sample {i}.")
-        x = x[0].double().cpu()  # (T, d)
+        x = x[0].to(self.device, torch.float64)  # (T, d)
+        valid, is_image = valid.to(self.device), is_image.to(self.device)
         if role == "prose":
             xp = x[valid & ~is_image]
             self.prose += xp.T @ xp
@@ -366,15 +375,16 @@ class _LayerAccumulator:
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"Layer {self.layer_idx}: non-finite {name} covariance; check the model and data.")
         mean = lambda total, count: total / count if count else torch.full_like(total, math.nan)  # noqa: E731
+        cpu = lambda tensor: None if tensor is None else tensor.cpu()  # noqa: E731
         return LayerStatistics(
-            cov=self.cov,
-            heldout=self.held,
+            cov={m: cpu(t) for m, t in self.cov.items()},
+            heldout={m: cpu(t) for m, t in self.held.items()},
             tokens=self.tokens,
             heldout_tokens=self.held_tokens,
-            q_pair_norm=mean(self.q_norm, self.norm_tokens),
-            k_pair_norm=mean(self.k_norm, self.norm_tokens),
-            mkl=mean(self.mkl, self.mkl_rows),
-            prose=self.prose,
+            q_pair_norm=cpu(mean(self.q_norm, self.norm_tokens)),
+            k_pair_norm=cpu(mean(self.k_norm, self.norm_tokens)),
+            mkl=cpu(mean(self.mkl, self.mkl_rows)),
+            prose=cpu(self.prose),
             prose_tokens=self.prose_tokens,
         )
 
@@ -426,6 +436,9 @@ def collect_statistics(
         offload_folder: where hidden states beyond `host_budget` go.
     """
     device = resolve_device(device)
+    # float64 statistics beside the layer on a CUDA device (its FP64 units, no per-sample copy to the host; the MKL
+    # sums over T x T keys per sample dominated the host's share), else on the CPU (MPS has no float64)
+    statistics_device = device if device.type == "cuda" else torch.device("cpu")
     text_layers = model.get_submodule(text_layers_path)
     text = model.config.text_config
     n_q, n_kv = text.num_attention_heads, text.num_key_value_heads
@@ -486,7 +499,8 @@ def collect_statistics(
         else:
             layer.to(device)
         attn = layer.self_attn
-        accumulator = _LayerAccumulator(layer_idx, hidden, n_q, n_kv, head_dim, attn.scaling, with_prose=bool(prose))
+        accumulator = _LayerAccumulator(layer_idx, hidden, n_q, n_kv, head_dim, attn.scaling, with_prose=bool(prose),
+                                        device=statistics_device)  # fmt: skip
         seen = {}
 
         def read_attention_input(module, args, kwargs, seen=seen):

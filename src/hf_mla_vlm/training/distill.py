@@ -21,7 +21,6 @@ import random
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..evaluation.perplexity import token_stream
 from .data import IGNORE_INDEX, TextWindow
