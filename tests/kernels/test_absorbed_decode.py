@@ -372,6 +372,26 @@ def test_interpreter_modality_runs() -> None:
 
 
 @needs_interpreter
+@pytest.mark.parametrize("m,lat", [(2, 80), (1, 16), (2, 200)])
+def test_interpreter_many_splits(m: int, lat: int) -> None:
+    """More splits than the combine reads at once (several chunks, the last one partial) and latent widths over
+    several combine column blocks (the last one partial); left padding empties whole splits of one sequence."""
+    from hf_mla_vlm.kernels.absorbed_decode import COMBINE_CHUNK_S, _cdiv, mla_decode_triton
+
+    t = 16 * (2 * COMBINE_CHUNK_S + 3)
+    case = make_case(b=2, h=4, n=2, r=4, lat=lat, t=t, m=m, layout="runs", mask="left_pad", seed=lat + m)
+    ref = mla_decode_reference(*case.absorbed_args())
+    effective = lambda splits: _cdiv(t, _cdiv(_cdiv(t, splits), 16) * 16)  # noqa: E731  (the launcher's rounding)
+    assert effective(2 * COMBINE_CHUNK_S + 3) == 2 * COMBINE_CHUNK_S + 3  # three chunks, the last of 3 splits
+    assert COMBINE_CHUNK_S < effective(COMBINE_CHUNK_S + 4) < 2 * COMBINE_CHUNK_S
+    for splits in (2 * COMBINE_CHUNK_S + 3, COMBINE_CHUNK_S + 4, 5):
+        out = mla_decode_triton(*case.absorbed_args(), num_splits=splits, block_t=16)
+        _assert_finite(*out)
+        for got, want in zip(out, ref):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_interpreter_padded_side_rows(dtype: torch.dtype) -> None:
     """Side rows padded to 16-byte units (the model's cache layout) take the aligned-load path; the NaN padding

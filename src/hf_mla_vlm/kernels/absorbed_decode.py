@@ -15,7 +15,8 @@ them unless the accumulator would exceed ``MAX_ACCUMULATOR_ELEMENTS`` (``choose_
 fastest grid axis, so the programs reading one latent chunk run side by side and share it through L2. Base-2 online
 softmax with fp32 accumulation. With one split it merges the branches and writes the final outputs; otherwise it
 writes un-normalised per-branch partial accumulators and running maxima (a branch without keys in the chunk leaves its
-row unwritten), and stage 2 (``_mla_decode_combine``, grid ``(B, H)``) merges chunks and branches.
+row unwritten), and stage 2 (``_mla_decode_combine``, grid ``(B, H, latent column blocks)``) merges chunks and
+branches, reading ``COMBINE_CHUNK_S`` splits at a time.
 
 Quantized latent (``latent_format``, the rows of ``latent_cache.LatentQuantization``: int8, fp8 e4m3 or int4 values
 with fp16 group scales and zero points): the kernel reads the stored bytes and dequantizes each tile in registers as it
@@ -35,7 +36,9 @@ its pipeline; the model's cache pads them to 16-byte units and the kernel writes
 constant ``SIDE_ALIGN``, so Triton can prove the alignment (1.17-1.24x faster at the Qwen2.5-VL-7B shapes). Tried
 and dropped (measured slower): one row per head with two accumulators selected per token, skipping the absent
 branch's dots per tile with run-time branches, zeroing masked rows with ``tl.where`` after position-masked loads,
-a combine that loads all chunks at once (the combine is 4-6 us of a call).
+a combine that loads all chunks at once (at batch 16, where the combine is 4-6 us of a call). At batch 1 the
+one-split-per-iteration combine took 20-38 us of a 32k-token call (127 splits, H200,
+``decode_kernel_h200.md``); the combine now reads 32 splits per iteration over 64-column blocks (not timed yet).
 
 Shapes (see :mod:`hf_mla_vlm.kernels.reference` for the maths):
 
@@ -301,47 +304,56 @@ def _mla_decode_combine(
     H: tl.constexpr,
     L: tl.constexpr,
     M: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    CHUNK_S: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_M: tl.constexpr,
     STATIC_S: tl.constexpr,
 ):
-    """Merge the ``S`` x ``M`` partial rows of head ``program_id(1)`` of sequence ``program_id(0)``: inputs
-    ``acc`` ``(B, S, H, M, L)``, ``psum`` and ``stat`` ``(B, S, H, M)`` (base-2 running max per branch)."""
+    """Merge the ``S`` x ``M`` partial rows of head ``program_id(1)`` of sequence ``program_id(0)``, for the latent
+    columns of block ``program_id(2)``: inputs ``acc`` ``(B, S, H, M, L)``, ``psum`` and ``stat`` ``(B, S, H, M)``
+    (base-2 running max per branch). The splits are read ``CHUNK_S`` at a time as one ``(CHUNK_S, M, BLOCK_L)`` tile,
+    so the loads of a chunk are in flight together (one split per iteration made the combine latency-bound: 20-38 us
+    of a 32k-token call at batch 1 with 127 splits, H200). Column block 0 also writes ``p_sum`` and ``lse``."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
+    pid_l = tl.program_id(2)
+    offs_s = tl.arange(0, CHUNK_S)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_l = tl.arange(0, BLOCK_L)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     m_ok = offs_m < M
     l_ok = offs_l < L
     base = (pid_b * S * H + pid_h) * M  # (b, s=0, h, m=0)
-    maxes = tl.load(
-        stat_ptr + base + offs_s[:, None] * (H * M) + offs_m[None, :],
-        mask=(offs_s < S)[:, None] & m_ok[None, :],
-        other=float("-inf"),
-    )
-    g_max = tl.max(tl.max(maxes, axis=1), axis=0)
-    g_ref = tl.where(g_max == float("-inf"), 0.0, g_max)
+    n_s = STATIC_S if STATIC_S > 0 else S
+    g_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_s, CHUNK_S):
+        sm_ok = ((s0 + offs_s) < S)[:, None] & m_ok[None, :]
+        maxes = tl.load(stat_ptr + base + (s0 + offs_s)[:, None] * (H * M) + offs_m[None, :], mask=sm_ok,
+                        other=float("-inf"))  # fmt: skip
+        g_max = tl.maximum(g_max, tl.max(maxes, axis=0))
+    g = tl.max(g_max, axis=0)
+    g_ref = tl.where(g == float("-inf"), 0.0, g)
     acc = tl.zeros([BLOCK_M, BLOCK_L], dtype=tl.float32)
     ps = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for s in range(0, STATIC_S if STATIC_S > 0 else S):
-        r = base + s * (H * M) + offs_m
-        m_s = tl.load(stat_ptr + r, mask=m_ok, other=float("-inf"))
+    for s0 in range(0, n_s, CHUNK_S):
+        r = base + (s0 + offs_s)[:, None] * (H * M) + offs_m[None, :]  # (CHUNK_S, BLOCK_M) rows
+        sm_ok = ((s0 + offs_s) < S)[:, None] & m_ok[None, :]
+        m_s = tl.load(stat_ptr + r, mask=sm_ok, other=float("-inf"))
         w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - g_ref))
-        used = m_ok & (w > 0.0)  # rows stage 1 left unwritten have weight 0
-        a = tl.load(acc_ptr + r[:, None] * L + offs_l[None, :], mask=used[:, None] & l_ok[None, :], other=0.0)
-        acc += a * w[:, None]
-        pv = tl.load(psum_ptr + r, mask=m_ok, other=0.0)
-        ps += tl.where(w > 0.0, pv * w, 0.0)
+        used = sm_ok & (w > 0.0)  # rows stage 1 left unwritten have weight 0 and are never read
+        a = tl.load(acc_ptr + r[:, :, None] * L + offs_l[None, None, :], mask=used[:, :, None] & l_ok[None, None, :],
+                    other=0.0)  # fmt: skip
+        acc += tl.sum(a * w[:, :, None], axis=0)
+        pv = tl.load(psum_ptr + r, mask=sm_ok, other=0.0)
+        ps += tl.sum(tl.where(used, pv * w, 0.0), axis=0)
     denom = tl.sum(ps, axis=0)
     has_key = denom > 0.0
     inv = tl.where(has_key, 1.0 / tl.where(has_key, denom, 1.0), 0.0)
     out = (pid_b * H + pid_h) * M + offs_m
     tl.store(ctx_ptr + out[:, None] * L + offs_l[None, :], acc * inv, mask=m_ok[:, None] & l_ok[None, :])
-    tl.store(p_sum_ptr + out, ps * inv, mask=m_ok)
+    first = pid_l == 0
+    tl.store(p_sum_ptr + out, ps * inv, mask=m_ok & first)
     lse = tl.where(has_key, (g_ref + tl.log2(tl.where(has_key, denom, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(lse_ptr + pid_b * H + pid_h, lse)
+    tl.store(lse_ptr + pid_b * H + pid_h, lse, mask=first)
 
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # Triton reads it once, at import, too
@@ -433,6 +445,10 @@ def _default_config(
         return (32, 4, 2) if aligned or has_mask else (32, 4, 3)
     return (32, 8, 3) if aligned else (64, 8, 2)
 
+
+# The combine's tile: splits read at once x latent columns per program (x 2 branch rows).
+COMBINE_CHUNK_S = 32
+COMBINE_BLOCK_L = 64
 
 # Accumulator elements (query rows x latent columns) one program holds at most; more heads are split across programs.
 MAX_ACCUMULATOR_ELEMENTS = 32768
@@ -644,7 +660,8 @@ def mla_decode_triton(
                     tile_t //= 2  # tokens_per_split stays a multiple of the tile
         _CONFIG_THAT_FITS[fit_key] = (tile_t, stages)
         if not single:
-            _mla_decode_combine[(b, h)](
+            combine_l = min(COMBINE_BLOCK_L, block_l)
+            _mla_decode_combine[(b, h, _cdiv(lat, combine_l))](
                 acc,
                 psum,
                 stat,
@@ -655,8 +672,8 @@ def mla_decode_triton(
                 H=h,
                 L=lat,
                 M=m,
-                BLOCK_S=max(2, _pow2(num_splits)),
-                BLOCK_L=max(16, _pow2(lat)),
+                CHUNK_S=min(COMBINE_CHUNK_S, max(2, _pow2(num_splits))),
+                BLOCK_L=combine_l,
                 BLOCK_M=2,
                 STATIC_S=num_splits if _INTERPRETING else 0,
                 num_warps=4,
