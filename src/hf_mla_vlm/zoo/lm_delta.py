@@ -19,10 +19,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from hf_mla_vlm.registry import arch_spec
+
 
 LM_DELTA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DELTA_SUFFIXES = (".lora_A", ".lora_B")
-LANGUAGE_LAYERS = "model.language_model.layers."
 
 
 class LowRankDelta(nn.Module):
@@ -47,13 +48,20 @@ class LowRankDelta(nn.Module):
 
 
 def is_delta_key(key: str) -> bool:
-    """Whether a state-dict key is a factor of the language-model delta."""
-    return key.startswith(LANGUAGE_LAYERS) and key.endswith(DELTA_SUFFIXES)
+    """Whether a state-dict key is a factor of the language-model delta (which projections it may name is checked
+    against the model when it is merged or loaded)."""
+    return key.endswith(DELTA_SUFFIXES)
+
+
+def _text_layers(model: nn.Module) -> str:
+    """The attribute path of the model's text decoder layers (the architecture registry's `text_layers`)."""
+    return arch_spec(model.config.model_type).text_layers
 
 
 def _targets(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
+    layers = _text_layers(model)
     for name, module in model.named_modules():
-        if not name.startswith(LANGUAGE_LAYERS.rstrip(".")):
+        if not name.startswith(f"{layers}."):
             continue
         for child_name, child in module.named_children():
             if child_name in LM_DELTA_TARGETS and isinstance(child, nn.Linear):
@@ -72,7 +80,7 @@ def add_lm_deltas(model: nn.Module, rank: int) -> list[LowRankDelta]:
         setattr(parent, child_name, delta)
         deltas.append(delta)
     if not deltas:
-        raise ValueError(f"No decoder projection ({', '.join(LM_DELTA_TARGETS)}) under {LANGUAGE_LAYERS!r}.")
+        raise ValueError(f"No decoder projection ({', '.join(LM_DELTA_TARGETS)}) under {_text_layers(model)!r}.")
     return deltas
 
 
