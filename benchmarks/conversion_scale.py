@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -254,6 +255,7 @@ def run(args) -> dict:
         "rope_strategy": args.rope_strategy,
         "num_samples": args.num_samples if "calibration" in kwargs else 0, "rope_dim": args.rope_dim,
         "kv_rank": args.kv_rank, "max_memory": args.max_memory, "checkpoint_written": written, **measured,
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "environment": environment_row(),
     }  # fmt: skip
     row["source_bytes"] = sum(p.stat().st_size for p in source.glob("*.safetensors"))
