@@ -8,8 +8,8 @@
 # row and logs to OUT_DIR/<model>-<group>.log; OUT_DIR/queue.log says when each job started and ended. Merge the
 # parts with `recovery_quality.py merge OUT_DIR/*.json`.
 # PARALLEL (default 2): the first H200 run (2026-12-02) started all nine jobs at once and six died of CUDA
-# out-of-memory; the jobs that ran held 24-50 GiB each (the 49152-token vocabulary's logits of 32 x 512-token
-# batches, twice with a teacher). Jobs are host-bound: one thread and one dataloader worker each (override with
+# out-of-memory; the jobs that ran held 24-50 GiB each (likely the 49152-token vocabulary's logits of 32 x
+# 512-token batches, twice with a teacher; not profiled). Jobs are host-bound: one thread and one dataloader worker each (override with
 # OMP_NUM_THREADS / --workers).
 set -euo pipefail
 out=$1; shift

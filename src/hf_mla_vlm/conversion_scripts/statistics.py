@@ -4,7 +4,7 @@
 The text decoder's layer-0 inputs are captured once (vision tower, projector and embeddings run on the device, then
 go back). Each decoder layer is then moved to the device alone, every calibration sample is streamed through it, and
 forward hooks on its attention read the attention input `x` (post `input_layernorm`) and the rotary tables. Per layer
-and modality they accumulate, in float64 (on the layer's device when that is an accelerator, else on the CPU; each
+and modality they accumulate, in float64 (on the layer's device when that is a CUDA device, else on the CPU; each
 finished layer's statistics are moved to the CPU):
 
 * `X^T X` of the image and text tokens (`cov_*`; a held-out share of the samples, drawn per kind of sample (with
@@ -309,7 +309,7 @@ def _apply_full_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 class _LayerAccumulator:
     """One decoder layer's statistics, added sample by sample in float64 on `device` (the layer's device when that
-    is an accelerator, else the CPU; `result` hands them back on the CPU): `rotary_terms` runs in the caller, `add`
+    is a CUDA device, else the CPU; `result` hands them back on the CPU): `rotary_terms` runs in the caller, `add`
     on the statistics thread (`statistics_pipeline`)."""
 
     def __init__(self, layer_idx: int, hidden: int, n_q: int, n_kv: int, head_dim: int, scaling: float, *,
