@@ -323,9 +323,10 @@ def _mla_decode_combine(
     m_ok = offs_m < M
     l_ok = offs_l < L
     base = (pid_b * S * H + pid_h) * M  # (b, s=0, h, m=0)
-    n_s = STATIC_S if STATIC_S > 0 else S
     g_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, n_s, CHUNK_S):
+    # the loop bounds stay inline, as in stage 1: Triton 3.6's interpreter fails on a constexpr-or-runtime bound
+    # held in a variable
+    for s0 in range(0, STATIC_S if STATIC_S > 0 else S, CHUNK_S):
         sm_ok = ((s0 + offs_s) < S)[:, None] & m_ok[None, :]
         maxes = tl.load(stat_ptr + base + (s0 + offs_s)[:, None] * (H * M) + offs_m[None, :], mask=sm_ok,
                         other=float("-inf"))  # fmt: skip
@@ -334,7 +335,7 @@ def _mla_decode_combine(
     g_ref = tl.where(g == float("-inf"), 0.0, g)
     acc = tl.zeros([BLOCK_M, BLOCK_L], dtype=tl.float32)
     ps = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for s0 in range(0, n_s, CHUNK_S):
+    for s0 in range(0, STATIC_S if STATIC_S > 0 else S, CHUNK_S):
         r = base + (s0 + offs_s)[:, None] * (H * M) + offs_m[None, :]  # (CHUNK_S, BLOCK_M) rows
         sm_ok = ((s0 + offs_s) < S)[:, None] & m_ok[None, :]
         m_s = tl.load(stat_ptr + r, mask=sm_ok, other=float("-inf"))
