@@ -447,6 +447,27 @@ def test_mkl_blocks_match_the_logsumexp_reference(
     torch.testing.assert_close(blocked, reference, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("block_elements", [None, 2**12])  # the device's blocks, and many small ones
+def test_mkl_on_cuda_equals_the_host_blocks(monkeypatch, block_elements):
+    """On CUDA the float64 blocks are `_MKL_DEVICE_BLOCK_ELEMENTS` terms; the result equals the CPU blocks' (an
+    anyres-length sample with padding and a subsample of query rows) up to float64 rounding."""
+    import hf_mla_vlm.conversion_scripts.rope_selection as rope_selection
+
+    if block_elements is not None:
+        monkeypatch.setattr(rope_selection, "_MKL_DEVICE_BLOCK_ELEMENTS", block_elements)
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(8, 2900, 64, generator=generator)
+    k = torch.randn(2, 2900, 64, generator=generator)
+    mask = torch.rand(2900, generator=generator) > 0.1
+    index = mask.nonzero().flatten()[::23]
+    kwargs = dict(key_padding_mask=mask, query_index=index)
+    host = mkl_pair_sensitivity(q, k, 0.125, **kwargs)
+    device = mkl_pair_sensitivity(q.cuda(), k.cuda(), 0.125, **{n: v.cuda() for n, v in kwargs.items()})
+    assert device.device.type == "cuda"
+    torch.testing.assert_close(device.cpu(), host, rtol=1e-9, atol=1e-12)
+
+
 def test_mkl_falls_back_to_the_reference_when_a_term_overflows(monkeypatch):
     import hf_mla_vlm.conversion_scripts.rope_selection as rope_selection
 
