@@ -33,9 +33,11 @@ every level of a process; each row's `gpu_minutes` counts it in full (`stage1_re
 Regenerate (GPU; one process per model, or per model and route group, then merge; see benchmarks/zoo/README.md):
 
     python benchmarks/recovery_quality.py run --model llava --ablations --out /tmp/rq
-    python benchmarks/recovery_quality.py merge /tmp/rq/*.json --out benchmarks/results/recovery_quality.json
+    python benchmarks/recovery_quality.py merge benchmarks/results/recovery_quality.json /tmp/rq/*.json \
+        --out benchmarks/results/recovery_quality.json
 
-A run rewrites its JSON after every row; `merge` joins the parts (rows of one model from several processes).
+A run rewrites its JSON after every row; `merge` joins the parts (rows of one model from several processes) and
+earlier merged results (the committed JSON, rows of earlier sessions), refusing a row that two of them hold.
 """
 
 import argparse
@@ -493,11 +495,11 @@ def join_parts(parts: list[dict]) -> list[dict]:
     the parts share settings, levels and training data; ``runs`` keeps each part's command, device and date."""
     models: dict[str, dict] = {}
     for part in parts:
-        run_info = {k: part[k] for k in ("command", "device", "date", "environment")}
+        runs = _runs(part)
         if part["model"] not in models:
-            models[part["model"]] = dict(part, rows=list(part["rows"]), data=dict(part["data"]), runs=[run_info])
-            for key in ("command", "device", "date", "environment"):
-                models[part["model"]].pop(key)
+            models[part["model"]] = dict(part, rows=list(part["rows"]), data=dict(part["data"]), runs=runs)
+            for key in RUN_KEYS:
+                models[part["model"]].pop(key, None)
             continue
         joined = models[part["model"]]
         for key in ("settings", "levels"):
@@ -517,8 +519,22 @@ def join_parts(parts: list[dict]) -> list[dict]:
                 raise ValueError(f"{part['model']}: row {key} is in two parts; merge one of them only.")
             joined["rows"].append(row)
             seen.add(key)
-        joined["runs"].append(run_info)
+        joined["runs"].extend(runs)
     return [models[name] for name in MODELS if name in models]
+
+
+RUN_KEYS = ("command", "device", "date", "environment")
+
+
+def _runs(part: dict) -> list[dict]:
+    """The runs behind a part: its own, or those an earlier merge recorded (a model entry of a results file)."""
+    return part["runs"] if "runs" in part else [{k: part[k] for k in RUN_KEYS}]
+
+
+def parts_of(document: dict) -> list[dict]:
+    """The parts in a file: a `run` part, or every model entry of an earlier `merge`'s results (rows measured in
+    earlier sessions), so that new parts join the committed results."""
+    return document["models"] if document.get("benchmark") == "recovery_quality" else [document]
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -526,9 +542,12 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def merge(args) -> None:
-    parts = [json.loads(Path(p).read_text()) for p in args.parts]
+    documents = [json.loads(Path(p).read_text()) for p in args.parts]
+    files = [(p, part) for p, document in zip(args.parts, documents) for part in parts_of(document)]
+    parts = [part for _, part in files]
+    notes = [note for document in documents for note in document.get("notes", [])]  # an earlier merge's
     out = Path(args.out)
-    cpu = [p for p, part in zip(args.parts, parts) if part["device"] == "cpu"]
+    cpu = sorted({p for p, part in files if any(run["device"] == "cpu" for run in _runs(part))})
     if cpu and _inside(out, RESULTS) and not args.allow_cpu:
         raise SystemExit(f"{cpu} ran on the CPU (a smoke test?); its numbers do not belong in {RESULTS}. Pass "
                          "--allow-cpu if this is really meant.")  # fmt: skip
@@ -537,9 +556,10 @@ def merge(args) -> None:
         "description": __doc__.split("\n\n")[0].replace("\n", " "),
         "regenerate": "python benchmarks/recovery_quality.py run --model M --ablations --out DIR (per model M in "
         "llava llava_next qwen2_5_vl, or split by route and seed as in benchmarks/zoo/README.md); "
-        "python benchmarks/recovery_quality.py merge DIR/*.json",
+        "python benchmarks/recovery_quality.py merge benchmarks/results/recovery_quality.json DIR/*.json (the "
+        "committed results first, to keep their rows)",
         "models": join_parts(parts),
-        "notes": args.note or [],
+        "notes": notes + (args.note or []),
     }
     write_results(result, out, markdown)
 
@@ -598,7 +618,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     p.add_argument("--device", default=None)
     p.add_argument("--progress", action="store_true", help="show progress bars")
     m = verbs.add_parser("merge")
-    m.add_argument("parts", nargs="+")
+    m.add_argument("parts", nargs="+", help="`run` parts, and earlier merged results (e.g. the committed JSON)")
     m.add_argument("--out", default=str(RESULTS / "recovery_quality.json"))
     m.add_argument("--note", action="append", help="a note for the results page (repeatable)")
     m.add_argument("--allow-cpu", action="store_true", help="merge CPU parts into benchmarks/results anyway")

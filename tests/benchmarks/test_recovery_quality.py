@@ -51,6 +51,14 @@ def test_rows_merge_and_page(recovery_quality, native_checkpoints, tmp_path):
     main(["merge", str(headline), str(ablation), "--out", str(out)])
     merged = json.loads(out.read_text())["models"][0]
     assert len(merged["rows"]) == 6 + 4 and len(merged["runs"]) == 2
+    # An earlier merge's results (the committed JSON) join new parts as the parts themselves would, notes kept.
+    earlier, again = tmp_path / "earlier.json", tmp_path / "again.json"
+    main(["merge", str(headline), "--out", str(earlier), "--note", "earlier run"])
+    main(["merge", str(earlier), str(ablation), "--out", str(again)])
+    joined = json.loads(again.read_text())
+    assert joined["models"] == json.loads(out.read_text())["models"] and joined["notes"] == ["earlier run"]
+    with pytest.raises(ValueError, match="in two parts"):  # a part merged before is not counted twice
+        main(["merge", str(again), str(ablation), "--out", str(out)])
     page = out.with_suffix(".md").read_text()
     assert "| - | - | 1.000 | original |" in page and "| weight | mkl | - |" in page and "recovery_quality.py" in page
     with pytest.raises(ValueError, match="in two parts"):
