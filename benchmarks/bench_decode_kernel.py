@@ -281,6 +281,7 @@ def launch_config(inp: dict[str, object], m: int, overrides: dict[str, int]) -> 
         _row_alignment,
         _sm_count,
         choose_block_h,
+        choose_combine_tile,
         choose_num_splits,
     )
 
@@ -292,10 +293,11 @@ def launch_config(inp: dict[str, object], m: int, overrides: dict[str, int]) -> 
     block_t, warps, stages = _default_config(lat, m, 2, inp["key_mask"] is not None, aligned, block_h)
     block_t = overrides.get("block_t", block_t)
     warps = overrides.get("num_warps", warps)
-    sms = _sm_count(inp["latent"].device.index or 0)
+    sms = _sm_count(inp["latent"].device)
     splits = overrides.get("num_splits") or choose_num_splits(
         b * head_blocks, inp["latent"].shape[1], sms, block_t, 2 if warps <= 4 else 1
     )
+    combine_chunk_s, combine_block_l = choose_combine_tile(b * h, lat, splits, sms) if splits > 1 else (0, 0)
     return dict(
         block_t=block_t,
         num_warps=warps,
@@ -303,6 +305,8 @@ def launch_config(inp: dict[str, object], m: int, overrides: dict[str, int]) -> 
         block_h=block_h,
         head_blocks=head_blocks,
         num_splits=splits,
+        combine_chunk_s=combine_chunk_s,
+        combine_block_l=combine_block_l,
     )
 
 

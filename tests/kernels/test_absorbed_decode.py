@@ -392,6 +392,24 @@ def test_interpreter_many_splits(m: int, lat: int) -> None:
 
 
 @needs_interpreter
+@pytest.mark.parametrize("lat", [80, 200])
+def test_interpreter_combine_whole_rows(lat: int, monkeypatch) -> None:
+    """With enough (B, H) rows for the SMs, a combine program merges whole latent rows, a few splits per iteration
+    (the last chunk partial); as the column-block combine, it equals the reference."""
+    from hf_mla_vlm.kernels import absorbed_decode
+
+    monkeypatch.setattr(absorbed_decode, "_sm_count", lambda device: 2)  # B * H = 8 rows fill two waves of 2 SMs
+    case = make_case(b=2, h=4, n=2, r=4, lat=lat, t=16 * 21, m=2, layout="runs", mask="left_pad", seed=lat)
+    chunk_s, block_l = absorbed_decode.choose_combine_tile(8, lat, 21, 2)
+    assert block_l >= lat and 21 % chunk_s and chunk_s < 21  # one column block; several chunks, the last partial
+    ref = mla_decode_reference(*case.absorbed_args())
+    out = absorbed_decode.mla_decode_triton(*case.absorbed_args(), num_splits=21, block_t=16)
+    _assert_finite(*out)
+    for got, want in zip(out, ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_interpreter_padded_side_rows(dtype: torch.dtype) -> None:
     """Side rows padded to 16-byte units (the model's cache layout) take the aligned-load path; the NaN padding
@@ -717,6 +735,19 @@ def test_choose_num_splits_fills_waves() -> None:
         assert programs / (132 * -(-programs // 132)) > 0.9, (b, t, s)
     assert choose_num_splits(1, 32768, 132, 64) > 32  # one sequence still spreads over many SMs
     assert choose_num_splits(16, 8192, 132, 32, programs_per_sm=2) == 2 * choose_num_splits(16, 8192, 132, 32)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_choose_combine_tile_keeps_whole_rows_when_the_rows_fill_the_sms() -> None:
+    from hf_mla_vlm.kernels.absorbed_decode import COMBINE_BLOCK_L, COMBINE_TILE_ELEMENTS, choose_combine_tile
+
+    assert choose_combine_tile(1 * 28, 512, 127, 132) == (32, COMBINE_BLOCK_L)  # batch 1: 64-column blocks
+    assert choose_combine_tile(16 * 28, 512, 8, 132) == (4, 512)  # batch 16: whole rows
+    assert choose_combine_tile(64 * 28, 256, 4, 132) == (4, 256)  # never more splits than there are
+    for rows, lat, splits in ((1, 1024, 200), (4096, 1024, 3), (28, 128, 2), (4096, 80, 40)):
+        chunk_s, block_l = choose_combine_tile(rows, lat, splits, 132)
+        assert chunk_s >= 2 and chunk_s & (chunk_s - 1) == 0 and block_l & (block_l - 1) == 0
+        assert 2 * chunk_s * block_l <= COMBINE_TILE_ELEMENTS
 
 
 # ---------------------------------------------------------------------------------------------------------------

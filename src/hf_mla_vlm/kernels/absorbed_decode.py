@@ -16,7 +16,7 @@ fastest grid axis, so the programs reading one latent chunk run side by side and
 softmax with fp32 accumulation. With one split it merges the branches and writes the final outputs; otherwise it
 writes un-normalised per-branch partial accumulators and running maxima (a branch without keys in the chunk leaves its
 row unwritten), and stage 2 (``_mla_decode_combine``, grid ``(B, H, latent column blocks)``) merges chunks and
-branches, reading ``COMBINE_CHUNK_S`` splits at a time.
+branches, several splits at a time (``choose_combine_tile``).
 
 Quantized latent (``latent_format``, the rows of ``latent_cache.LatentQuantization``: int8, fp8 e4m3 or int4 values
 with fp16 group scales and zero points): the kernel reads the stored bytes and dequantizes each tile in registers as it
@@ -38,7 +38,9 @@ and dropped (measured slower): one row per head with two accumulators selected p
 branch's dots per tile with run-time branches, zeroing masked rows with ``tl.where`` after position-masked loads,
 a combine that loads all chunks at once (at batch 16, where the combine is 4-6 us of a call). At batch 1 the
 one-split-per-iteration combine took 20-38 us of a 32k-token call (127 splits, H200,
-``decode_kernel_h200.md``); the combine now reads 32 splits per iteration over 64-column blocks (not timed yet).
+``decode_kernel_h200.md``); reading 32 splits per iteration over 64-column blocks cut that to 10-11 us but made
+it 2-4x slower at batch 16-64 (``decode_kernel_h200_combine.md``), so ``choose_combine_tile`` keeps whole rows
+there.
 
 Shapes (see :mod:`hf_mla_vlm.kernels.reference` for the maths):
 
@@ -79,7 +81,7 @@ from ..modeling.latent_cache import parse_latent_format
 from .reference import mla_decode_reference, validate_decode_inputs
 
 
-__all__ = ["choose_block_h", "choose_num_splits", "mla_decode_triton"]
+__all__ = ["choose_block_h", "choose_combine_tile", "choose_num_splits", "mla_decode_triton"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -380,8 +382,13 @@ def _row_alignment(side: torch.Tensor) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _sm_count(device_index: int) -> int:
+def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    """The device's SM count (an H100 / H200's 132 for the interpreter on the CPU)."""
+    return _cuda_sm_count(device.index if device.index is not None else 0) if device.type == "cuda" else 132
 
 
 def choose_num_splits(
@@ -447,9 +454,24 @@ def _default_config(
     return (32, 8, 3) if aligned else (64, 8, 2)
 
 
-# The combine's tile: splits read at once x latent columns per program (x 2 branch rows).
-COMBINE_CHUNK_S = 32
-COMBINE_BLOCK_L = 64
+# The combine's tile: (splits read at once) x (2 branch rows) x (latent columns per program) <= COMBINE_TILE_ELEMENTS.
+COMBINE_TILE_ELEMENTS = 4096
+COMBINE_BLOCK_L = 64  # latent columns per program when the (B, H) rows alone would leave SMs idle
+COMBINE_CHUNK_S = COMBINE_TILE_ELEMENTS // (2 * COMBINE_BLOCK_L)  # splits per iteration with 64-column blocks
+
+
+def choose_combine_tile(rows: int, latent: int, num_splits: int, sm_count: int) -> tuple[int, int]:
+    """``(splits per iteration, latent columns per program)`` of the combine for ``rows`` = B * H merged rows.
+
+    When the rows fill two waves of the SMs, a program merges whole rows (one column block: the maxima over the
+    splits are not re-read per block). Otherwise the rows are cut into ``COMBINE_BLOCK_L``-column blocks so that
+    batch 1 still spreads over the SMs. Measured on the H200 (2026-12-02, ``decode_kernel_h200_combine.md``) with
+    64-column blocks at every batch: 10-11 us at batch 1 and 32k tokens (127 splits; 20-38 us with one split per
+    iteration), but 8-21 us at batch 16-64 (4-7 us with whole rows); this choice is not timed yet."""
+    full = max(16, _pow2(latent))
+    block_l = full if rows >= 2 * sm_count else min(COMBINE_BLOCK_L, full)
+    return max(2, min(_pow2(num_splits), COMBINE_TILE_ELEMENTS // (2 * block_l))), block_l
+
 
 # Accumulator elements (query rows x latent columns) one program holds at most; more heads are split across programs.
 MAX_ACCUMULATOR_ELEMENTS = 32768
@@ -536,8 +558,8 @@ def mla_decode_triton(
     if num_warps not in (1, 2, 4, 8, 16) or not isinstance(num_stages, int) or num_stages < 1:
         raise ValueError(f"num_warps must be 1/2/4/8/16 and num_stages >= 1, got {num_warps!r}/{num_stages!r}")
 
+    sms = _sm_count(device)
     if num_splits is None:
-        sms = 132 if device.type != "cuda" else _sm_count(device.index if device.index is not None else 0)
         num_splits = choose_num_splits(b * head_blocks, t, sms, block_t, programs_per_sm=2 if num_warps <= 4 else 1)
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
@@ -661,7 +683,7 @@ def mla_decode_triton(
                     tile_t //= 2  # tokens_per_split stays a multiple of the tile
         _CONFIG_THAT_FITS[fit_key] = (tile_t, stages)
         if not single:
-            combine_l = min(COMBINE_BLOCK_L, block_l)
+            chunk_s, combine_l = choose_combine_tile(b * h, lat, num_splits, sms)
             _mla_decode_combine[(b, h, _cdiv(lat, combine_l))](
                 acc,
                 psum,
@@ -673,7 +695,7 @@ def mla_decode_triton(
                 H=h,
                 L=lat,
                 M=m,
-                CHUNK_S=min(COMBINE_CHUNK_S, max(2, _pow2(num_splits))),
+                CHUNK_S=chunk_s,
                 BLOCK_L=combine_l,
                 BLOCK_M=2,
                 STATIC_S=num_splits if _INTERPRETING else 0,
