@@ -241,7 +241,7 @@ class SourceCheckpoint:
         for shard, group in by_shard.items():
             for name in group:
                 # One handle per tensor: the shard pages a handle has read stay mapped, and count in the process's
-                # RSS, until it closes (beside their float32 copies: 2.4 GB of bf16 pages at a 7B model's capture).
+                # RSS beside their float32 copies, until it closes (benchmarks/results/conversion_scale.md).
                 with safe_open(str(self.folder / shard), framework="pt") as handle:
                     tensor = handle.get_tensor(self.names[name])
                 if dtype is not None and tensor.is_floating_point():

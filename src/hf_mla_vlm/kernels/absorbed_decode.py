@@ -465,9 +465,8 @@ def choose_combine_tile(rows: int, latent: int, num_splits: int, sm_count: int) 
 
     When the rows fill two waves of the SMs, a program merges whole rows (one column block: the maxima over the
     splits are not re-read per block). Otherwise the rows are cut into ``COMBINE_BLOCK_L``-column blocks so that
-    batch 1 still spreads over the SMs. Measured on the H200 (2026-12-02, ``decode_kernel_h200_combine.md``) with
-    64-column blocks at every batch: 10-11 us at batch 1 and 32k tokens (127 splits; 20-38 us with one split per
-    iteration), but 8-21 us at batch 16-64 (4-7 us with whole rows); this choice is not timed yet."""
+    batch 1 still spreads over the SMs. Why (64-column blocks at every batch: fast at batch 1, slow at batch 16-64):
+    ``benchmarks/results/decode_kernel_h200_combine.md``; this choice itself is not timed yet."""
     full = max(16, _pow2(latent))
     block_l = full if rows >= 2 * sm_count else min(COMBINE_BLOCK_L, full)
     return max(2, min(_pow2(num_splits), COMBINE_TILE_ELEMENTS // (2 * block_l))), block_l
