@@ -223,6 +223,9 @@ def planned_rows(args) -> list[dict]:
         for (init, strategy), route in itertools.product(ABLATIONS, args.ablation_routes):
             seed = None if route == "none" else args.seeds[0]
             rows.append(dict(route=route, level=ABLATION_LEVEL, seed=seed, init=init, rope_strategy=strategy))
+    for row in rows:
+        if row["route"] == "distill":
+            row["label_weight"] = args.label_weight
     return rows
 
 
@@ -239,6 +242,8 @@ def row_fields(plan: dict, setting: dict | None, model: str) -> dict:
         "init": plan.get("init"),
         "rope_strategy": plan.get("rope_strategy"),
         "seed": plan.get("seed"),
+        # the weight of the label loss beside the KL: part of a distill row's recipe (None for the other routes)
+        "label_weight": plan.get("label_weight"),
         "headline": (plan.get("init"), plan.get("rope_strategy")) in (HEADLINE, (None, None)),
     }
 
@@ -389,7 +394,8 @@ ROW_ORDER = ("original", "control", "none", "sft", "distill")
 def _order(row: dict) -> tuple:
     """original, control, then per level the headline routes, then the ablations."""
     return (row["route"] not in ("original", "control"), float(row["level"] or 0), not row["headline"],
-            ROW_ORDER.index(row["route"]), str(row["init"]), str(row["rope_strategy"]))  # fmt: skip
+            ROW_ORDER.index(row["route"]), str(row["init"]), str(row["rope_strategy"]),
+            row.get("label_weight") or 0.0)  # fmt: skip
 
 
 def _tokens(values: list) -> str:
@@ -397,11 +403,17 @@ def _tokens(values: list) -> str:
     return "-" if not mean else f"{mean / 1e6:.2f}M" if mean >= 1e5 else f"{mean:.0f}"
 
 
+def _route(row: dict) -> str:
+    """The route's name in the tables: distill with a label loss says its weight."""
+    weight = row.get("label_weight")
+    return f"{row['route']} + {weight:g} labels" if weight else row["route"]
+
+
 def _groups(rows: list[dict]) -> list[list[dict]]:
     """Rows that differ only by seed, in table order."""
     groups: dict[tuple, list[dict]] = {}
     for row in sorted(rows, key=_order):
-        groups.setdefault(tuple(row[k] for k in ROW_KEY if k != "seed"), []).append(row)
+        groups.setdefault(tuple(row.get(k) for k in ROW_KEY if k != "seed"), []).append(row)
     return list(groups.values())
 
 
@@ -467,10 +479,10 @@ def markdown(result: dict) -> str:
                 _cell(c["tokens_per_s"], digits=0),
                 _cell(c["gpu_minutes"], digits=1),
             ]
-            setting = [level, shape, f"{r['kv_ratio']:.3f}", r["route"], r["init"] or "-", r["rope_strategy"] or "-"]
+            setting = [level, shape, f"{r['kv_ratio']:.3f}", _route(r), r["init"] or "-", r["rope_strategy"] or "-"]
             lines.append("| " + " | ".join([*setting, seeds, *cells]) + " |")
             per_type = [_cell([g["vqa_per_type"].get(q) for g in group], 100) for q in QTYPES]
-            label = " / ".join(str(x) for x in (level, r["route"], r["init"], r["rope_strategy"]) if x and x != "-")
+            label = " / ".join(str(x) for x in (level, _route(r), r["init"], r["rope_strategy"]) if x and x != "-")
             types.append(f"| {label or r['route']} | {seeds} | " + " | ".join(per_type) + " |")
         lines += ["", "VQA per question type (%):", "", "| row | seeds | " + " | ".join(QTYPES) + " |",
                   "|---|---|" + "---|" * len(QTYPES), *types, ""]  # fmt: skip
@@ -482,11 +494,12 @@ def markdown(result: dict) -> str:
 # -------------------------------------------------------------------------------------------------- merge
 
 
+# (label_weight is a field of the distill rows, not a setting shared by a model's parts)
 RUN_ONLY = ("verb", "out", "workdir", "name", "native", "keep_checkpoints", "levels", "routes", "seeds",
-            "ablations", "ablation_routes", "device", "workers", "progress", "command")  # fmt: skip
+            "ablations", "ablation_routes", "device", "workers", "progress", "command", "label_weight")  # fmt: skip
 BUDGET_KEYS = ("stage1_steps", "stage2_steps", "train_batch", "stage1_lr", "stage2_lr", "mix", "text_seq_len",
-               "temperature", "label_weight", "rope_dim")  # fmt: skip
-ROW_KEY = ("route", "level", "init", "rope_strategy", "seed")
+               "temperature", "rope_dim")  # fmt: skip
+ROW_KEY = ("route", "level", "init", "rope_strategy", "seed", "label_weight")
 METRICS = ("vqa", "ppl", "ppl_scenes", "kl", "top1", "tokens", "tokens_per_s", "gpu_minutes")
 
 
@@ -510,9 +523,9 @@ def join_parts(parts: list[dict]) -> list[dict]:
         for seed, info in part["data"].items():
             if joined["data"].setdefault(seed, info) != info:
                 raise ValueError(f"Parts of {part['model']} trained seed {seed} on different data.")
-        seen = {tuple(r[k] for k in ROW_KEY) for r in joined["rows"]}
+        seen = {tuple(r.get(k) for k in ROW_KEY) for r in joined["rows"]}
         for row in part["rows"]:
-            key = tuple(row[k] for k in ROW_KEY)
+            key = tuple(row.get(k) for k in ROW_KEY)
             if row["route"] == "original":
                 continue
             if key in seen:
@@ -533,8 +546,14 @@ def _runs(part: dict) -> list[dict]:
 
 def parts_of(document: dict) -> list[dict]:
     """The parts in a file: a `run` part, or every model entry of an earlier `merge`'s results (rows measured in
-    earlier sessions), so that new parts join the committed results."""
-    return document["models"] if document.get("benchmark") == "recovery_quality" else [document]
+    earlier sessions), so that new parts join the committed results. Parts written before the label weight became
+    a field of the distill rows carry it in their settings: it moves to their distill rows."""
+    parts = document["models"] if document.get("benchmark") == "recovery_quality" else [document]
+    for part in parts:
+        weight = part["settings"].pop("label_weight", None)
+        for row in part["rows"]:
+            row.setdefault("label_weight", weight if row["route"] == "distill" else None)
+    return parts
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -639,7 +658,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     )
     args.name = args.name or "-".join(
         [args.model, "L" + "_".join(args.levels), "_".join(args.routes) or "noheadline"]
-        + (["abl"] if args.ablations else []) + ["s" + "_".join(map(str, args.seeds))]
+        + (["abl"] if args.ablations else []) + ([f"lw{args.label_weight:g}"] if args.label_weight else [])
+        + ["s" + "_".join(map(str, args.seeds))]
     )  # fmt: skip
     out = Path(args.out) / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@
 #   bash benchmarks/zoo/recovery_gpu.sh OUT_DIR [extra `recovery_quality.py run` args, e.g. --levels 62.5 --seeds 0]
 # MODELS (default "llava llava_next qwen2_5_vl") and ROUTE_GROUPS (default "control;none sft;distill": groups
 # separated by ';', routes in a group by spaces) choose the jobs. Each job writes OUT_DIR/<part>.json after every
-# row and logs to OUT_DIR/<model>-<group>.log; OUT_DIR/queue.log says when each job started and ended. Merge the
+# row and logs to OUT_DIR/<model>-<group>.log; JOBS (entries "model|routes[|more run args]" separated by ';', e.g.
+# "llava|control;llava|distill|--label-weight 0.5") lists the jobs instead, each with its own extra args; OUT_DIR/queue.log says when each job started and ended. Merge the
 # parts with `recovery_quality.py merge OUT_DIR/*.json`.
 # PARALLEL (default 2): the first H200 run (2026-12-02) started all nine jobs at once and six died of CUDA
 # out-of-memory; the jobs that ran held 24-50 GiB each (likely the 49152-token vocabulary's logits of 32 x
@@ -18,24 +19,29 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 python3 -c "from hf_mla_vlm.assets import load_smollm2; load_smollm2()"  # the safetensors cache, once
 jobs=()
-IFS=';' read -ra groups <<< "${ROUTE_GROUPS:-control;none sft;distill}"
-for model in ${MODELS:-llava llava_next qwen2_5_vl}; do
-  for group in "${groups[@]}"; do
-    jobs+=("$model|$group")
+if [ -n "${JOBS:-}" ]; then
+  IFS=';' read -ra jobs <<< "$JOBS"
+else
+  IFS=';' read -ra groups <<< "${ROUTE_GROUPS:-control;none sft;distill}"
+  for model in ${MODELS:-llava llava_next qwen2_5_vl}; do
+    for group in "${groups[@]}"; do
+      jobs+=("$model|$group")
+    done
   done
-done
+fi
 # The queue runs in its own session so that it outlives this shell (the GPU tool ends a command's processes).
 setsid nohup bash -c '
   out=$1; parallel=$2; shift 2
   args=(); while [ "$1" != "--" ]; do args+=("$1"); shift; done; shift
   for job in "$@"; do
     while [ "$(jobs -rp | wc -l)" -ge "$parallel" ]; do wait -n || true; done
-    model=${job%%|*}; read -ra routes <<< "${job#*|}"
-    log="$out/$model-$(IFS=-; echo "${routes[*]}").log"
-    echo "$(date -u +%FT%TZ) start $model ${routes[*]}" >> "$out/queue.log"
+    model=${job%%|*}; rest=${job#*|}; read -ra routes <<< "${rest%%|*}"; extra=()
+    [ "$rest" != "${rest#*|}" ] && read -ra extra <<< "${rest#*|}"
+    log="$out/$model-$(IFS=-; echo "${routes[*]}${extra[*]:+-${extra[*]}}" | tr -c "A-Za-z0-9_.\n-" _).log"
+    echo "$(date -u +%FT%TZ) start $model ${routes[*]} ${extra[*]}" >> "$out/queue.log"
     ( python3 benchmarks/recovery_quality.py run --model "$model" --routes "${routes[@]}" --workers 1 \
-        --out "$out" --workdir "$out/work" "${args[@]}" > "$log" 2>&1 < /dev/null
-      echo "$(date -u +%FT%TZ) end $model ${routes[*]} rc=$?" >> "$out/queue.log" ) &
+        --out "$out" --workdir "$out/work" "${args[@]}" "${extra[@]}" > "$log" 2>&1 < /dev/null
+      echo "$(date -u +%FT%TZ) end $model ${routes[*]} ${extra[*]} rc=$?" >> "$out/queue.log" ) &
   done
   wait
   echo "$(date -u +%FT%TZ) all done" >> "$out/queue.log"

@@ -63,5 +63,22 @@ def test_rows_merge_and_page(recovery_quality, native_checkpoints, tmp_path):
     assert "| - | - | 1.000 | original |" in page and "| weight | mkl | - |" in page and "recovery_quality.py" in page
     with pytest.raises(ValueError, match="in two parts"):
         main(["merge", str(headline), str(headline), "--out", str(out)])
+    # The label weight is a field of the distill rows: a part trained with a label loss joins one without as rows of
+    # their own, and a part written before (the weight in its settings) reads as weight 0.
+    assert [r["label_weight"] for r in rows] == [None, None, None, 0.0, None, 0.0]
+    older, weighted = json.loads(headline.read_text()), json.loads(headline.read_text())
+    older["settings"]["label_weight"] = 0.0
+    for row in older["rows"]:
+        del row["label_weight"]
+    weighted["rows"] = [dict(r, label_weight=0.5) for r in weighted["rows"] if r["route"] in ("original", "distill")]
+    for name, document in (("older", older), ("weighted", weighted)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(document))
+    main(["merge", str(tmp_path / "older.json"), str(tmp_path / "weighted.json"), "--out", str(out)])
+    both = json.loads(out.read_text())["models"][0]
+    assert "label_weight" not in both["settings"]
+    assert sorted((r["level"], r["label_weight"]) for r in both["rows"] if r["route"] == "distill") == [
+        ("62.5", 0.0), ("62.5", 0.5), ("75", 0.0), ("75", 0.5)
+    ]  # fmt: skip
+    assert "| distill + 0.5 labels | md | mkl | 0 |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="CPU"):  # smoke numbers never land in benchmarks/results
         main(["merge", str(headline), "--out", str(recovery_quality.RESULTS / "recovery_quality.json")])
