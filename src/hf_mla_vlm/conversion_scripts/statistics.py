@@ -327,8 +327,9 @@ class _LayerAccumulator:
     def rotary_terms(self, q, k, rope, valid: torch.Tensor, rng: random.Random, num_rows: int):
         """Add a calibration sample's pre-RoPE pair norms (`q`, `k`: the projections' outputs) and return what its
         MKL term needs: the post-RoPE `q`, `k` on the statistics device and `num_rows` query rows drawn with `rng`."""
-        q = q.view(1, -1, self.n_q, self.head_dim).transpose(1, 2).float()  # (1, H, T, D)
-        k = k.view(1, -1, self.n_kv, self.head_dim).transpose(1, 2).float()
+        wide = torch.promote_types(q.dtype, torch.float32)  # float32 or the model's wider dtype (float64 tests)
+        q = q.view(1, -1, self.n_q, self.head_dim).transpose(1, 2).to(wide)  # (1, H, T, D)
+        k = k.view(1, -1, self.n_kv, self.head_dim).transpose(1, 2).to(wide)
         keep = valid.to(q.device)
         for total, x, heads in ((self.q_norm, q, self.n_q), (self.k_norm, k, self.n_kv)):
             total += (
@@ -339,7 +340,8 @@ class _LayerAccumulator:
             )
         self.norm_tokens += int(keep.sum())
         cos, sin = rope
-        q_rot, k_rot = _apply_full_rope(q, cos.float(), sin.float()), _apply_full_rope(k, cos.float(), sin.float())
+        cos, sin = cos.to(wide), sin.to(wide)
+        q_rot, k_rot = _apply_full_rope(q, cos, sin), _apply_full_rope(k, cos, sin)
         rows = keep.nonzero().flatten().tolist()
         rows = sorted(rng.sample(rows, min(len(rows), num_rows)))
         return q_rot[0].to(self.device), k_rot[0].to(self.device), torch.tensor(rows, device=self.device)
