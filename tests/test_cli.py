@@ -192,6 +192,41 @@ def test_evaluate_cli_writes_json(native_checkpoints, tmp_path, capsys):
     assert result["perplexity"]["ppl"] == pytest.approx(result["reference_perplexity"]["ppl"], rel=1e-4)
 
 
+def test_evaluate_record_keeps_the_numbers_in_the_report_and_card(native_checkpoints, tmp_path, capsys):
+    from hf_mla_vlm.conversion_scripts.hub import card_problems, read_report
+
+    src = native_checkpoints["llava"]
+    folder = tmp_path / "mla"
+    assert cli.main(["convert", str(src), "--out", str(folder), "--rope-dim", "8", "--kv-rank", "8", "--quiet"]) == 0
+    assert "has not been measured" in (folder / "README.md").read_text()
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(["what is this ? a cat . the dog is left of the red circle ."] * 40))
+    capsys.readouterr()
+    argv = ["evaluate", str(folder), "--reference", str(src), "--text-file", str(text), "--seq-len", "32"]
+    assert cli.main(argv + ["--max-sequences", "2", "--num-samples", "3", "--record"]) == 0
+    result = json.loads(capsys.readouterr().out)  # stdout stays one JSON document
+    assert cli.main(["evaluate", str(folder), "--task", "vqa", "--num-samples", "4", "--record"]) == 0
+    vqa = json.loads(capsys.readouterr().out)["vqa"]
+
+    report, card = read_report(folder), (folder / "README.md").read_text()
+    fidelity = report["evaluation"]["fidelity"]
+    assert fidelity["kl"] == result["fidelity"]["kl"] > 0 and fidelity["perplexity"] == result["perplexity"]["ppl"]
+    assert fidelity["reference_perplexity"] == result["reference_perplexity"]["ppl"] and fidelity["reference"] == str(
+        src
+    )
+    assert (
+        report["evaluation"]["vqa"]["vqa_accuracy"] == vqa["accuracy"]
+        and "reference" not in report["evaluation"]["vqa"]
+    )
+    assert card_problems(card, report) == [] and f"| fidelity.kl | {fidelity['kl']:.6g} |" in card
+    assert "measured quality is under" in card and "has not been measured" not in card
+    assert cli.main(["verify", str(folder), "--no-forward"]) == 0  # the weights and their hashes are untouched
+
+    native = native_checkpoints["qwen2_5_vl"]  # no report: refused before any model is loaded
+    assert cli.main(["evaluate", str(native), "--text-file", str(text), "--record"]) == 2
+    assert "mla_conversion_report.json is missing" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only error")
 def test_bench_needs_a_gpu(native_checkpoints, capsys):
     assert cli.main(["bench", str(native_checkpoints["llava"])]) == 3  # an environment problem

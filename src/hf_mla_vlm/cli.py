@@ -342,6 +342,12 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--device", default=None, help="device to run on (default: cuda if available, else cpu)")
     p.add_argument("--output", default=None, help="write the JSON result here as well")
     p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="bf16", help=KV_CACHE_HELP)
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="keep the headline numbers in the model folder's mla_conversion_report.json (under evaluation.TASK) "
+        "and regenerate its model card from it",
+    )
 
 
 # Held-out calibration seed: the conversations differ from those a conversion calibrated on (seed 0).
@@ -353,6 +359,10 @@ def _run_evaluate(args) -> int:
     from .utils import resolve_device
 
     resolve_device(args.device)  # before any model is loaded
+    if args.record:
+        from .conversion_scripts.hub import read_report
+
+        read_report(args.model)  # a folder whose card can take the numbers, before any model is loaded
     default_data = "builtin" if args.reference and args.task == "fidelity" else None
     data = args.data if args.data is not None else default_data
     if data is not None and data != "builtin-text":
@@ -387,6 +397,11 @@ def _run_evaluate(args) -> int:
         from .utils import write_text_atomically
 
         write_text_atomically(args.output, text + "\n")
+    if args.record:
+        from .evaluation import record_evaluation
+
+        record_evaluation(args.model, result)
+        print(f"recorded the {args.task} numbers in {args.model}'s report and model card", file=sys.stderr)
     print(text)
     return 0
 

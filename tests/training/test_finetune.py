@@ -4,6 +4,7 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ import hf_mla_vlm  # noqa: F401  (registers the MLA classes)
 from hf_mla_vlm import cli
 from hf_mla_vlm.conversations import Conversation
 from hf_mla_vlm.conversion_scripts.convert import convert
+from hf_mla_vlm.errors import InputError
 from hf_mla_vlm.tiny_models import QWEN_STYLE, TINY_ARCHS, tiny_image
 from hf_mla_vlm.training.checkpoint import load_model, plain_model_from_state_dict, save_atomically
 from hf_mla_vlm.training.data import IGNORE_INDEX, ChatCollator, assistant_spans
@@ -125,6 +127,44 @@ def test_saved_folder_verifies_against_its_recorded_hashes(runs, case):
     data = (out / "model.safetensors").read_bytes()
     assert files["model.safetensors"] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     assert verify_folder(out) == []
+
+
+@pytest.mark.parametrize("case", RUNS, ids=lambda case: f"{case[0]}-stage{case[1]}-{case[2]}")
+def test_saved_folder_carries_the_conversion_report_and_a_card_that_pushes(runs, case):
+    from hf_mla_vlm.conversion_scripts.hub import card_for_upload, card_problems, read_report
+
+    source, _, result = runs[case]
+    out, before = result.output_dir, read_report(source)
+    report = read_report(out)
+    assert report["kv_cache"] == before["kv_cache"] and report["settings"] == before["settings"]
+    assert report["files"] == result.report["files"] != before["files"]  # the trained weights' digests
+    [entry] = report["fine_tuning"]
+    assert entry["stage"] == case[1] and entry["objective"] == "sft" and entry["steps"] == 8
+    assert entry["tokens_seen"] == result.report["training"]["tokens_seen"] > 0
+    card = (out / "README.md").read_text()
+    assert card_problems(card, report) == [] and card_for_upload(out) == card
+    assert f"| {case[1]} | sft | - | - | {result.report['settings']['data']} | 8 |" in card
+    assert "No recovery fine-tuning" in (source / "README.md").read_text() and "No recovery fine-tuning" not in card
+
+
+def test_conversion_of_a_fine_tuned_stage1_folder_keeps_its_fine_tuning(runs, tmp_path):
+    from hf_mla_vlm.conversion_scripts.hub import read_report
+
+    stage1 = runs["llava", 1, "paper"][2].output_dir
+    out = convert(stage1, tmp_path / "mla", kv_rank=8, mla_stage="mla", progress=False).output_dir
+    assert read_report(out)["fine_tuning"] == read_report(stage1)["fine_tuning"]
+    assert "| 1 | sft |" in (out / "README.md").read_text()
+    plain = runs["llava", 1, "paper"][0]  # a stage-1 conversion that was never fine-tuned: nothing to carry
+    assert "fine_tuning" not in read_report(plain)
+
+
+def test_a_broken_source_report_is_refused_before_training(converted, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(converted["llava", 1], source)
+    (source / "mla_conversion_report.json").write_text("{not json")
+    with pytest.raises(InputError, match="unreadable"):
+        finetune(source, _fixed_conversations(), tmp_path / "out", stage=1, max_steps=1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_counts_and_schedule(runs):

@@ -54,7 +54,7 @@ from .calibration import (
     parse_mix,
     parse_sources,
 )
-from .report import activation_error_summary, model_card
+from .report import activation_error_summary, finetune_summary, model_card
 from .rope_selection import (
     CALIBRATED_STRATEGIES,
     FIXED_STRATEGIES,
@@ -99,6 +99,7 @@ _NOT_COPIED_NAMES = {
     "trainer_state.json",
 }
 REPORT_NAME = "mla_conversion_report.json"
+FINETUNE_REPORT_NAME = "finetune_report.json"  # `hf_mla_vlm.training`'s report of a fine-tuned folder
 
 
 @dataclass
@@ -732,6 +733,8 @@ def convert(
             "environment": {**environment(), "torch_threads": str(threads)},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if fine_tuning := source_fine_tuning(source_path):
+            report["fine_tuning"] = fine_tuning
         if stats is not None:
             report["calibration"] = {
                 "source": ",".join(parse_sources(calibration)) if statistics is None else "precomputed statistics",
@@ -778,6 +781,19 @@ def convert(
         logger.info(f"Converted {source_path} -> {output_dir} in {timings['total_s']:.1f}s")
     model = spec.mla_model_class.from_pretrained(output_dir, dtype=target_dtype).eval() if return_model else None
     return ConversionResult(output_dir=output_dir, report=report, model=model)
+
+
+def source_fine_tuning(source_path: Path) -> list[dict]:
+    """The recovery fine-tuning a (stage-1) source folder's weights have had, oldest first: its report's
+    `"fine_tuning"` list, else the one fine-tuning its `finetune_report.json` describes; empty for a native source
+    or an unreadable report (the card then says no fine-tuning is known)."""
+    for name in (REPORT_NAME, FINETUNE_REPORT_NAME):
+        try:
+            report = json.loads((source_path / name).read_text(encoding="utf-8"))
+            return list(report["fine_tuning"]) if name == REPORT_NAME else [finetune_summary(report)]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            continue
+    return []
 
 
 def copy_processor_files(source_path: Path, output_dir: Path) -> list[str]:
@@ -875,6 +891,7 @@ __all__ = [
     "convert_layer_attention",
     "convert_model",
     "resolve_source",
+    "source_fine_tuning",
     "source_stage",
     "stage1_rope_dim",
     "stream_converted_weights",

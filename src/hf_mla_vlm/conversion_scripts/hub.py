@@ -90,8 +90,13 @@ def _measured_fragments(report: dict) -> list[str]:
     return fragments
 
 
-def _read_report(folder: Path) -> dict:
-    report_path = folder / REPORT_NAME
+def read_report(folder: str | os.PathLike) -> dict:
+    """The `mla_conversion_report.json` of `folder`, checked to carry the KV-cache numbers a model card needs.
+
+    Raises:
+        InputError: the report is missing, unreadable or lacks the numbers.
+    """
+    report_path = Path(folder) / REPORT_NAME
     try:
         report = json.loads(report_path.read_text(encoding="utf-8"))
         report["kv_cache"]["converted_bytes_per_token"]  # noqa: B018  (fails early on a report without numbers)
@@ -104,7 +109,7 @@ def _read_report(folder: Path) -> dict:
 
 def _card_state(folder: Path) -> tuple[dict, str | None, list[str]]:
     """The report, the folder's card (None when absent) and what the card lacks."""
-    report = _read_report(folder)
+    report = read_report(folder)
     card_path = folder / CARD_NAME
     card = card_path.read_text(encoding="utf-8") if card_path.is_file() else None
     return report, card, card_problems(card, report) if card is not None else ["there is no README.md"]
@@ -245,5 +250,6 @@ __all__ = [
     "card_problems",
     "prepare_model_card",
     "push_to_hub",
+    "read_report",
     "upload_file_names",
 ]

@@ -110,9 +110,69 @@ def cache_change(reduction: float, digits: int = 1) -> str:
     return f"{abs(percent):.{digits}f}% {'smaller' if percent > 0 else 'larger'} than"
 
 
+def finetune_summary(finetune_report: dict) -> dict:
+    """What a folder's report keeps of one recovery fine-tuning (a `finetune_report.json`), under `"fine_tuning"`."""
+    settings, training = finetune_report["settings"], finetune_report.get("training", {})
+    return {
+        "stage": settings["stage"],
+        "objective": settings["objective"],
+        "teacher": settings.get("teacher"),
+        "label_weight": settings.get("label_weight"),
+        "data": settings.get("data"),
+        "steps": training.get("steps"),
+        "tokens_seen": training.get("tokens_seen"),
+        "trainable_parameters": finetune_report.get("parameters", {}).get("trainable"),
+        "date": finetune_report.get("date"),
+    }
+
+
+# Where the project's own measurements of conversion and recovery quality live (the card links, never copies, them).
+RECOVERY_RESULTS = "`benchmarks/results/recovery_quality.md` of hf-mla-vlm"
+
+
+def quality_section(report: dict) -> list[str]:
+    """Markdown lines of the card's "Quality" section: the recovery fine-tuning the weights have had (the report's
+    `"fine_tuning"` list, oldest first; none for a plain conversion) and where this checkpoint's measured quality is
+    (the "Evaluation" section, or the command that records it)."""
+    stages = report.get("fine_tuning") or []
+    lines = ["## Quality", ""]
+    if not stages:
+        lines += [
+            "No recovery fine-tuning: these are the converted weights as the factorisation left them. A conversion "
+            "that cuts the KV cache loses text and vision quality until it is fine-tuned, e.g. by self-distillation "
+            "from the original (`hf-mla-vlm finetune FOLDER --objective distill --teacher SOURCE`); hf-mla-vlm's "
+            f"measurements at several cuts, before and after recovery, are in {RECOVERY_RESULTS}.",
+            "",
+        ]
+    else:
+        lines += [
+            "Recovery fine-tuning these weights have had (oldest first; `finetune_report.json` has the last one in "
+            f"full). hf-mla-vlm's measurements of each recovery route on its zoo models are in {RECOVERY_RESULTS}.",
+            "",
+            "| stage | objective | teacher | label weight | data | steps | tokens seen | trainable parameters |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for entry in stages:
+            cells = [entry.get(key) for key in ("stage", "objective", "teacher", "label_weight", "data", "steps")]
+            cells += [entry.get("tokens_seen"), entry.get("trainable_parameters")]
+            lines.append("| " + " | ".join("-" if cell is None else _card_value(cell) for cell in cells) + " |")
+        lines.append("")
+    if report.get("evaluation") in (None, {}, []):
+        lines += [
+            "This checkpoint's own quality has not been measured: `hf-mla-vlm evaluate FOLDER --reference SOURCE "
+            "--text-file wikipedia --record` (perplexity, KL and top-1 against the original) and `--task vqa "
+            "--record` write the numbers into `mla_conversion_report.json` and this card.",
+            "",
+        ]
+    else:
+        lines += ['This checkpoint\'s measured quality is under "Evaluation" below.', ""]
+    return lines
+
+
 def model_card(report: dict) -> str:
-    """README.md of a converted folder: Hub metadata, settings, KV bytes, the measured evaluation (when the report
-    has an `"evaluation"` entry) and how to load it."""
+    """README.md of a converted folder: Hub metadata, settings, KV bytes, the quality section (the recovery
+    fine-tuning the weights have had), the measured evaluation (when the report has an `"evaluation"` entry) and
+    how to load it."""
     s, kv = report["settings"], report["kv_cache"]
     base = report["source"]
     lines = [
@@ -162,6 +222,7 @@ def model_card(report: dict) -> str:
             "exceed `2 * n_kv * head_dim` elements (choose a smaller `kv_rank` or `rope_dim` to save memory).",
             "",
         ]
+    lines += quality_section(report)
     lines += approximation_section(report.get("activation_error_summary"))
     lines += evaluation_section(report.get("evaluation"))
     lines += [
@@ -174,9 +235,6 @@ def model_card(report: dict) -> str:
         'processor = AutoProcessor.from_pretrained("PATH_OR_REPO")',
         "```",
         "",
-        "Without fine-tuning, a compressed conversion loses quality; see `mla_conversion_report.json` for the "
-        "per-layer approximation errors and the recovery fine-tuning of hf-mla-vlm.",
-        "",
     ]
     return "\n".join(lines)
 
@@ -184,10 +242,13 @@ def model_card(report: dict) -> str:
 __all__ = [
     "CONVERTED_CACHE_TERMS",
     "HELDOUT_TERMS",
+    "RECOVERY_RESULTS",
     "activation_error_summary",
     "approximation_section",
     "cache_change",
     "evaluation_rows",
     "evaluation_section",
+    "finetune_summary",
     "model_card",
+    "quality_section",
 ]

@@ -301,4 +301,64 @@ def evaluate(
     return result
 
 
-__all__ = ["BUILTIN_DATA", "TASKS", "evaluate", "fidelity_batches", "load_model_and_processor", "load_texts"]
+def evaluation_summary(result: Mapping) -> dict:
+    """The headline numbers of an `evaluate` result, as a folder's report records them under
+    `evaluation[task]`: what was measured against which reference, on which data, with which cache and versions.
+    Parts that were not measured are left out."""
+    summary: dict = {"reference": result.get("reference")}
+    if (ppl := result.get("perplexity")) is not None:
+        summary.update(text=ppl["text"], perplexity=ppl["ppl"], perplexity_tokens=ppl["tokens"])
+    if (ref_ppl := result.get("reference_perplexity")) is not None:
+        summary["reference_perplexity"] = ref_ppl["ppl"]
+    if (fidelity := result.get("fidelity")) is not None:
+        summary.update(
+            fidelity_data=fidelity["data"], kl=fidelity["kl"], top1_agreement=fidelity["top1_agreement"],
+            fidelity_positions=fidelity["positions"],
+        )  # fmt: skip
+    for key in ("vqa", "reference_vqa"):
+        if (vqa := result.get(key)) is not None:
+            summary[f"{key}_accuracy"] = vqa["accuracy"]
+            summary[f"{key}_per_type"] = dict(vqa["per_type"])
+            summary.setdefault("vqa_split", vqa["split"])
+            summary.setdefault("vqa_samples", vqa["num_samples"])
+    settings = result.get("settings", {})
+    summary.update(kv_cache=settings.get("kv_cache"), dtype=settings.get("dtype"), date=result.get("date"))
+    summary["transformers"] = result.get("environment", {}).get("transformers")
+    return {key: value for key, value in summary.items() if value is not None}
+
+
+def record_evaluation(folder: str | os.PathLike, result: Mapping) -> dict:
+    """Record an `evaluate` result of the converted checkpoint `folder` in its `mla_conversion_report.json`
+    (`evaluation[task]` = `evaluation_summary(result)`, replacing an earlier one of the same task) and regenerate
+    its model card from the report, each file written atomically. Returns the updated report.
+
+    Raises:
+        InputError: `folder` has no readable `mla_conversion_report.json` with KV-cache numbers (a native or
+            foreign checkpoint); `hub.read_report`.
+    """
+    from ..conversion_scripts.convert import REPORT_NAME
+    from ..conversion_scripts.hub import read_report
+    from ..conversion_scripts.report import model_card
+    from ..utils import write_text_atomically
+
+    report = read_report(folder)
+    evaluation = report.get("evaluation")
+    report["evaluation"] = {
+        **(evaluation if isinstance(evaluation, dict) else {}),
+        result["task"]: evaluation_summary(result),
+    }
+    write_text_atomically(Path(folder) / REPORT_NAME, json.dumps(report, indent=2, default=str) + "\n")
+    write_text_atomically(Path(folder) / "README.md", model_card(report))
+    return report
+
+
+__all__ = [
+    "BUILTIN_DATA",
+    "TASKS",
+    "evaluate",
+    "evaluation_summary",
+    "fidelity_batches",
+    "load_model_and_processor",
+    "load_texts",
+    "record_evaluation",
+]

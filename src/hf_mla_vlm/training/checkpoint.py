@@ -12,11 +12,14 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from ..conversion_scripts.report import finetune_summary, model_card
+from ..errors import InputError
 from ..utils import staged_folder, weight_file_digests
 from .trainable import LoraSettings, apply_lora, merge_lora
 
 
 REPORT_NAME = "finetune_report.json"
+CONVERSION_REPORT_NAME = "mla_conversion_report.json"  # the converted source's report (`conversion_scripts.convert`)
 
 
 def full_state_dict(trainer: Trainer) -> dict | None:
@@ -67,10 +70,49 @@ def parameter_digest(model: nn.Module, names: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def save_atomically(model: nn.Module, processor, report: dict, output_dir: Path, save_dtype: torch.dtype) -> None:
+def read_conversion_report(model_path: str | os.PathLike) -> dict | None:
+    """The `mla_conversion_report.json` of a converted source folder; None when it has none (a native model, a
+    folder written by other tools).
+
+    Raises:
+        InputError: the report exists but does not parse (checked before any training).
+    """
+    path = Path(model_path) / CONVERSION_REPORT_NAME
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is unreadable ({error!r}); fix or remove it before fine-tuning.") from error
+    if not isinstance(report, dict):
+        raise InputError(f"{path} holds {type(report).__name__}, not a report object; fix or remove it.")
+    return report
+
+
+def carried_conversion_report(conversion_report: dict, finetune_report: dict) -> dict:
+    """The source folder's `mla_conversion_report.json` as the fine-tuned folder keeps it: the architecture and KV
+    numbers are unchanged, the weight-file digests are the new ones, the fine-tuning joins `"fine_tuning"`, and an
+    `"evaluation"` (measured on the weights before this fine-tuning) is dropped."""
+    carried = {key: value for key, value in conversion_report.items() if key != "evaluation"}
+    carried["files"] = finetune_report["files"]
+    carried["fine_tuning"] = [*conversion_report.get("fine_tuning", []), finetune_summary(finetune_report)]
+    return carried
+
+
+def save_atomically(
+    model: nn.Module,
+    processor,
+    report: dict,
+    output_dir: Path,
+    save_dtype: torch.dtype,
+    conversion_report: dict | None = None,
+) -> None:
     """Weights (the model's own Hub-ready `save_pretrained`), processor and report in a hidden sibling folder,
     renamed into place at the end (`staged_folder`: an interrupted run never leaves a half-written folder, and a
-    replaced one is deleted only once the new one is in place). The report records the sha256 of every weight file."""
+    replaced one is deleted only once the new one is in place). The report records the sha256 of every weight file.
+
+    With the source's `conversion_report`, the folder also gets it (`carried_conversion_report`) and the model
+    card generated from it, so that it verifies and pushes like a converted folder."""
     with staged_folder(output_dir) as staging:
         if any(p.dtype != save_dtype for p in model.parameters() if p.is_floating_point()):
             model.to(save_dtype)
@@ -79,6 +121,19 @@ def save_atomically(model: nn.Module, processor, report: dict, output_dir: Path,
         processor.save_pretrained(staging)
         report["files"] = weight_file_digests(staging)
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if conversion_report is not None:
+            carried = carried_conversion_report(conversion_report, report)
+            (staging / CONVERSION_REPORT_NAME).write_text(json.dumps(carried, indent=2, default=str) + "\n")
+            (staging / "README.md").write_text(model_card(carried))
 
 
-__all__ = ["REPORT_NAME", "full_state_dict", "load_model", "plain_model_from_state_dict", "save_atomically"]
+__all__ = [
+    "CONVERSION_REPORT_NAME",
+    "REPORT_NAME",
+    "carried_conversion_report",
+    "full_state_dict",
+    "load_model",
+    "plain_model_from_state_dict",
+    "read_conversion_report",
+    "save_atomically",
+]

@@ -43,6 +43,7 @@ from .checkpoint import (
     load_model,
     parameter_digest,
     plain_model_from_state_dict,
+    read_conversion_report,
     rule_size,
     save_atomically,
 )
@@ -213,6 +214,7 @@ def finetune(
     if max_steps == 0 or (max_steps < 0 and num_train_epochs <= 0):
         raise ValueError("Nothing to train: set max_steps > 0 or num_train_epochs > 0.")
     config = check_stage(model_path, stage)
+    conversion_report = read_conversion_report(model_path)
     if objective not in ("sft", "distill"):
         raise ValueError(f"objective must be 'sft' or 'distill', got {objective!r}.")
     if objective == "distill" and (teacher is None or stage == 0):
@@ -370,7 +372,7 @@ def finetune(
         report["trained_parameters_sha256"] = parameter_digest(trained, trainable_names)
     report["total_time_s"] = time.perf_counter() - started
     if args.should_save:
-        save_atomically(trained, processor, report, output_dir, save_dtype)
+        save_atomically(trained, processor, report, output_dir, save_dtype, conversion_report)
         if not save_steps and checkpoints_dir.exists():
             shutil.rmtree(checkpoints_dir, ignore_errors=True)
         logger.info(f"Stage {stage} fine-tuning -> {output_dir} ({report['total_time_s']:.1f}s)")
