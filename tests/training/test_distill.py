@@ -1,5 +1,7 @@
 """Self-distillation and mixed text + image training data (CPU, tiny random models)."""
 
+import collections
+import importlib
 import json
 
 import pytest
@@ -197,3 +199,34 @@ def test_finetune_cli_mixes_sources_and_distils(stage2, native_checkpoints, tmp_
     settings = json.loads((out / "finetune_report.json").read_text())["settings"]
     assert settings["objective"] == "distill" and settings["data"] == "wikipedia:1,zoo-vqa:3"
     assert settings["num_conversations"] == 4
+
+
+def test_qwen_towers_train_with_one_vision_attention_call_per_block(native_checkpoints, tmp_path, monkeypatch):
+    """finetune swaps `BatchedVisionAttention` into the student's and the teacher's Qwen2.5-VL vision towers for the
+    run: both use it, the loss and the trained weights are those of Transformers' chunked attention, and the saved
+    model holds Transformers' modules again."""
+    import contextlib
+
+    from hf_mla_vlm.zoo import batched_attention
+
+    finetune_module = importlib.import_module("hf_mla_vlm.training.finetune")
+    native = native_checkpoints["qwen2_5_vl"]
+    student = tmp_path / "qwen-mla"
+    convert(native, student, rope_dim=8, kv_rank=4, rope_strategy="uniform", progress=False)
+    calls = collections.Counter()
+    forward = batched_attention.BatchedVisionAttention.forward
+    monkeypatch.setattr(batched_attention.BatchedVisionAttention, "forward",
+                        lambda self, *a, **k: calls.update([id(self.qkv)]) or forward(self, *a, **k))  # fmt: skip
+    settings = dict(stage=2, objective="distill", teacher=native, learning_rate=1e-3, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=1, max_steps=2, logging_steps=1, return_model=True)  # fmt: skip
+    batched = finetune(student, _conversations(2), tmp_path / "batched", **settings)
+    depth = load_model(native).config.vision_config.depth
+    assert len(calls) == 2 * depth  # every block of both towers (keyed by their qkv modules)
+    assert not any(isinstance(m, batched_attention.BatchedVisionAttention) for m in batched.model.modules())
+
+    monkeypatch.setattr(finetune_module, "batch_vision_attention", lambda model: contextlib.nullcontext(0))
+    chunked = finetune(student, _conversations(2), tmp_path / "chunked", **settings)
+    losses = [[entry["loss"] for entry in r.report["training"]["losses"]] for r in (batched, chunked)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for (name, value), expected in zip(batched.model.state_dict().items(), chunked.model.state_dict().values()):
+        torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-6, msg=name)

@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +39,7 @@ from transformers.utils import logging
 from ..conversations import Conversation
 from ..registry import ARCHITECTURES, MLA_MODEL_TYPES, arch_spec
 from ..utils import check_output_folder, environment
+from ..zoo.batched_attention import batch_vision_attention
 from .checkpoint import (
     full_state_dict,
     load_model,
@@ -305,7 +307,15 @@ def finetune(
         )
     else:
         trainer = RecoveryTrainer(**common)
-    train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    with ExitStack() as stack:
+        # Qwen2.5-VL's vision attention in one SDPA call per block instead of one per image and window, for the
+        # student and the teacher (`zoo.batched_attention`; the same parameters, so the saved state dict is
+        # unchanged). Sharded runs (FSDP, DeepSpeed) keep Transformers' modules, which their wrapping was set up for.
+        if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+            for module in (model, teacher_model):
+                if module is not None:
+                    stack.enter_context(batch_vision_attention(module))
+        train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
 
     state_dict = full_state_dict(trainer)  # collective; None unless parameters are sharded
     trained = None
