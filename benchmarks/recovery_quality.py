@@ -653,9 +653,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     if not args.routes and not args.ablations:
         raise SystemExit("Nothing to run: give --routes and/or --ablations.")
     args.image_size = zoo_spec(args.model).render_size
-    args.command = " ".join(
-        [Path(sys.executable).name, sys.argv[0] if argv is None else __file__, *(argv or sys.argv[1:])]
-    )
+    # the script as the repository names it (a run from a copy of the tree, as recovery_gpu.sh makes, says the same)
+    args.command = " ".join([Path(sys.executable).name, "benchmarks/recovery_quality.py", *(argv or sys.argv[1:])])
     args.name = args.name or "-".join(
         [args.model, "L" + "_".join(args.levels), "_".join(args.routes) or "noheadline"]
         + (["abl"] if args.ablations else []) + ([f"lw{args.label_weight:g}"] if args.label_weight else [])

@@ -17,6 +17,11 @@ out=$1; shift
 mkdir -p "$out"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# The jobs run from a private copy of src/ and benchmarks/ (OUT/code): they import modules lazily, row by row, and a
+# tree that changes under them (a GPU tool that re-syncs the working tree on every call) would mix two versions.
+code="$(cd "$out" && pwd)/code"
+rm -rf "$code" && mkdir -p "$code" && cp -a src benchmarks "$code/"
+export PYTHONPATH="$code/src${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "from hf_mla_vlm.assets import load_smollm2; load_smollm2()"  # the safetensors cache, once
 jobs=()
 if [ -n "${JOBS:-}" ]; then
@@ -31,7 +36,7 @@ else
 fi
 # The queue runs in its own session so that it outlives this shell (the GPU tool ends a command's processes).
 setsid nohup bash -c '
-  out=$1; parallel=$2; shift 2
+  out=$1; parallel=$2; code=$3; shift 3
   args=(); while [ "$1" != "--" ]; do args+=("$1"); shift; done; shift
   for job in "$@"; do
     while [ "$(jobs -rp | wc -l)" -ge "$parallel" ]; do wait -n || true; done
@@ -39,11 +44,11 @@ setsid nohup bash -c '
     [ "$rest" != "${rest#*|}" ] && read -ra extra <<< "${rest#*|}"
     log="$out/$model-$(IFS=-; echo "${routes[*]}${extra[*]:+-${extra[*]}}" | tr -c "A-Za-z0-9_.\n-" _).log"
     echo "$(date -u +%FT%TZ) start $model ${routes[*]} ${extra[*]}" >> "$out/queue.log"
-    ( python3 benchmarks/recovery_quality.py run --model "$model" --routes "${routes[@]}" --workers 1 \
+    ( python3 "$code/benchmarks/recovery_quality.py" run --model "$model" --routes "${routes[@]}" --workers 1 \
         --out "$out" --workdir "$out/work" "${args[@]}" "${extra[@]}" > "$log" 2>&1 < /dev/null
       echo "$(date -u +%FT%TZ) end $model ${routes[*]} ${extra[*]} rc=$?" >> "$out/queue.log" ) &
   done
   wait
   echo "$(date -u +%FT%TZ) all done" >> "$out/queue.log"
-' queue "$out" "${PARALLEL:-2}" "$@" -- "${jobs[@]}" > "$out/queue.stderr" 2>&1 < /dev/null &
+' queue "$out" "${PARALLEL:-2}" "$code" "$@" -- "${jobs[@]}" > "$out/queue.stderr" 2>&1 < /dev/null &
 echo "queued ${#jobs[@]} jobs, ${PARALLEL:-2} at a time: $out/queue.log"
