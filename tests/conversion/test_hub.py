@@ -306,6 +306,22 @@ def _folder_bytes(folder: Path) -> dict[str, str]:
 
 
 # --- push_to_hub ----------------------------------------------------------------------------------------------------
+def test_push_uploads_a_fine_tuned_folder_with_its_card(fake_hub, folder, tmp_path):
+    """A `finetune` output keeps the conversion report, so it verifies and pushes like a conversion; its card says
+    how it was fine-tuned."""
+    from hf_mla_vlm.training.finetune import finetune
+    from hf_mla_vlm.zoo.vqa_data import generate_split
+
+    conversations = [sample.to_conversation() for sample in generate_split("train", 2, seed=3, image_size=56)]
+    tuned = finetune(folder, conversations, tmp_path / "tuned", stage=2, max_steps=1, per_device_train_batch_size=2)
+    hub.push_to_hub(tuned.output_dir, REPO, api=_api(fake_hub))
+
+    [commit] = fake_hub.commits
+    assert commit.files.keys() == _expected_files(tuned.output_dir).keys() >= {"finetune_report.json", "README.md"}
+    card = commit.files["README.md"].decode()
+    assert card == (tuned.output_dir / "README.md").read_text() and "| 2 | sft |" in card
+
+
 def test_push_uploads_every_file_in_one_commit(fake_hub, folder):
     evaluation = {"logit_relative_error": 0.05, "greedy_agreement": 0.9}
     _edit_json(folder / "mla_conversion_report.json", lambda r: r.update(evaluation=evaluation))
