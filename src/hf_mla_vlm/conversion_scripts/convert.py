@@ -54,6 +54,7 @@ from .calibration import (
     parse_mix,
     parse_sources,
 )
+from .checks import FINETUNE_REPORT_NAME
 from .report import activation_error_summary, finetune_summary, model_card
 from .rope_selection import (
     CALIBRATED_STRATEGIES,
@@ -99,7 +100,6 @@ _NOT_COPIED_NAMES = {
     "trainer_state.json",
 }
 REPORT_NAME = "mla_conversion_report.json"
-FINETUNE_REPORT_NAME = "finetune_report.json"  # `hf_mla_vlm.training`'s report of a fine-tuned folder
 
 
 @dataclass

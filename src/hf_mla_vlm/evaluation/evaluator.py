@@ -336,7 +336,7 @@ def record_evaluation(folder: str | os.PathLike, result: Mapping) -> dict:
         InputError: `folder` has no readable `mla_conversion_report.json` with KV-cache numbers (a native or
             foreign checkpoint); `hub.read_report`.
     """
-    from ..conversion_scripts.convert import REPORT_NAME
+    from ..conversion_scripts.checks import REPORT_NAME
     from ..conversion_scripts.hub import read_report
     from ..conversion_scripts.report import model_card
     from ..utils import write_text_atomically

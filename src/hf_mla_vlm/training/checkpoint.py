@@ -12,14 +12,14 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from ..conversion_scripts.checks import REPORT_NAME as CONVERSION_REPORT_NAME
+from ..conversion_scripts.hub import read_report
 from ..conversion_scripts.report import finetune_summary, model_card
-from ..errors import InputError
 from ..utils import staged_folder, weight_file_digests
 from .trainable import LoraSettings, apply_lora, merge_lora
 
 
 REPORT_NAME = "finetune_report.json"
-CONVERSION_REPORT_NAME = "mla_conversion_report.json"  # the converted source's report (`conversion_scripts.convert`)
 
 
 def full_state_dict(trainer: Trainer) -> dict | None:
@@ -71,22 +71,16 @@ def parameter_digest(model: nn.Module, names: Sequence[str]) -> str:
 
 
 def read_conversion_report(model_path: str | os.PathLike) -> dict | None:
-    """The `mla_conversion_report.json` of a converted source folder; None when it has none (a native model, a
-    folder written by other tools).
+    """The `mla_conversion_report.json` of a converted source folder (`hub.read_report`: it must carry the KV-cache
+    numbers the fine-tuned folder's card is written from); None when it has none (a native model, a folder written
+    by other tools).
 
     Raises:
-        InputError: the report exists but does not parse (checked before any training).
+        InputError: the report exists but is unreadable or lacks the numbers (checked before any training).
     """
-    path = Path(model_path) / CONVERSION_REPORT_NAME
-    if not path.is_file():
+    if not (Path(model_path) / CONVERSION_REPORT_NAME).is_file():
         return None
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path} is unreadable ({error!r}); fix or remove it before fine-tuning.") from error
-    if not isinstance(report, dict):
-        raise InputError(f"{path} holds {type(report).__name__}, not a report object; fix or remove it.")
-    return report
+    return read_report(model_path)
 
 
 def carried_conversion_report(conversion_report: dict, finetune_report: dict) -> dict:
