@@ -659,6 +659,13 @@ def _add_finetune(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (warmup-stable-decay schedule)")
     p.add_argument("--batch-size", type=int, default=1, help="per-device batch size")
     p.add_argument("--grad-accum", type=int, default=16, help="gradient accumulation steps")
+    p.add_argument(
+        "--train-sampling-strategy",
+        choices=("random", "sequential", "group_by_length", "batch_rebalance"),
+        default="random",
+        help="Trainer's sampler; batch_rebalance with --grad-accum >= 2 splits each step into micro-batches by "
+        "length (same loss, less padding)",
+    )
     p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (-1: train for --epochs)")
     p.add_argument("--epochs", type=float, default=1.0, help="epochs when --max-steps is -1")
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps for linear warm-up")
@@ -688,7 +695,8 @@ def _run_finetune(args) -> int:
         teacher=args.teacher, temperature=args.temperature, label_weight=args.label_weight, mix=args.mix,
         text_seq_len=args.text_seq_len, lora=lora, learning_rate=args.lr,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        max_steps=args.max_steps, num_train_epochs=args.epochs, warmup_ratio=args.warmup_ratio,
+        train_sampling_strategy=args.train_sampling_strategy, max_steps=args.max_steps,
+        num_train_epochs=args.epochs, warmup_ratio=args.warmup_ratio,
         decay_ratio=args.decay_ratio, seed=args.seed, num_samples=args.num_samples, image_size=args.image_size,
         image_folder=args.image_folder, bf16=args.bf16, logging_steps=args.logging_steps, save_steps=args.save_steps,
         report_to=args.report_to, overwrite=args.overwrite,

@@ -111,6 +111,17 @@ class TextWindow:
     input_ids: tuple[int, ...]
 
 
+def item_length(processor, item) -> int:
+    """The tokens of `item`'s row in a `ChatCollator` batch, before padding: a `TextWindow`'s ids, or a
+    `Conversation` through the processor (image placeholders expanded), as the collator encodes it."""
+    if isinstance(item, TextWindow):
+        return len(item.input_ids)
+    if isinstance(item, Conversation):
+        text = processor.apply_chat_template(item.messages, tokenize=False)
+        return _process(processor, text, item.images)["input_ids"].shape[1]
+    raise TypeError(f"Training items must be Conversation or TextWindow, got {type(item).__name__}.")
+
+
 @dataclass
 class ChatCollator:
     """Collate `Conversation`s (and `TextWindow`s of plain text) into one right-padded batch with labels.
@@ -192,4 +203,4 @@ class ChatCollator:
         return out
 
 
-__all__ = ["IGNORE_INDEX", "ChatCollator", "TextWindow", "assistant_spans"]
+__all__ = ["IGNORE_INDEX", "ChatCollator", "TextWindow", "assistant_spans", "item_length"]

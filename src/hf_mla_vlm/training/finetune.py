@@ -138,6 +138,7 @@ def finetune(
     learning_rate: float = 1e-5,
     per_device_train_batch_size: int = 1,
     gradient_accumulation_steps: int = 16,
+    train_sampling_strategy: str = "random",
     max_steps: int = -1,
     num_train_epochs: float = 1.0,
     warmup_ratio: float = 0.1,
@@ -185,6 +186,10 @@ def finetune(
             1e-5 ... 8e-7 depending on the latent width, method.md §4.2).
         per_device_train_batch_size, gradient_accumulation_steps: the global batch is their product times the
             number of processes (official: 16, Qwen stage 1: 32).
+        train_sampling_strategy: `TrainingArguments.train_sampling_strategy`. `"batch_rebalance"` with
+            `gradient_accumulation_steps` >= 2 splits each step's samples into micro-batches by length (same loss,
+            far less padding when text windows and short conversations mix); `"group_by_length"` also works on
+            conversations (their lengths are measured once before training).
         max_steps: optimizer steps; `-1` trains for `num_train_epochs`.
         num_train_epochs: epochs when `max_steps` is `-1` (official: 1).
         warmup_ratio, decay_ratio: shares of the steps for linear warm-up and `1 - sqrt` decay (official: 0.1 each).
@@ -261,6 +266,7 @@ def finetune(
         learning_rate=learning_rate,
         per_device_train_batch_size=per_device_train_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps,
+        train_sampling_strategy=train_sampling_strategy,
         max_steps=max_steps,
         num_train_epochs=num_train_epochs,
         lr_scheduler_type="warmup_stable_decay",
@@ -346,6 +352,7 @@ def finetune(
             "gradient_accumulation_steps": gradient_accumulation_steps,
             "world_size": args.world_size,
             "global_batch_size": per_device_train_batch_size * gradient_accumulation_steps * args.world_size,
+            "train_sampling_strategy": args.train_sampling_strategy,
             "max_steps": max_steps,
             "num_train_epochs": num_train_epochs,
             "warmup_ratio": warmup_ratio,

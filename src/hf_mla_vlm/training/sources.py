@@ -8,9 +8,10 @@ import sys
 from collections.abc import Sequence
 
 import torch
+from transformers.utils import logging
 
 from ..conversations import ZOO_VQA, Conversation, load_conversations, zoo_vqa_conversations
-from .data import TextWindow
+from .data import TextWindow, item_length
 from .distill import TEXT_SOURCES, mixed_training_items, text_windows
 
 
@@ -28,6 +29,32 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Conversation | TextWindow:
         return self.conversations[index]
+
+    def lengths(self, processor, num_workers: int = 0, progress: bool = True) -> list[int]:
+        """The token length of every item as `ChatCollator` encodes it (`item_length`), for the length-aware
+        samplers of `Trainer` (`train_sampling_strategy="batch_rebalance"` / `"group_by_length"`). Computed once,
+        in `num_workers` processes (a conversation goes through the processor: a few ms each)."""
+        if getattr(self, "_lengths", None) is None:
+            loader = torch.utils.data.DataLoader(
+                self, batch_size=64, num_workers=num_workers, collate_fn=_ItemLengths(processor)
+            )
+            bar = logging.tqdm(total=len(self), desc="Measuring sample lengths", disable=not progress)
+            self._lengths = []
+            for lengths in loader:
+                self._lengths += lengths
+                bar.update(len(lengths))
+            bar.close()
+        return self._lengths
+
+
+class _ItemLengths:
+    """`collate_fn` of `ConversationDataset.lengths` (a class: DataLoader workers pickle it)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, items) -> list[int]:
+        return [item_length(self.processor, item) for item in items]
 
 
 def load_training_conversations(

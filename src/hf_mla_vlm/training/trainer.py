@@ -3,7 +3,11 @@
 
 `RecoveryTrainer` is a stock `transformers.Trainer` whose warmup-stable-decay schedule (linear warm-up, constant,
 `1 - sqrt` decay, the official recipe) takes its warm-up and decay lengths from the Trainer's real number of
-optimizer steps. `DistillationTrainer` replaces the label loss with `T^2 * KL(teacher || student)` of the next-token
+optimizer steps, and whose length-aware samplers (`train_sampling_strategy="batch_rebalance"` or
+`"group_by_length"`) read the lengths of a `ConversationDataset` (the Trainer infers them only from items that are
+dicts with `input_ids`).
+
+`DistillationTrainer` replaces the label loss with `T^2 * KL(teacher || student)` of the next-token
 distributions at every labelled position (`hf_mla_vlm.training.distill`), the teacher being the original model.
 """
 
@@ -12,9 +16,14 @@ import time
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 from transformers.trainer_utils import SchedulerType
 
 from .distill import distillation_kl, distilled_positions
+from .sources import ConversationDataset
+
+
+LENGTH_AWARE_SAMPLING = ("batch_rebalance", "group_by_length")
 
 
 def wsd_steps(total_steps: int, warmup: int | float, decay_ratio: float) -> tuple[int, int, int]:
@@ -29,7 +38,15 @@ def wsd_steps(total_steps: int, warmup: int | float, decay_ratio: float) -> tupl
 
 
 class RecoveryTrainer(Trainer):
-    """`Trainer` that sizes the warmup-stable-decay schedule from the real number of optimizer steps."""
+    """`Trainer` that sizes the warmup-stable-decay schedule from the real number of optimizer steps and gives its
+    length-aware samplers the lengths of a `ConversationDataset`.
+
+    With `train_sampling_strategy="batch_rebalance"` and `gradient_accumulation_steps=k`, each optimizer step takes
+    `per_device_train_batch_size * k` samples, sorts them by length and splits them into `k` micro-batches of
+    varying size (Transformers' `BatchRebalanceSampler`): a step that mixes 512-token text windows with short image
+    conversations no longer pads every conversation to 512 tokens. The loss of the step is the same (the Trainer
+    normalises it by the labelled tokens of the whole step), only the padding goes.
+    """
 
     def __init__(self, *args, decay_ratio: float = 0.1, **kwargs):
         super().__init__(*args, **kwargs)
@@ -63,6 +80,31 @@ class RecoveryTrainer(Trainer):
             }
         return super().create_scheduler(num_training_steps, optimizer)
 
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        strategy = self.args.train_sampling_strategy
+        if strategy not in LENGTH_AWARE_SAMPLING or not isinstance(dataset, ConversationDataset):
+            return super()._get_train_sampler(train_dataset)
+        lengths = dataset.lengths(
+            self.processing_class,
+            num_workers=self.args.dataloader_num_workers,
+            progress=not self.args.disable_tqdm and self.is_local_process_zero(),
+        )
+        step_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        if strategy == "group_by_length":
+            return LengthGroupedSampler(step_batch, lengths=lengths)
+        world = max(1, self.args.world_size)
+        return BatchRebalanceSampler(
+            lengths=lengths,
+            effective_batch_size=step_batch * world,
+            dp_size=world,
+            grad_accum=self.args.gradient_accumulation_steps,
+            # the run's data seed (Transformers passes none: every seed would see the same order)
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            rank=self.args.process_index if world > 1 else 0,
+            drop_last=self.args.dataloader_drop_last,
+        )
+
 
 class DistillationTrainer(RecoveryTrainer):
     """`RecoveryTrainer` whose loss is self-distillation from `teacher` (frozen, moved to the training device on
@@ -86,6 +128,11 @@ class DistillationTrainer(RecoveryTrainer):
         labels = inputs["labels"]
         mask = distilled_positions(labels)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels" or self.label_weight > 0}
+        scaled = num_items_in_batch is not None and self.model_accepts_loss_kwargs
+        if self.label_weight > 0 and scaled:
+            # the label loss summed over this micro-batch and divided by the step's labelled tokens, as the stock
+            # Trainer asks the model for (the Trainer then no longer divides by the accumulation steps)
+            model_inputs["num_items_in_batch"] = num_items_in_batch
         outputs = model(**model_inputs)
         device = outputs.logits.device
         if next(self.teacher.parameters()).device != device:
@@ -93,7 +140,7 @@ class DistillationTrainer(RecoveryTrainer):
         with torch.no_grad():
             teacher_logits = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
         kl = distillation_kl(outputs.logits, teacher_logits, mask.to(device), self.temperature)
-        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+        if scaled:
             loss = kl / num_items_in_batch  # the Trainer leaves this loss unscaled for gradient accumulation
         else:
             loss = kl / mask.sum().clamp_min(1)
@@ -112,4 +159,4 @@ class TimingCallback(TrainerCallback):
         self.seconds = time.perf_counter() - self.started
 
 
-__all__ = ["DistillationTrainer", "RecoveryTrainer", "TimingCallback", "wsd_steps"]
+__all__ = ["LENGTH_AWARE_SAMPLING", "DistillationTrainer", "RecoveryTrainer", "TimingCallback", "wsd_steps"]
