@@ -496,7 +496,8 @@ def markdown(result: dict) -> str:
 
 # (label_weight is a field of the distill rows, not a setting shared by a model's parts)
 RUN_ONLY = ("verb", "out", "workdir", "name", "native", "keep_checkpoints", "levels", "routes", "seeds",
-            "ablations", "ablation_routes", "device", "workers", "progress", "command", "label_weight")  # fmt: skip
+            "ablations", "ablation_routes", "device", "workers", "micro_batches", "progress", "command",
+            "label_weight")  # fmt: skip
 BUDGET_KEYS = ("stage1_steps", "stage2_steps", "train_batch", "stage1_lr", "stage2_lr", "mix", "text_seq_len",
                "temperature", "rope_dim")  # fmt: skip
 ROW_KEY = ("route", "level", "init", "rope_strategy", "seed", "label_weight")
@@ -620,6 +621,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     p.add_argument("--label-weight", type=float, default=0.0, help="label loss added to the distillation KL")
     p.add_argument("--workers", type=int, default=4, help="dataloader workers")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="split each training step by length into this many micro-batches (batch_rebalance: the "
+                        "same loss, less padding; recorded per stage)")  # fmt: skip
     p.add_argument("--calibration", type=int, default=64, help="calibration conversations for the statistics")
     # evaluation
     p.add_argument("--eval-seed", dest="seed", type=int, default=0, help="seed of the evaluation / calibration data")

@@ -63,11 +63,20 @@ def statistics_of(path: Path, image_token_ids: list[int], args):
 
 def tune(source: Path, out: Path, stage: int, steps: int, lr: float, args, data="zoo-vqa", seed=None, **options):
     """`finetune` for `steps` steps of `args.train_batch` samples of `data` (default: the zoo VQA train split), bf16
-    on a GPU; `options` go to `finetune` (e.g. `objective`, `teacher`). Returns the stage's budget and losses."""
+    on a GPU; `options` go to `finetune` (e.g. `objective`, `teacher`). Returns the stage's budget and losses.
+
+    With `args.micro_batches` k > 1 each step's samples are split by length into k micro-batches
+    (`train_sampling_strategy="batch_rebalance"`): the same loss per step, without padding the short conversations
+    to the length of the text windows."""
     started = time.perf_counter()
+    micro = args.micro_batches
+    if micro < 1 or args.train_batch % micro:
+        raise ValueError(f"--micro-batches ({micro}) must divide --train-batch ({args.train_batch}).")
+    sampling = "batch_rebalance" if micro > 1 else "random"
     result = finetune(
-        source, data, out, stage=stage, learning_rate=lr, per_device_train_batch_size=args.train_batch,
-        gradient_accumulation_steps=1, max_steps=steps, num_samples=steps * args.train_batch,
+        source, data, out, stage=stage, learning_rate=lr, per_device_train_batch_size=args.train_batch // micro,
+        gradient_accumulation_steps=micro, train_sampling_strategy=sampling, max_steps=steps,
+        num_samples=steps * args.train_batch,
         image_size=zoo_spec(args.model).render_size, bf16=torch.cuda.is_available(),
         seed=args.seed if seed is None else seed, logging_steps=25,
         training_args={"dataloader_num_workers": args.workers}, overwrite=True, **options,
@@ -81,6 +90,8 @@ def tune(source: Path, out: Path, stage: int, steps: int, lr: float, args, data=
         "steps": training["steps"],
         "learning_rate": lr,
         "batch_size": args.train_batch,
+        "micro_batches": micro,
+        "train_sampling_strategy": sampling,
         "samples": training["steps"] * args.train_batch,
         "tokens": training["tokens_seen"],
         "train_time_s": train_time,
@@ -249,6 +260,7 @@ def main() -> None:
     p.add_argument("--stage1-lr", type=float, default=1e-4)
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--micro-batches", type=int, default=1, help="split each step by length into this many")
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--calibration", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=100)

@@ -25,7 +25,8 @@ def test_rows_merge_and_page(recovery_quality, native_checkpoints, tmp_path):
     common = ["--model", "llava", "--native", str(native_checkpoints["llava"]), "--seeds", "0", *TINY]
     common += ["--out", str(tmp_path / "parts"), "--workdir", str(tmp_path / "work")]
     main = recovery_quality.main
-    headline = main(["run", *common, "--levels", "62.5", "75", "--routes", "none", "distill", "control"])
+    headline = main(["run", *common, "--levels", "62.5", "75", "--routes", "none", "distill", "control",
+                     "--micro-batches", "2"])  # fmt: skip
     ablation = main(["run", *common, "--routes", "--ablations", "--ablation-routes", "none"])
     rows = json.loads(headline.read_text())["rows"]
     assert [(r["route"], r["level"]) for r in rows] == [
@@ -43,6 +44,10 @@ def test_rows_merge_and_page(recovery_quality, native_checkpoints, tmp_path):
     assert control["tokens"] == distill62["tokens"] > 0  # the same items
     assert [s["stage"] for s in control["stages"]] == [0, 0] and [s["stage"] for s in distill75["stages"]] == [1, 2]
     assert distill75["stages"][0]["reused"] and distill75["gpu_minutes"] > distill75["wall_minutes"]  # stage 1 shared
+    # each step split by length into 2 micro-batches: a loader detail recorded per stage, not a budget
+    stages = control["stages"] + distill62["stages"]
+    assert {(s["micro_batches"], s["train_sampling_strategy"]) for s in stages} == {(2, "batch_rebalance")}
+    assert "micro_batches" not in json.loads(headline.read_text())["settings"]
     ablations = json.loads(ablation.read_text())["rows"][1:]
     assert {(r["init"], r["rope_strategy"]) for r in ablations} == set(recovery_quality.ABLATIONS)
     assert all(r["route"] == "none" and r["level"] == "62.5" and not r["headline"] for r in ablations)
