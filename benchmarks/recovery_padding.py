@@ -5,8 +5,8 @@ micro-batch) against the tokens it holds, per zoo model, for Trainer's default r
 The steps are those of `recovery_quality.py`: `--train-batch` samples per step, text windows of `--text-seq-len`
 tokens and zoo VQA train conversations in the proportions `--mix`, shuffled together; the lengths are those
 `ChatCollator` gives with each zoo model's own processor (`hf_mla_vlm.training.data.item_length`). The samplers are
-Transformers' own (`RandomSampler` batches, `BatchRebalanceSampler`), fed only the lengths, so this runs on a CPU
-and measures work, not time: how many token positions every layer processes per step.
+the Trainer's own (torch's `RandomSampler` in batches, Transformers' `BatchRebalanceSampler`), fed only the lengths,
+so this runs on a CPU and measures work, not time: how many token positions every layer processes per step.
 
     python benchmarks/recovery_padding.py --out benchmarks/results/recovery_padding.json
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from results_io import write_results
+from torch.utils.data import BatchSampler, RandomSampler
 from transformers import AutoProcessor
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
@@ -53,8 +54,8 @@ def measure(name: str, args, workdir: Path) -> dict:
     items = mixed_training_items(sources, args.mix, total, seed=args.seed)
     lengths = ConversationDataset(items).lengths(processor, num_workers=args.workers)
     held = sum(lengths)
-    order = torch.randperm(total, generator=torch.Generator().manual_seed(args.seed)).tolist()
-    random = [order[i : i + args.train_batch] for i in range(0, total, args.train_batch)]
+    order = RandomSampler(range(total), generator=torch.Generator().manual_seed(args.seed))
+    random = list(BatchSampler(order, args.train_batch, drop_last=False))
     rows = [{"sampler": "random", "micro_batches": 1, "computed": step_work(random, lengths)}]
     for k in args.micro_batches:
         sampler = BatchRebalanceSampler(lengths, effective_batch_size=args.train_batch, dp_size=1, grad_accum=k,

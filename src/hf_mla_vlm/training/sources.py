@@ -2,6 +2,7 @@
 """The training data of `finetune`: one source (the zoo's VQA train split, a conversation file, a list) or a mix of
 sources with text windows of the Wikipedia calibration split."""
 
+import functools
 import math
 import os
 import sys
@@ -23,6 +24,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __init__(self, conversations: Sequence[Conversation | TextWindow]):
         self.conversations = list(conversations)
+        self._lengths: list[int] | None = None  # `lengths`, once measured
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -34,10 +36,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         """The token length of every item as `ChatCollator` encodes it (`item_length`), for the length-aware
         samplers of `Trainer` (`train_sampling_strategy="batch_rebalance"` / `"group_by_length"`). Computed once,
         in `num_workers` processes (a conversation goes through the processor: a few ms each)."""
-        if getattr(self, "_lengths", None) is None:
-            loader = torch.utils.data.DataLoader(
-                self, batch_size=64, num_workers=num_workers, collate_fn=_ItemLengths(processor)
-            )
+        if self._lengths is None:
+            collate = functools.partial(_item_lengths, processor)  # picklable for the workers
+            loader = torch.utils.data.DataLoader(self, batch_size=64, num_workers=num_workers, collate_fn=collate)
             bar = logging.tqdm(total=len(self), desc="Measuring sample lengths", disable=not progress)
             self._lengths = []
             for lengths in loader:
@@ -47,14 +48,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         return self._lengths
 
 
-class _ItemLengths:
-    """`collate_fn` of `ConversationDataset.lengths` (a class: DataLoader workers pickle it)."""
-
-    def __init__(self, processor):
-        self.processor = processor
-
-    def __call__(self, items) -> list[int]:
-        return [item_length(self.processor, item) for item in items]
+def _item_lengths(processor, items) -> list[int]:
+    return [item_length(processor, item) for item in items]
 
 
 def load_training_conversations(
