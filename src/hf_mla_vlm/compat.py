@@ -19,7 +19,7 @@ import transformers
 from transformers.models.llama.modeling_llama import LlamaModel
 
 
-TESTED_TRANSFORMERS = ("5.17", "5.24")
+TESTED_TRANSFORMERS = ("5.17", "5.25")
 
 # `cache` from 5.24 on, `past_key_values` before.
 CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"

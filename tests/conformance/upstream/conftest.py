@@ -1,12 +1,13 @@
 """Set-up of the MLA conformance run inside a copy of Transformers' test tree (see ../README.md).
 
-* Transformers 5.17 lacks five names that the 5.24 test tree imports; they are added here with their 5.24
-  meaning, so that the same upstream tests run on both versions (tests that fail on the native classes of a version
-  are excluded by the runner, not here).
+* Transformers 5.17 lacks five names that the 5.24 test tree imports, and 5.25 dropped one
+  (`preserve_module_forwards`); they are added here with their 5.24 meaning, so that the same upstream tests run on
+  every version (tests that fail on the native classes of a version are excluded by the runner, not here).
 * The upstream mixins choose labels by looking model class names up in `MODEL_FOR_*_MAPPING_NAMES`: the MLA classes
   are listed beside their native counterparts.
 """
 
+import contextlib
 import importlib
 import sys
 import types
@@ -28,6 +29,28 @@ if not hasattr(testing_utils, "require_flex_attention"):
     testing_utils.require_flex_attention = require_flex_attention
 if not hasattr(testing_utils, "SINGLE_PROCESS_DEVICES"):
     testing_utils.SINGLE_PROCESS_DEVICES = {"tpu"}
+if not hasattr(testing_utils, "preserve_module_forwards"):  # 5.25 dropped it; one accelerator-only test uses it
+
+    @contextlib.contextmanager
+    def preserve_module_forwards(model):
+        """Undo `kernelize` on exit: restore (or drop) the `forward` it puts in kernelizable modules' `__dict__`."""
+        modules = []
+        for _, owner in model.named_modules():
+            modules.extend(getattr(owner, "_kernel_funcs", {}).values())
+            if hasattr(type(owner), "kernel_layer_name"):  # a module that wraps one kernel function
+                modules.append(owner)
+        missing = object()
+        saved = {module: module.__dict__.get("forward", missing) for module in modules}
+        try:
+            yield
+        finally:
+            for module, forward in saved.items():
+                if forward is missing:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.__dict__["forward"] = forward
+
+    testing_utils.preserve_module_forwards = preserve_module_forwards
 if not hasattr(processing_utils, "OmniModalProcessorMixin"):  # imported by test_processing_common only
     processing_utils.OmniModalProcessingKwargs = processing_utils.ProcessingKwargs
     processing_utils.OmniModalProcessorMixin = type("OmniModalProcessorMixin", (), {})
