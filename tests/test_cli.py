@@ -205,8 +205,12 @@ def test_evaluate_record_keeps_the_numbers_in_the_report_and_card(native_checkpo
     argv = ["evaluate", str(folder), "--reference", str(src), "--text-file", str(text), "--seq-len", "32"]
     assert cli.main(argv + ["--max-sequences", "2", "--num-samples", "3", "--record"]) == 0
     result = json.loads(capsys.readouterr().out)  # stdout stays one JSON document
+    assert not (folder / ".README.md.before-record").exists()  # the card was the generated one: nothing to keep
+    edited = (folder / "README.md").read_text() + "\nNotes the author added by hand.\n"
+    (folder / "README.md").write_text(edited)
     assert cli.main(["evaluate", str(folder), "--task", "vqa", "--num-samples", "4", "--record"]) == 0
     vqa = json.loads(capsys.readouterr().out)["vqa"]
+    assert (folder / ".README.md.before-record").read_text() == edited  # the hand-edited card is kept
 
     report, card = read_report(folder), (folder / "README.md").read_text()
     fidelity = report["evaluation"]["fidelity"]

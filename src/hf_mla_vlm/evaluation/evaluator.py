@@ -330,7 +330,9 @@ def evaluation_summary(result: Mapping) -> dict:
 def record_evaluation(folder: str | os.PathLike, result: Mapping) -> dict:
     """Record an `evaluate` result of the converted checkpoint `folder` in its `mla_conversion_report.json`
     (`evaluation[task]` = `evaluation_summary(result)`, replacing an earlier one of the same task) and regenerate
-    its model card from the report, each file written atomically. Returns the updated report.
+    its model card from the report, each file written atomically. A card that is not the one the previous report
+    generates (edited by hand) is kept as the hidden, never uploaded `.README.md.before-record` first. Returns the
+    updated report.
 
     Raises:
         InputError: `folder` has no readable `mla_conversion_report.json` with KV-cache numbers (a native or
@@ -342,13 +344,18 @@ def record_evaluation(folder: str | os.PathLike, result: Mapping) -> dict:
     from ..utils import write_text_atomically
 
     report = read_report(folder)
+    card_path = Path(folder) / "README.md"
+    if card_path.is_file() and card_path.read_text(encoding="utf-8") != model_card(report):
+        backup = card_path.with_name(f".{card_path.name}.before-record")
+        logger.warning(f"{card_path} was edited after it was generated; the edited card is kept as {backup}.")
+        write_text_atomically(backup, card_path.read_text(encoding="utf-8"))
     evaluation = report.get("evaluation")
     report["evaluation"] = {
         **(evaluation if isinstance(evaluation, dict) else {}),
         result["task"]: evaluation_summary(result),
     }
     write_text_atomically(Path(folder) / REPORT_NAME, json.dumps(report, indent=2, default=str) + "\n")
-    write_text_atomically(Path(folder) / "README.md", model_card(report))
+    write_text_atomically(card_path, model_card(report))
     return report
 
 
