@@ -143,7 +143,8 @@ def test_saved_folder_carries_the_conversion_report_and_a_card_that_pushes(runs,
     assert entry["tokens_seen"] == result.report["training"]["tokens_seen"] > 0
     card = (out / "README.md").read_text()
     assert card_problems(card, report) == [] and card_for_upload(out) == card
-    assert f"| {case[1]} | sft | - | - | {result.report['settings']['data']} | 8 |" in card
+    form = {1: "partial_rope", 2: "mla"}[case[1]]  # the stage's number and the form it trains
+    assert f"| {case[1]} ({form}) | sft | - | - | {result.report['settings']['data']} | 8 |" in card
     assert "No recovery fine-tuning" in (source / "README.md").read_text() and "No recovery fine-tuning" not in card
 
 
@@ -153,7 +154,7 @@ def test_conversion_of_a_fine_tuned_stage1_folder_keeps_its_fine_tuning(runs, tm
     stage1 = runs["llava", 1, "paper"][2].output_dir
     out = convert(stage1, tmp_path / "mla", kv_rank=8, mla_stage="mla", progress=False).output_dir
     assert read_report(out)["fine_tuning"] == read_report(stage1)["fine_tuning"]
-    assert "| 1 | sft |" in (out / "README.md").read_text()
+    assert "| 1 (partial_rope) | sft |" in (out / "README.md").read_text()
     plain = runs["llava", 1, "paper"][0]  # a stage-1 conversion that was never fine-tuned: nothing to carry
     assert "fine_tuning" not in read_report(plain)
 

@@ -115,6 +115,7 @@ def finetune_summary(finetune_report: dict) -> dict:
     settings, training = finetune_report["settings"], finetune_report.get("training", {})
     return {
         "stage": settings["stage"],
+        "mla_stage": settings.get("mla_stage"),
         "objective": settings["objective"],
         "teacher": settings.get("teacher"),
         "label_weight": settings.get("label_weight"),
@@ -153,7 +154,10 @@ def quality_section(report: dict) -> list[str]:
             "|---|---|---|---|---|---|---|---|",
         ]
         for entry in stages:
-            cells = [entry.get(key) for key in ("stage", "objective", "teacher", "label_weight", "data", "steps")]
+            stage = entry.get("stage")
+            if entry.get("mla_stage") is not None:  # the form the stage trains: "1 (partial_rope)", "2 (mla)"
+                stage = f"{stage} ({entry['mla_stage']})"
+            cells = [stage] + [entry.get(key) for key in ("objective", "teacher", "label_weight", "data", "steps")]
             cells += [entry.get("tokens_seen"), entry.get("trainable_parameters")]
             lines.append("| " + " | ".join("-" if cell is None else _card_value(cell) for cell in cells) + " |")
         lines.append("")
