@@ -33,7 +33,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from ..conversations import Conversation
@@ -155,6 +155,7 @@ def finetune(
     resume_from_checkpoint: str | bool | None = None,
     report_to: str | list[str] = "none",
     training_args: dict | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
     overwrite: bool = False,
     return_model: bool = False,
 ) -> FinetuneResult:
@@ -205,6 +206,7 @@ def finetune(
         resume_from_checkpoint: passed to `Trainer.train`.
         report_to: Trainer integrations (`"none"`, `"tensorboard"`, `"wandb"`, ...).
         training_args: extra `TrainingArguments` fields, applied last (e.g. `{"deepspeed": "ds.json"}`).
+        callbacks: extra `TrainerCallback`s for the Trainer (e.g. early stopping, a profiler), after the run's own.
         overwrite: replace a non-empty `output_dir`.
         return_model: keep the trained plain model in the result (cast to the checkpoint's dtype, as saved).
 
@@ -304,7 +306,7 @@ def finetune(
         data_collator=collator,
         train_dataset=ConversationDataset(conversations),
         processing_class=processor,
-        callbacks=[timing],
+        callbacks=[timing, *callbacks],
         decay_ratio=decay_ratio,
     )
     if objective == "distill":
