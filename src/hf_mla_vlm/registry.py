@@ -33,6 +33,9 @@ class ArchSpec:
         aligner: regex (`re.search`) of the vision-to-text aligner's parameters (the `official` trainable set).
         zoo: whether `hf_mla_vlm.zoo` has a trained model of this architecture (`hf-mla-vlm zoo build NAME`).
         text_layers: attribute path of the text decoder layers (in-memory names, Transformers v5).
+        vision_attention: `module:Class` of the vision tower's attention when, without flash attention, it calls
+            the attention once per image and window (Qwen's towers); training batches it into one call per block
+            (`hf_mla_vlm.zoo.batched_attention`). None: the tower has no such module.
     """
 
     name: str
@@ -41,6 +44,7 @@ class ArchSpec:
     aligner: str
     zoo: bool = False
     text_layers: str = "model.language_model.layers"
+    vision_attention: str | None = None
 
     @property
     def mla_model_type(self) -> str:
@@ -73,6 +77,14 @@ class ArchSpec:
     def mla_base_model_class(self) -> type:
         return getattr(self._modeling_module(), f"{self.class_prefix}MLAModel")
 
+    @property
+    def vision_attention_class(self) -> type | None:
+        """The class named by `vision_attention` (None without one)."""
+        if self.vision_attention is None:
+            return None
+        module, name = self.vision_attention.split(":")
+        return getattr(importlib.import_module(module), name)
+
     def _modeling_module(self):
         return importlib.import_module(f"hf_mla_vlm.modeling.modeling_{self.name}_mla")
 
@@ -84,8 +96,21 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("llava", "Llava", "1d", _PROJECTOR, zoo=True),
         ArchSpec("llava_next", "LlavaNext", "1d", rf"{_PROJECTOR}|^model\.image_newline$", zoo=True),
         ArchSpec("llava_onevision", "LlavaOnevision", "1d", rf"{_PROJECTOR}|^model\.image_newline$"),
-        ArchSpec("qwen2_vl", "Qwen2VL", "mrope", r"^model\.visual\.merger\."),
-        ArchSpec("qwen2_5_vl", "Qwen2_5_VL", "mrope", r"^model\.visual\.merger\.", zoo=True),
+        ArchSpec(
+            "qwen2_vl",
+            "Qwen2VL",
+            "mrope",
+            r"^model\.visual\.merger\.",
+            vision_attention="transformers.models.qwen2_vl.modeling_qwen2_vl:VisionAttention",
+        ),
+        ArchSpec(
+            "qwen2_5_vl",
+            "Qwen2_5_VL",
+            "mrope",
+            r"^model\.visual\.merger\.",
+            zoo=True,
+            vision_attention="transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLVisionAttention",
+        ),
     )
 }
 MLA_MODEL_TYPES: dict[str, ArchSpec] = {spec.mla_model_type: spec for spec in ARCHITECTURES.values()}

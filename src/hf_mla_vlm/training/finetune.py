@@ -316,9 +316,10 @@ def finetune(
     else:
         trainer = RecoveryTrainer(**common)
     with ExitStack() as stack:
-        # Qwen2.5-VL's vision attention in one SDPA call per block instead of one per image and window, for the
-        # student and the teacher (`zoo.batched_attention`; the same parameters, so the saved state dict is
-        # unchanged). Sharded runs (FSDP, DeepSpeed) keep Transformers' modules, which their wrapping was set up for.
+        # Qwen's vision attention (the registry's `vision_attention`) in one SDPA call per block instead of one per
+        # image and window, for the student and the teacher (`zoo.batched_attention`; the same parameters, so the
+        # saved state dict is unchanged). Sharded runs (FSDP, DeepSpeed) keep Transformers' modules, which their
+        # wrapping was set up for.
         if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
             for module in (model, teacher_model):
                 if module is not None:
