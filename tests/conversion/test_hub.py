@@ -319,7 +319,7 @@ def test_push_uploads_a_fine_tuned_folder_with_its_card(fake_hub, folder, tmp_pa
     [commit] = fake_hub.commits
     assert commit.files.keys() == _expected_files(tuned.output_dir).keys() >= {"finetune_report.json", "README.md"}
     card = commit.files["README.md"].decode()
-    assert card == (tuned.output_dir / "README.md").read_text() and "| 2 | sft |" in card
+    assert card == (tuned.output_dir / "README.md").read_text() and "| 2 (mla) | sft |" in card
 
 
 def test_push_uploads_every_file_in_one_commit(fake_hub, folder):
