@@ -35,11 +35,13 @@ def _trainer(native, items, tmp_path, seed=0, **arguments) -> RecoveryTrainer:
 
 
 def test_item_length_is_the_collated_row_length(native_checkpoints):
+    dataset = None  # one dataset measured with both processors: each gets its own lengths, not the cached ones
     for arch in ("llava_next", "qwen2_5_vl"):
         _, processor = load_native(native_checkpoints[arch])
-        items = _mixed_items(processor, 1, 2)
-        lengths = ConversationDataset(items).lengths(processor, progress=False)
-        for item, length in zip(items, lengths):
+        dataset = dataset or ConversationDataset(_mixed_items(processor, 1, 2))
+        lengths = dataset.lengths(processor, progress=False)
+        assert dataset.lengths(processor, progress=False) is lengths  # measured once per processor
+        for item, length in zip(dataset.conversations, lengths, strict=True):
             assert ChatCollator(processor)([item])["input_ids"].shape[1] == length
     with pytest.raises(TypeError, match="Conversation or TextWindow"):
         item_length(processor, "a string")

@@ -24,7 +24,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __init__(self, conversations: Sequence[Conversation | TextWindow]):
         self.conversations = list(conversations)
-        self._lengths: list[int] | None = None  # `lengths`, once measured
+        self._lengths: tuple[object, list[int]] | None = None  # (processor, `lengths`) once measured
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -35,17 +35,19 @@ class ConversationDataset(torch.utils.data.Dataset):
     def lengths(self, processor, num_workers: int = 0, progress: bool = True) -> list[int]:
         """The token length of every item as `ChatCollator` encodes it (`item_length`), for the length-aware
         samplers of `Trainer` (`train_sampling_strategy="batch_rebalance"` / `"group_by_length"`). Computed once,
-        in `num_workers` processes (a conversation goes through the processor: a few ms each)."""
-        if self._lengths is None:
+        in `num_workers` processes (a conversation goes through the processor: a few ms each), and again only for
+        another processor."""
+        if self._lengths is None or self._lengths[0] is not processor:
             collate = functools.partial(_item_lengths, processor)  # picklable for the workers
             loader = torch.utils.data.DataLoader(self, batch_size=64, num_workers=num_workers, collate_fn=collate)
             bar = logging.tqdm(total=len(self), desc="Measuring sample lengths", disable=not progress)
-            self._lengths = []
-            for lengths in loader:
-                self._lengths += lengths
-                bar.update(len(lengths))
+            lengths = []
+            for batch in loader:
+                lengths += batch
+                bar.update(len(batch))
             bar.close()
-        return self._lengths
+            self._lengths = (processor, lengths)
+        return self._lengths[1]
 
 
 def _item_lengths(processor, items) -> list[int]:
