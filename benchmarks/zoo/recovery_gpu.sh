@@ -11,7 +11,7 @@
 # PARALLEL (default 2): the first H200 run (2026-12-02) started all nine jobs at once and six died of CUDA
 # out-of-memory; the jobs that ran held 24-50 GiB each (likely the 49152-token vocabulary's logits of 32 x
 # 512-token batches, twice with a teacher; not profiled). Jobs are host-bound: one thread and one dataloader worker each (override with
-# OMP_NUM_THREADS / --workers).
+# OMP_NUM_THREADS / --workers, for all jobs or in a job's own args).
 set -euo pipefail
 out=$1; shift
 mkdir -p "$out"
@@ -44,7 +44,8 @@ setsid nohup bash -c '
     [ "$rest" != "${rest#*|}" ] && read -ra extra <<< "${rest#*|}"
     log="$out/$model-$(IFS=-; echo "${routes[*]}${extra[*]:+-${extra[*]}}" | tr -c "A-Za-z0-9_.\n-" _).log"
     echo "$(date -u +%FT%TZ) start $model ${routes[*]} ${extra[*]}" >> "$out/queue.log"
-    ( python3 "$code/benchmarks/recovery_quality.py" run --model "$model" --routes "${routes[@]}" --workers 1 \
+    workers=(--workers 1); [[ " ${args[*]} ${extra[*]} " == *" --workers "* ]] && workers=()  # one, unless given
+    ( python3 "$code/benchmarks/recovery_quality.py" run --model "$model" --routes "${routes[@]}" "${workers[@]}" \
         --out "$out" --workdir "$out/work" "${args[@]}" "${extra[@]}" > "$log" 2>&1 < /dev/null
       echo "$(date -u +%FT%TZ) end $model ${routes[*]} ${extra[*]} rc=$?" >> "$out/queue.log" ) &
   done

@@ -13,7 +13,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "zoo" / "recovery_
 STAND_IN = """import json, os, sys
 import hf_mla_vlm
 out = sys.argv[sys.argv.index("--out") + 1]
-routes = sys.argv[sys.argv.index("--routes") + 1 : sys.argv.index("--workers")]
+routes = sys.argv[sys.argv.index("--routes") + 1 : sys.argv.index("--out")]
+routes = routes[: routes.index("--workers")] if "--workers" in routes else routes
 name = sys.argv[sys.argv.index("--model") + 1] + "-" + "_".join(routes)
 record = {"script": os.path.abspath(__file__), "package": hf_mla_vlm.__file__, "argv": sys.argv[1:]}
 open(os.path.join(out, name + ".json"), "w").write(json.dumps(record))
@@ -29,7 +30,7 @@ def test_jobs_run_from_a_copy_of_the_tree_with_their_own_arguments(tmp_path):
     (tree / "src" / "hf_mla_vlm" / "assets.py").write_text("def load_smollm2():\n    pass\n")
     (tree / "benchmarks" / "recovery_quality.py").write_text(STAND_IN)
     out = tmp_path / "out"
-    jobs = "llava|control;qwen2_5_vl|none distill|--label-weight 0.5 --levels 75"
+    jobs = "llava|control;qwen2_5_vl|none distill|--label-weight 0.5 --levels 75 --workers 3"
     env = {"PATH": "/usr/bin:/bin", "JOBS": jobs, "PARALLEL": "2", "PYTHONPATH": str(tree / "elsewhere")}
     env["PATH"] = f"{Path(shutil.which('python3')).parent}:{env['PATH']}"
     subprocess.run(["bash", str(SCRIPT), str(out), "--levels", "62.5", "--seeds", "0"], cwd=tree, env=env, check=True)
@@ -48,4 +49,7 @@ def test_jobs_run_from_a_copy_of_the_tree_with_their_own_arguments(tmp_path):
         assert record["package"] == str(out / "code" / "src" / "hf_mla_vlm" / "__init__.py")
     assert control["argv"][:4] == ["run", "--model", "llava", "--routes"] and "--label-weight" not in control["argv"]
     tail = distill["argv"][distill["argv"].index("--seeds") :]
-    assert tail == ["--seeds", "0", "--label-weight", "0.5", "--levels", "75"]  # a job's own args come last
+    assert tail == ["--seeds", "0", "--label-weight", "0.5", "--levels", "75", "--workers", "3"]  # a job's own last
+    # one dataloader worker unless the job names its own: then only its own
+    assert control["argv"].count("--workers") == 1 and control["argv"][control["argv"].index("--workers") + 1] == "1"
+    assert distill["argv"].count("--workers") == 1
