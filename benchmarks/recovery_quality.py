@@ -623,7 +623,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     p.add_argument("--workers", type=int, default=4, help="dataloader workers")
     p.add_argument("--micro-batches", type=int, default=1,
                    help="split each training step by length into this many micro-batches (batch_rebalance: the "
-                        "same loss, less padding; recorded per stage)")  # fmt: skip
+                        "same loss, less padding, more host work: slower on the H200, see "
+                        "profile_recovery_step.md; recorded per stage)")  # fmt: skip
     p.add_argument("--calibration", type=int, default=64, help="calibration conversations for the statistics")
     # evaluation
     p.add_argument("--eval-seed", dest="seed", type=int, default=0, help="seed of the evaluation / calibration data")
