@@ -155,6 +155,33 @@ def test_distillation_brings_the_student_towards_the_teacher(stage2, native_chec
     assert result.report["training"]["losses"][-1]["loss"] < result.report["training"]["losses"][0]["loss"]
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_teacher_runs_in_the_students_precision(bf16, stage2, native_checkpoints, tmp_path):
+    """Under `bf16` Accelerate runs the prepared student in autocast; the teacher, which the Trainer does not
+    prepare, must run under it too (it ran its matmuls in float32 before: the largest kernels of an H200 step)."""
+    teacher, processor = load_native(native_checkpoints["llava"])
+    vocab = teacher.lm_head.out_features
+    seen = {}
+
+    def record(module, args):  # at the LM heads: Accelerate's autocast is inside the student's forward
+        is_head = isinstance(module, torch.nn.Linear) and module.out_features == vocab
+        name = "teacher" if module is teacher.lm_head else "student" if is_head else None
+        if name is not None:
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+            seen.setdefault(name, []).append(dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        finetune(
+            stage2, [*_windows(processor, 2), *_conversations(2)], tmp_path / "out", stage=2, objective="distill",
+            teacher=teacher, per_device_train_batch_size=4, max_steps=1, bf16=bf16,
+        )  # fmt: skip
+    finally:
+        handle.remove()
+    expected = torch.bfloat16 if bf16 else torch.float32
+    assert seen == {"student": [expected], "teacher": [expected]}
+
+
 def test_distillation_needs_a_native_teacher_and_the_control_is_the_native_model(stage2, native_checkpoints, tmp_path):
     with pytest.raises(ValueError, match="teacher"):
         finetune(stage2, _conversations(2), tmp_path / "a", stage=2, objective="distill", max_steps=1)

@@ -111,6 +111,8 @@ class DistillationTrainer(RecoveryTrainer):
     first use), plus `label_weight` times the label loss. Batches come from `ChatCollator(labels="all")`: the
     distilled positions are those followed by a label.
 
+    The teacher runs under the same mixed precision as the student (`Accelerator.autocast`).
+
     The KL is summed over the distilled positions and divided by their number in the micro-batch, or, where the
     Trainer passes the number of labelled tokens of the whole accumulated batch and does not rescale the loss
     itself, by that number: each distilled position weighs the same under gradient accumulation and DDP.
@@ -137,7 +139,9 @@ class DistillationTrainer(RecoveryTrainer):
         device = outputs.logits.device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
-        with torch.no_grad():
+        # in the student's precision: under `bf16` / `fp16` Accelerate runs the prepared student in autocast, and
+        # the teacher, which is not prepared, would otherwise run its matmuls and attention in float32
+        with torch.no_grad(), self.accelerator.autocast():
             teacher_logits = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
         kl = distillation_kl(outputs.logits, teacher_logits, mask.to(device), self.temperature)
         if scaled:
