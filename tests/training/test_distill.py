@@ -257,3 +257,33 @@ def test_qwen_towers_train_with_one_vision_attention_call_per_block(native_check
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     for (name, value), expected in zip(batched.model.state_dict().items(), chunked.model.state_dict().values()):
         torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_qwen_training_forwards_take_their_positions_from_the_collator(native_checkpoints, tmp_path, monkeypatch):
+    """finetune's collator computes Qwen2.5-VL's M-RoPE positions (`RopeIndex`, on a weightless model): neither the
+    student's nor the teacher's forward computes them itself (on a GPU that synchronises per row and image), and
+    the losses are those of forwards that do."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+    finetune_module = importlib.import_module("hf_mla_vlm.training.finetune")
+    native = native_checkpoints["qwen2_5_vl"]
+    student = tmp_path / "qwen-mla"
+    convert(native, student, rope_dim=8, kv_rank=4, rope_strategy="uniform", progress=False)
+    calls = collections.Counter()
+    get_rope_index = modeling_qwen2_5_vl.Qwen2_5_VLModel.get_rope_index
+
+    def counted(self, *args, **kwargs):
+        calls[next(self.parameters()).device.type] += 1
+        return get_rope_index(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_qwen2_5_vl.Qwen2_5_VLModel, "get_rope_index", counted)
+    settings = dict(stage=2, objective="distill", teacher=native, learning_rate=1e-3, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=1, max_steps=2, logging_steps=1)  # fmt: skip
+    collated = finetune(student, _conversations(2), tmp_path / "collated", **settings)
+    assert calls == {"meta": 2}  # one per batch, in the collator
+    calls.clear()
+    monkeypatch.setattr(finetune_module, "rope_index", lambda config: None)
+    in_forward = finetune(student, _conversations(2), tmp_path / "in_forward", **settings)
+    assert calls == {"cpu": 4}  # the student's and the teacher's forward, per batch
+    losses = [[entry["loss"] for entry in r.report["training"]["losses"]] for r in (collated, in_forward)]
+    assert losses[0] == losses[1]

@@ -11,17 +11,21 @@ adds with `add_generation_prompt=True`) and checked token by token against the t
 otherwise, rather than silently misplaced labels).
 
 Batches are right-padded: Llama-style models compute position ids from `cache_position` in a plain forward, so
-left padding would shift every position of a shorter row. Qwen2.5-VL's 3-D M-RoPE positions are computed by the
-model from `input_ids`, `image_grid_thw` and `attention_mask`, i.e. from the image grid, in training as in
-inference (the collator never passes `position_ids`).
+left padding would shift every position of a shorter row. Qwen-VL's 3-D M-RoPE positions come from `input_ids`,
+`image_grid_thw` and `attention_mask`, i.e. from the image grid. The model computes them in its forward unless
+given `position_ids`; `ChatCollator(position_ids=RopeIndex(config))` computes the same values with the model's own
+method on the CPU, in the dataloader workers (on a GPU the forward's computation synchronises with the device for
+every row and image).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoModel
 
 from hf_mla_vlm.conversations import Conversation
+from hf_mla_vlm.registry import arch_spec
 from hf_mla_vlm.utils import as_tokenizer
 
 
@@ -136,6 +140,8 @@ class ChatCollator:
             is distilled is labelled, i.e. every token after a position that is not an image placeholder.
         exclude_token_ids (`Sequence[int]`, *optional*): with `labels="all"`, the tokens whose position predicts
             nothing (the image placeholders).
+        position_ids (`Callable`, *optional*): a function of the collated batch returning its `position_ids` (or
+            None for none), e.g. `RopeIndex(config)` for Qwen-VL models (`rope_index(config)` picks it).
 
     Returns (on call):
         `dict`: `input_ids`, `attention_mask`, `labels`, the processor's other per-token tensors (zeros for text
@@ -147,6 +153,7 @@ class ChatCollator:
     max_length: int | None = None
     labels: str = "assistant"
     exclude_token_ids: Sequence[int] = ()
+    position_ids: Callable[[dict], torch.Tensor | None] | None = None
 
     def __post_init__(self):
         if self.labels not in ("assistant", "all"):
@@ -200,7 +207,46 @@ class ChatCollator:
             # concatenated along dim 0, other dims zero-padded (LLaVA-NeXT's patch count varies)
             shape = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
             out[key] = torch.cat([_pad_to(v, (v.shape[0], *shape), 0) for v in values])
+        if self.position_ids is not None and (position_ids := self.position_ids(out)) is not None:
+            out["position_ids"] = position_ids
         return out
 
 
-__all__ = ["IGNORE_INDEX", "ChatCollator", "TextWindow", "assistant_spans", "item_length"]
+class RopeIndex:
+    """The 3-D M-RoPE `position_ids` of a Qwen-VL batch, computed by the model's own `get_rope_index` on the CPU.
+
+    In a forward without `position_ids` the model computes them itself, on the device, where every row and image
+    synchronises the host with it (`.item()`, boolean-mask indexing): about 470 of the 574 synchronisations of an
+    H200 recovery step of the zoo Qwen2.5-VL (`benchmarks/results/profile_recovery_step.md`). Given to
+    `ChatCollator(position_ids=...)`, the same method runs on the same inputs in the dataloader workers. It belongs
+    to a weightless instance of the base model (meta device, built from `config`), which pickles into the workers.
+
+    Args:
+        config: the model's config (native or MLA).
+
+    Returns (on call):
+        `torch.LongTensor` `(3, batch, seq_len)`, or None for a batch without images or `mm_token_type_ids` (the
+        model's plain positions apply).
+    """
+
+    def __init__(self, config):
+        with torch.device("meta"):
+            self.model = AutoModel.from_config(config)
+
+    def __call__(self, batch: dict) -> torch.Tensor | None:
+        grids = {key: batch.get(key) for key in ("image_grid_thw", "video_grid_thw")}
+        if all(grid is None for grid in grids.values()) or "mm_token_type_ids" not in batch:
+            return None
+        position_ids, _ = self.model.get_rope_index(
+            batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], attention_mask=batch["attention_mask"],
+            **grids,
+        )  # fmt: skip
+        return position_ids
+
+
+def rope_index(config) -> RopeIndex | None:
+    """`RopeIndex(config)` for an M-RoPE architecture (the registry's `rope`), else None."""
+    return RopeIndex(config) if arch_spec(config.model_type).rope == "mrope" else None
+
+
+__all__ = ["IGNORE_INDEX", "ChatCollator", "RopeIndex", "TextWindow", "assistant_spans", "item_length", "rope_index"]

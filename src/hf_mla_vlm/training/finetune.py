@@ -49,7 +49,7 @@ from .checkpoint import (
     rule_size,
     save_atomically,
 )
-from .data import ChatCollator
+from .data import ChatCollator, rope_index
 from .sources import ZOO_VQA, ConversationDataset, load_training_items
 from .trainable import (
     STAGE_FORMS,
@@ -299,6 +299,7 @@ def finetune(
         max_length=max_length,
         labels="all" if objective == "distill" else "assistant",
         exclude_token_ids=getattr(config, "image_token_ids", None) or (),
+        position_ids=rope_index(config),  # Qwen-VL's M-RoPE positions in the dataloader workers, not on the device
     )
     common = dict(
         model=model,
