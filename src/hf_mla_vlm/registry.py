@@ -36,6 +36,9 @@ class ArchSpec:
         vision_attention: `module:Class` of the vision tower's attention when, without flash attention, it calls
             the attention once per image and window (Qwen's towers); training batches it into one call per block
             (`hf_mla_vlm.zoo.batched_attention`). None: the tower has no such module.
+        host_inputs: processor outputs that the model only reads on the host (`.tolist()` per image: LLaVA-NeXT's
+            `image_sizes`). The training collator passes them as lists, which stay on the host; as a device tensor
+            each read synchronises the host with the device.
     """
 
     name: str
@@ -45,6 +48,7 @@ class ArchSpec:
     zoo: bool = False
     text_layers: str = "model.language_model.layers"
     vision_attention: str | None = None
+    host_inputs: tuple[str, ...] = ()
 
     @property
     def mla_model_type(self) -> str:
@@ -94,8 +98,21 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     spec.name: spec
     for spec in (
         ArchSpec("llava", "Llava", "1d", _PROJECTOR, zoo=True),
-        ArchSpec("llava_next", "LlavaNext", "1d", rf"{_PROJECTOR}|^model\.image_newline$", zoo=True),
-        ArchSpec("llava_onevision", "LlavaOnevision", "1d", rf"{_PROJECTOR}|^model\.image_newline$"),
+        ArchSpec(
+            "llava_next",
+            "LlavaNext",
+            "1d",
+            rf"{_PROJECTOR}|^model\.image_newline$",
+            zoo=True,
+            host_inputs=("image_sizes",),
+        ),
+        ArchSpec(
+            "llava_onevision",
+            "LlavaOnevision",
+            "1d",
+            rf"{_PROJECTOR}|^model\.image_newline$",
+            host_inputs=("image_sizes",),
+        ),
         ArchSpec(
             "qwen2_vl",
             "Qwen2VL",

@@ -74,3 +74,24 @@ def test_the_collator_with_positions_pickles_for_dataloader_workers(native_check
     got = pickle.loads(pickle.dumps(collator))(items)
     assert sorted(got) == sorted(expected)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("arch", ["llava_next", "llava_onevision"])
+def test_image_sizes_as_host_lists_give_the_same_logits(arch, native_checkpoints, tmp_path):
+    """`ChatCollator.for_model` returns the registry's `host_inputs` (LLaVA-NeXT's `image_sizes`) as lists; the
+    native and the converted model give the same logits as with the processor's tensor (on this Transformers)."""
+    native = native_checkpoints[arch]
+    mla = tmp_path / f"{arch}-mla"
+    convert(native, mla, rope_dim=8, kv_rank=4, rope_strategy="uniform", progress=False)
+    _, processor = load_native(native)
+    items = _items(3)
+    tensors = ChatCollator(processor)(items)
+    for path in (native, mla):
+        model = load_model(path).eval()
+        listed = ChatCollator.for_model(processor, model.config)(items)
+        assert listed["image_sizes"] == tensors["image_sizes"].tolist()
+        assert all(torch.equal(listed[k], v) for k, v in tensors.items() if k != "image_sizes")
+        with torch.no_grad():
+            expected = model(**{k: v for k, v in tensors.items() if k != "labels"}).logits
+            got = model(**{k: v for k, v in listed.items() if k != "labels"}).logits
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

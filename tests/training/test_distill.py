@@ -1,6 +1,7 @@
 """Self-distillation and mixed text + image training data (CPU, tiny random models)."""
 
 import collections
+import dataclasses
 import importlib
 import json
 
@@ -265,7 +266,7 @@ def test_qwen_training_forwards_take_their_positions_from_the_collator(native_ch
     the losses are those of forwards that do."""
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
-    finetune_module = importlib.import_module("hf_mla_vlm.training.finetune")
+    data_module = importlib.import_module("hf_mla_vlm.training.data")
     native = native_checkpoints["qwen2_5_vl"]
     student = tmp_path / "qwen-mla"
     convert(native, student, rope_dim=8, kv_rank=4, rope_strategy="uniform", progress=False)
@@ -282,8 +283,37 @@ def test_qwen_training_forwards_take_their_positions_from_the_collator(native_ch
     collated = finetune(student, _conversations(2), tmp_path / "collated", **settings)
     assert calls == {"meta": 2}  # one per batch, in the collator
     calls.clear()
-    monkeypatch.setattr(finetune_module, "rope_index", lambda config: None)
+    monkeypatch.setattr(data_module, "rope_index", lambda config: None)
     in_forward = finetune(student, _conversations(2), tmp_path / "in_forward", **settings)
     assert calls == {"cpu": 4}  # the student's and the teacher's forward, per batch
     losses = [[entry["loss"] for entry in r.report["training"]["losses"]] for r in (collated, in_forward)]
+    assert losses[0] == losses[1]
+
+
+def test_llava_next_training_reads_its_image_sizes_on_the_host(native_checkpoints, tmp_path, monkeypatch):
+    """finetune's collator passes LLaVA-NeXT's `image_sizes` as lists (the registry's `host_inputs`), which device
+    placement leaves on the host; the models read them per image, and the losses are those of the tensor."""
+    data_module = importlib.import_module("hf_mla_vlm.training.data")
+    native = native_checkpoints["llava_next"]
+    student = tmp_path / "next-mla"
+    convert(native, student, rope_dim=8, kv_rank=4, rope_strategy="uniform", progress=False)
+    seen = []
+    collate = data_module.ChatCollator.__call__
+
+    def recorded(self, items):
+        batch = collate(self, items)
+        seen.append(batch["image_sizes"])
+        return batch
+
+    monkeypatch.setattr(data_module.ChatCollator, "__call__", recorded)
+    settings = dict(stage=2, objective="distill", teacher=native, learning_rate=1e-3, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=1, max_steps=2, logging_steps=1)  # fmt: skip
+    listed = finetune(student, _conversations(2), tmp_path / "listed", **settings)
+    assert seen and all(isinstance(sizes, list) and isinstance(sizes[0][0], int) for sizes in seen)
+    seen.clear()
+    spec = data_module.arch_spec
+    monkeypatch.setattr(data_module, "arch_spec", lambda t: dataclasses.replace(spec(t), host_inputs=()))
+    tensors = finetune(student, _conversations(2), tmp_path / "tensors", **settings)
+    assert seen and all(isinstance(sizes, torch.Tensor) for sizes in seen)
+    losses = [[entry["loss"] for entry in r.report["training"]["losses"]] for r in (listed, tensors)]
     assert losses[0] == losses[1]

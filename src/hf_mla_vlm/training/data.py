@@ -142,6 +142,11 @@ class ChatCollator:
             nothing (the image placeholders).
         position_ids (`Callable`, *optional*): a function of the collated batch returning its `position_ids` (or
             None for none), e.g. `RopeIndex(config)` for Qwen-VL models (`rope_index(config)` picks it).
+        host_inputs (`Sequence[str]`, *optional*): keys returned as (nested) lists instead of tensors, so that
+            device placement leaves them on the host (the registry's `host_inputs`).
+
+    `ChatCollator.for_model(processor, config, ...)` sets `position_ids` and `host_inputs` for the model's
+    architecture (what training uses).
 
     Returns (on call):
         `dict`: `input_ids`, `attention_mask`, `labels`, the processor's other per-token tensors (zeros for text
@@ -154,10 +159,18 @@ class ChatCollator:
     labels: str = "assistant"
     exclude_token_ids: Sequence[int] = ()
     position_ids: Callable[[dict], torch.Tensor | None] | None = None
+    host_inputs: Sequence[str] = ()
 
     def __post_init__(self):
         if self.labels not in ("assistant", "all"):
             raise ValueError(f"labels must be 'assistant' or 'all', got {self.labels!r}.")
+
+    @classmethod
+    def for_model(cls, processor, config, **kwargs) -> "ChatCollator":
+        """The collator for training the model of `config` (native or MLA): Qwen-VL's M-RoPE positions computed on
+        the CPU (`rope_index`) and the registry's `host_inputs` kept on the host; `kwargs` as for the class."""
+        spec = arch_spec(config.model_type)
+        return cls(processor, position_ids=rope_index(config), host_inputs=spec.host_inputs, **kwargs)
 
     def _row(self, item) -> tuple[dict, list[tuple[int, int]]]:
         if isinstance(item, TextWindow):
@@ -209,6 +222,9 @@ class ChatCollator:
             out[key] = torch.cat([_pad_to(v, (v.shape[0], *shape), 0) for v in values])
         if self.position_ids is not None and (position_ids := self.position_ids(out)) is not None:
             out["position_ids"] = position_ids
+        for key in self.host_inputs:
+            if key in out:
+                out[key] = out[key].tolist()
         return out
 
 

@@ -49,7 +49,7 @@ from .checkpoint import (
     rule_size,
     save_atomically,
 )
-from .data import ChatCollator, rope_index
+from .data import ChatCollator
 from .sources import ZOO_VQA, ConversationDataset, load_training_items
 from .trainable import (
     STAGE_FORMS,
@@ -294,12 +294,14 @@ def finetune(
         raise ValueError("remove_unused_columns must stay False: the collator reads whole Conversation objects.")
     args = TrainingArguments(**arguments)
     timing = TimingCallback()
-    collator = ChatCollator(
+    # Qwen-VL's M-RoPE positions computed in the dataloader workers and LLaVA-NeXT's image sizes kept on the host:
+    # on a GPU the forwards would otherwise synchronise with the device per row and image
+    collator = ChatCollator.for_model(
         processor,
+        config,
         max_length=max_length,
         labels="all" if objective == "distill" else "assistant",
         exclude_token_ids=getattr(config, "image_token_ids", None) or (),
-        position_ids=rope_index(config),  # Qwen-VL's M-RoPE positions in the dataloader workers, not on the device
     )
     common = dict(
         model=model,

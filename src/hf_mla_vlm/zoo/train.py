@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from hf_mla_vlm.training.data import IGNORE_INDEX, ChatCollator, rope_index
+from hf_mla_vlm.training.data import IGNORE_INDEX, ChatCollator
 from hf_mla_vlm.training.distill import distillation_kl, text_windows
 from hf_mla_vlm.utils import resolve_device, to_device, write_text_atomically
 from hf_mla_vlm.zoo.batched_attention import batch_vision_attention
@@ -214,7 +214,7 @@ def train_vision(
     num_total = sum(p.numel() for n, p in model.named_parameters() if not n.endswith((".lora_A", ".lora_B")))
     logger.info(f"{name}: training {num_trainable:,} parameters (vision side and LM delta) of {num_total:,}")
 
-    collator = ChatCollator(processor, position_ids=rope_index(model.config))  # Qwen's M-RoPE positions on the CPU
+    collator = ChatCollator.for_model(processor, model.config)  # no per-image host-device synchronisation
     loader = DataLoader(
         VQAStream("train", spec.render_size, seed=seed), batch_size=batch_size, collate_fn=collator,
         num_workers=num_workers, pin_memory=on_cuda, persistent_workers=num_workers > 0,
