@@ -24,6 +24,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,6 +33,7 @@ import torch
 from recovery_quality import level_setting, training_data
 from results_io import write_results
 from torch.autograd import DeviceType
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig, AutoProcessor, TrainerCallback
 
@@ -44,6 +46,8 @@ from hf_mla_vlm.zoo.models import save_zoo_model, zoo_spec
 
 
 MODELS = ("llava", "llava_next", "qwen2_5_vl")
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")  # read a value on the host: a synchronisation on a GPU
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
@@ -123,7 +127,20 @@ def summarise(callback: StepProfiler) -> dict:
     }
 
 
-def measure(model_name: str, micro_batches: int, args, work: Path) -> dict:
+def sdpa_variant(value: str) -> tuple[str, ...]:
+    """`default` (torch's own choice: no restriction) or comma-separated `SDPA_BACKENDS` names."""
+    if value == "default":
+        return ()
+    names = tuple(value.split(","))
+    unknown = [name for name in names if name not in SDPA_BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown SDPA backends {unknown}: choose 'default' or from {list(SDPA_BACKENDS)}"
+        )
+    return names
+
+
+def measure(model_name: str, micro_batches: int, args, work: Path, sdpa: tuple[str, ...] = ()) -> dict:
     native = save_zoo_model(model_name, work / model_name / "native", overwrite=True)
     config = AutoConfig.from_pretrained(native)
     setting = level_setting(config, args.level, args.rope_dim)
@@ -137,14 +154,9 @@ def measure(model_name: str, micro_batches: int, args, work: Path) -> dict:
     windows = text_windows(processor, wikipedia_split("calibration"), args.text_seq_len)
     items = training_data(windows, data_args, seed=0)["stages"][1]
     callback = StepProfiler(args.warmup_steps, args.profile_steps)
-    finetune(
-        student, items, work / model_name / f"ft-{micro_batches}", stage=2, objective="distill", teacher=native,
-        label_weight=args.label_weight, learning_rate=args.lr,
-        per_device_train_batch_size=args.train_batch // micro_batches, gradient_accumulation_steps=micro_batches,
-        train_sampling_strategy="batch_rebalance" if micro_batches > 1 else "random", max_steps=steps,
-        bf16=torch.cuda.is_available(), seed=0, logging_steps=steps,
-        training_args={"dataloader_num_workers": args.workers}, callbacks=[callback], overwrite=True,
-    )  # fmt: skip
+    # scaled_dot_product_attention restricted to these backends for the run (every attention call of both models)
+    with sdpa_kernel([SDPA_BACKENDS[name] for name in sdpa]) if sdpa else nullcontext():
+        _train(student, items, native, callback, micro_batches, steps, args, work / model_name / f"ft-{micro_batches}")
     if callback.wall_s is None:
         raise RuntimeError(f"The run ended before step {steps}: nothing was profiled.")
     return {
@@ -152,8 +164,20 @@ def measure(model_name: str, micro_batches: int, args, work: Path) -> dict:
         "level": args.level,
         "kv_rank": setting["kv_rank"],
         "micro_batches": micro_batches,
+        "sdpa_backends": ",".join(sdpa) or "default",
         **summarise(callback),
     }
+
+
+def _train(student, items, native, callback, micro_batches: int, steps: int, args, out: Path) -> None:
+    finetune(
+        student, items, out, stage=2, objective="distill", teacher=native,
+        label_weight=args.label_weight, learning_rate=args.lr,
+        per_device_train_batch_size=args.train_batch // micro_batches, gradient_accumulation_steps=micro_batches,
+        train_sampling_strategy="batch_rebalance" if micro_batches > 1 else "random", max_steps=steps,
+        bf16=torch.cuda.is_available(), seed=0, logging_steps=steps,
+        training_args={"dataloader_num_workers": args.workers}, callbacks=[callback], overwrite=True,
+    )  # fmt: skip
 
 
 def markdown(result: dict) -> str:
@@ -170,18 +194,22 @@ def markdown(result: dict) -> str:
         "",
         result["description"],
         "",
-        "| model | micro-batches | wall s / step | device s / step | device idle | tokens / s | host ops / step | "
-        "launches / step | syncs / step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | micro-batches | SDPA backends | wall s / step | device s / step | device idle | tokens / s | "
+        "host ops / step | launches / step | syncs / step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['model']} | {r['micro_batches']} | {cell(r['wall_s_per_step'])} | {cell(r['device_s_per_step'])} | "
+            f"| {r['model']} | {r['micro_batches']} | {r.get('sdpa_backends', 'default')} | "
+            f"{cell(r['wall_s_per_step'])} | {cell(r['device_s_per_step'])} | "
             f"{cell(r['device_idle_share'], 2)} | {r['tokens_per_s']:.0f} | {r['host_ops_per_step']:.0f} | "
             f"{cell(r['kernel_launches_per_step'], 0)} | {r['syncs_per_step']:.0f} |"
         )
     for r in result["rows"]:
-        lines += ["", f"## {r['model']}, {r['micro_batches']} micro-batch(es)"]
+        lines += [
+            "",
+            f"## {r['model']}, {r['micro_batches']} micro-batch(es), SDPA {r.get('sdpa_backends', 'default')}",
+        ]
         if r["sync_sites_per_step"]:
             lines += ["", "| where the host synchronises | calls / step |", "|---|---|"]
             lines += [f"| `{site}` | {n:g} |" for site, n in r["sync_sites_per_step"].items()]
@@ -207,6 +235,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--label-weight", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--workers", type=int, default=3, help="dataloader workers")
+    parser.add_argument("--sdpa-backends", nargs="+", type=sdpa_variant, default=[()], metavar="VARIANT",
+                        help="runs per variant: 'default' (torch's choice) or backends to restrict "
+                             "scaled_dot_product_attention to, e.g. 'flash,efficient,math' (no cuDNN)")  # fmt: skip
     parser.add_argument("--workdir", default=None, help="checkpoints (default: a temporary folder)")
     args = parser.parse_args(argv)
     for micro in args.micro_batches:
@@ -231,10 +262,12 @@ def main(argv: list[str] | None = None) -> Path:
         work = Path(args.workdir or scratch)
         for name in args.models:
             for micro in args.micro_batches:
-                row = measure(name, micro, args, work)
-                print(f"[profile] {name} x{micro}: {row['wall_s_per_step']:.3f} s/step", flush=True)
-                result["rows"].append(row)
-                write_results(result, out, markdown)
+                for sdpa in args.sdpa_backends:
+                    row = measure(name, micro, args, work, sdpa)
+                    label = f"{name} x{micro} SDPA {row['sdpa_backends']}"
+                    print(f"[profile] {label}: {row['wall_s_per_step']:.3f} s/step", flush=True)
+                    result["rows"].append(row)
+                    write_results(result, out, markdown)
     return out
 
 
