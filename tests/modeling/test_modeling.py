@@ -149,6 +149,22 @@ def test_cached_generation_equals_uncached_forwards(arch, cache_implementation, 
         assert relative_error(logits[:, prompt_len - 1 + step], cached) < 1e-5, f"step {step}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_a_forward_without_a_cache_equals_one_that_fills_it(arch, dtype, compressed, native_checkpoints):
+    """`use_cache=False` (training, scoring) attends to the new rows directly instead of packing them into cache
+    rows and reading them back: the same logits, bit for bit, with the image branch perturbed (both modalities)."""
+    model = copy.deepcopy(compressed[arch]).to(dtype)
+    _, processor = load_native(native_checkpoints[arch])
+    inputs = mixed_batch(processor, arch)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad():
+        cached = model(**inputs, use_cache=True)
+        uncached = model(**inputs, use_cache=False)
+    assert cached.past_key_values is not None and uncached.past_key_values is None
+    assert torch.equal(uncached.logits, cached.logits)
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_full_kv_rank_mla_equals_the_partial_rope_stage(arch, native_checkpoints, tmp_module):
     """At kv_rank = 2*head_dim - rope_dim the latent loses nothing: MLA == stage-1 model (not the original)."""

@@ -112,3 +112,23 @@ def test_one_step_in_length_sorted_micro_batches_equals_one_batch(
         delta = [state[name] - before[name] for state in after]
         assert delta[0].abs().max() > 0, name
         torch.testing.assert_close(delta[1], delta[0], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("objective", ["sft", "distill"])
+def test_training_forwards_build_no_kv_cache(objective, native_checkpoints, stage2, tmp_path, monkeypatch):
+    """The recovery Trainers run the student (and the teacher) with `use_cache=False`: a model whose config says
+    `use_cache` would build a `DynamicCache` in every training forward (and a converted model pack its latent rows
+    into it and read them back)."""
+    import transformers
+
+    built = []
+    init = transformers.DynamicCache.__init__
+    monkeypatch.setattr(
+        transformers.DynamicCache, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k)
+    )
+    _, processor = load_native(native_checkpoints["llava"])
+    teacher = native_checkpoints["llava"] if objective == "distill" else None
+    assert load_model(stage2).config.text_config.use_cache  # the saved configs ask for a cache
+    finetune(stage2, _mixed_items(processor, 1, 3), tmp_path / "out", stage=2, objective=objective, teacher=teacher,
+             per_device_train_batch_size=4, max_steps=2)  # fmt: skip
+    assert built == []

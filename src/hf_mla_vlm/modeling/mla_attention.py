@@ -24,6 +24,8 @@ so both attend to what the cache holds. Partial RoPE (kept dims, rotation) is `p
 
 Prefill (many query tokens) decompresses: `[k_nope | v] = W_b^{m_t} c_t + b^{m_t}` for every cached token,
 `K = [k_rope | k_nope]`, then standard causal GQA attention through the attention interface (SDPA by default).
+Without a cache (`use_cache=False`: training, scoring) the new tokens' latents are decompressed directly, with the
+values the cache rows would hold.
 
 Decode (one query token) is absorbed and reads only the cache:
 
@@ -167,17 +169,22 @@ class MLAAttention(nn.Module):
             return self._attend(query, key, value, attention_mask, bsz, q_len, **kwargs)
 
         is_image = self._image_mask(image_token_mask, bsz, q_len, hidden_states.device)
+        latent = self._down_project(hidden_states, is_image)
+        if past_key_values is None:
+            # no cache (training, scoring): attend to this call's rows as the cache would hold them, without packing
+            # them into cache rows and reading them back (the same values, a dozen fewer operators per layer)
+            k_nope, value = self._up_project(latent, is_image)
+            queries, keys = (q_rope, q_nope), (k_rope.to(latent.dtype), k_nope)
+            return self._attend_parts(queries, keys, value, attention_mask, bsz, q_len, **kwargs)
         layout = self.cache_layout
-        keys, values = layout.pack(self._down_project(hidden_states, is_image), k_rope, is_image)
-        if past_key_values is not None:
-            keys, values = past_key_values.update(keys, values, self.layer_idx)
-            layout = self._layout_for(past_key_values)  # a quantized latent cache returns the stored rows
+        keys, values = layout.pack(latent, k_rope, is_image)
+        keys, values = past_key_values.update(keys, values, self.layer_idx)
+        layout = self._layout_for(past_key_values)  # a quantized latent cache returns the stored rows
         latent, side = layout.views(keys, values)  # (B, T, L) (quantized: (B, T, K) uint8 rows), (B, T, N*R + 1)
         kv_len = latent.shape[1]
 
         if (
             q_len == 1
-            and past_key_values is not None
             and self.use_absorbed_decode
             and (attention_mask is None or isinstance(attention_mask, torch.Tensor))
             and not kwargs.get("output_attentions", getattr(self.config, "output_attentions", False))
@@ -188,9 +195,8 @@ class MLAAttention(nn.Module):
 
         # prefill attends to what the cache holds: a quantized latent is dequantized here, the new tokens' included
         k_nope, value = self._up_project(layout.latent_values(latent, side.dtype), layout.image_flags(side))
-        key = torch.cat([layout.rope_keys(side), k_nope], dim=-1)
-        query = torch.cat([q_rope, q_nope], dim=-1)
-        return self._attend(query, key, value, attention_mask, bsz, q_len, **kwargs)
+        queries, keys = (q_rope, q_nope), (layout.rope_keys(side), k_nope)
+        return self._attend_parts(queries, keys, value, attention_mask, bsz, q_len, **kwargs)
 
     def _layout_for(self, past_key_values) -> LatentCacheLayout:
         """`self.cache_layout` with the latent format of this layer's cache (`MLAQuantizedCache` and friends expose
@@ -218,6 +224,10 @@ class MLAAttention(nn.Module):
             **kwargs,
         )
         return self.o_proj(out.reshape(bsz, q_len, -1).contiguous()), weights
+
+    def _attend_parts(self, queries, keys, value, attention_mask, bsz, q_len, **kwargs):
+        """`_attend` of queries and keys given as their (rope, no-rope) parts, joined per head."""
+        return self._attend(torch.cat(queries, -1), torch.cat(keys, -1), value, attention_mask, bsz, q_len, **kwargs)
 
     def _image_mask(self, image_token_mask, bsz, q_len, device) -> torch.Tensor:
         if image_token_mask is None or len(self.branches) == 1:

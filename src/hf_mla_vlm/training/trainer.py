@@ -80,6 +80,11 @@ class RecoveryTrainer(Trainer):
             }
         return super().create_scheduler(num_training_steps, optimizer)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # A training forward has no use for a KV cache, but a model whose config says `use_cache` builds one (a
+        # `DynamicCache` per forward; a converted model packs its latent rows into it and reads them back).
+        return super().compute_loss(model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         strategy = self.args.train_sampling_strategy
@@ -130,6 +135,7 @@ class DistillationTrainer(RecoveryTrainer):
         labels = inputs["labels"]
         mask = distilled_positions(labels)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels" or self.label_weight > 0}
+        model_inputs["use_cache"] = False  # as in `RecoveryTrainer.compute_loss`
         scaled = num_items_in_batch is not None and self.model_accepts_loss_kwargs
         if self.label_weight > 0 and scaled:
             # the label loss summed over this micro-batch and divided by the step's labelled tokens, as the stock
@@ -142,7 +148,8 @@ class DistillationTrainer(RecoveryTrainer):
         # in the student's precision: under `bf16` / `fp16` Accelerate runs the prepared student in autocast, and
         # the teacher, which is not prepared, would otherwise run its matmuls and attention in float32
         with torch.no_grad(), self.accelerator.autocast():
-            teacher_logits = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+            teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            teacher_logits = self.teacher(**teacher_inputs, use_cache=False).logits
         kl = distillation_kl(outputs.logits, teacher_logits, mask.to(device), self.temperature)
         if scaled:
             loss = kl / num_items_in_batch  # the Trainer leaves this loss unscaled for gradient accumulation

@@ -74,7 +74,7 @@ def teacher_forced_correct(model, batches, device: torch.device, autocast: bool)
         batch = to_device(batch, device)
         labels = batch.pop("labels")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(**batch).logits
+            logits = model(**batch, use_cache=False).logits
         predicted = logits[:, :-1].argmax(-1)
         target = labels[:, 1:]
         correct.extend(((predicted == target) | (target == IGNORE_INDEX)).all(-1).tolist())
@@ -102,8 +102,8 @@ class TextDistillation:
         ids = self.next_batch().to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             with torch.no_grad(), deltas_disabled(model):
-                teacher = model(input_ids=ids).logits
-            student = model(input_ids=ids).logits
+                teacher = model(input_ids=ids, use_cache=False).logits
+            student = model(input_ids=ids, use_cache=False).logits
         mask = torch.ones(ids.shape, dtype=torch.bool, device=device)
         return distillation_kl(student, teacher, mask) / mask.sum(), ids.numel()
 
@@ -240,7 +240,7 @@ def train_vision(
             batch = to_device(next(data), device, non_blocking=True)
             tokens += int(batch["attention_mask"].sum())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
-                loss = model(**batch).loss
+                loss = model(**batch, use_cache=False).loss  # no KV cache to build in training
             running.append(loss.detach())
             if text is not None:
                 kl, count = text.loss(model, device, on_cuda)
