@@ -235,7 +235,8 @@ class RopeIndex:
     synchronises the host with it (`.item()`, boolean-mask indexing): about 470 of the 574 synchronisations of an
     H200 recovery step of the zoo Qwen2.5-VL (`benchmarks/results/profile_recovery_step.md`). Given to
     `ChatCollator(position_ids=...)`, the same method runs on the same inputs in the dataloader workers. It belongs
-    to a weightless instance of the base model (meta device, built from `config`), which pickles into the workers.
+    to a weightless instance of the base model (meta device, built from `config`); pickled (into spawned or
+    forkserver dataloader workers) it carries only the config and rebuilds that instance.
 
     Args:
         config: the model's config (native or MLA).
@@ -246,8 +247,12 @@ class RopeIndex:
     """
 
     def __init__(self, config):
+        self.config = config
         with torch.device("meta"):
             self.model = AutoModel.from_config(config)
+
+    def __reduce__(self):  # a converted model's classes are built at import time and do not pickle by name
+        return type(self), (self.config,)
 
     def __call__(self, batch: dict) -> torch.Tensor | None:
         grids = {key: batch.get(key) for key in ("image_grid_thw", "video_grid_thw")}
