@@ -3,6 +3,8 @@ deprecation warnings from our own calls."""
 
 import copy
 import logging
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -154,3 +156,25 @@ def test_decode_with_gradients_takes_the_differentiable_path(converted, native_c
         cache = output_cache(model.eval()(**inputs, use_cache=True))
         model(input_ids=inputs["input_ids"][:, -1:], attention_mask=mask, **{CACHE_ARG: cache})
     assert calls
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
+def test_a_converted_model_pickles_here_and_in_a_fresh_process(arch, native_checkpoints, tmp_path):
+    """`torch.save(model)` / multiprocessing pickle a model by its classes' names: the MLA text model classes are
+    built at import time, and a process that has not built one yet gets it by name from `modeling_mla_common`.
+    (A model of its own: after an `output_attentions` forward, Transformers 5.17 leaves unpicklable hooks on it.)"""
+    model = convert(native_checkpoints[arch], tmp_path / "mla", rope_dim=8, kv_rank=8, progress=False,
+                    return_model=True).model.eval()  # fmt: skip
+    _, processor = load_native(native_checkpoints[arch])
+    inputs = mixed_batch(processor, arch)
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        got = torch.load(path, weights_only=False)(**inputs).logits
+    assert torch.equal(got, expected)
+    script = f"import torch; m = torch.load({str(path)!r}, weights_only=False)\n"
+    script += "print(type(m.model.language_model).__name__)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == type(model.model.language_model).__name__

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -75,12 +76,24 @@ def mla_text_model_class(native_class: type) -> type:
     (Transformers records `output_attentions` by module class, `_can_record_outputs`). Built once per class."""
     if native_class not in _MLA_TEXT_MODEL_CLASSES:
         recorded = {**(native_class._can_record_outputs or {}), "attentions": MLAAttention}
+        name = f"{native_class.__name__}{_MLA_SUFFIX}"
         _MLA_TEXT_MODEL_CLASSES[native_class] = type(
-            f"{native_class.__name__}WithMLA",
-            (MLATextModelMixin, native_class),
-            {"_can_record_outputs": recorded, "__module__": __name__},
+            name, (MLATextModelMixin, native_class), {"_can_record_outputs": recorded, "__module__": __name__}
         )
+        globals()[name] = _MLA_TEXT_MODEL_CLASSES[native_class]  # pickle finds a class by module and name
     return _MLA_TEXT_MODEL_CLASSES[native_class]
+
+
+_MLA_SUFFIX = "WithMLA"
+
+
+def __getattr__(name: str):
+    """`<NativeTextModel>WithMLA` built on first access: unpickling a converted model in a process that has not
+    built one yet looks its text model class up here by name."""
+    native = name.removesuffix(_MLA_SUFFIX)
+    if name.endswith(_MLA_SUFFIX) and isinstance(getattr(transformers, native, None), type):
+        return mla_text_model_class(getattr(transformers, native))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def with_mla_attention(text_model, config):
