@@ -156,7 +156,14 @@ def measure(model_name: str, micro_batches: int, args, work: Path, sdpa: tuple[s
     callback = StepProfiler(args.warmup_steps, args.profile_steps)
     # scaled_dot_product_attention restricted to these backends for the run (every attention call of both models)
     with sdpa_kernel([SDPA_BACKENDS[name] for name in sdpa]) if sdpa else nullcontext():
-        _train(student, items, native, callback, micro_batches, steps, args, work / model_name / f"ft-{micro_batches}")
+        finetune(
+            student, items, work / model_name / f"ft-{micro_batches}", stage=2, objective="distill", teacher=native,
+            label_weight=args.label_weight, learning_rate=args.lr,
+            per_device_train_batch_size=args.train_batch // micro_batches, gradient_accumulation_steps=micro_batches,
+            train_sampling_strategy="batch_rebalance" if micro_batches > 1 else "random", max_steps=steps,
+            bf16=torch.cuda.is_available(), seed=0, logging_steps=steps,
+            training_args={"dataloader_num_workers": args.workers}, callbacks=[callback], overwrite=True,
+        )  # fmt: skip
     if callback.wall_s is None:
         raise RuntimeError(f"The run ended before step {steps}: nothing was profiled.")
     return {
@@ -167,17 +174,6 @@ def measure(model_name: str, micro_batches: int, args, work: Path, sdpa: tuple[s
         "sdpa_backends": ",".join(sdpa) or "default",
         **summarise(callback),
     }
-
-
-def _train(student, items, native, callback, micro_batches: int, steps: int, args, out: Path) -> None:
-    finetune(
-        student, items, out, stage=2, objective="distill", teacher=native,
-        label_weight=args.label_weight, learning_rate=args.lr,
-        per_device_train_batch_size=args.train_batch // micro_batches, gradient_accumulation_steps=micro_batches,
-        train_sampling_strategy="batch_rebalance" if micro_batches > 1 else "random", max_steps=steps,
-        bf16=torch.cuda.is_available(), seed=0, logging_steps=steps,
-        training_args={"dataloader_num_workers": args.workers}, callbacks=[callback], overwrite=True,
-    )  # fmt: skip
 
 
 def markdown(result: dict) -> str:

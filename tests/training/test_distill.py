@@ -229,6 +229,16 @@ def test_finetune_cli_mixes_sources_and_distils(stage2, native_checkpoints, tmp_
     assert settings["num_conversations"] == 4
 
 
+def _short_distill(native, **extra) -> dict:
+    """`finetune` settings of two stage-2 distillation steps from the native `native`, logging every step."""
+    return dict(stage=2, objective="distill", teacher=native, learning_rate=1e-3, per_device_train_batch_size=2,
+                gradient_accumulation_steps=1, max_steps=2, logging_steps=1, **extra)  # fmt: skip
+
+
+def _losses(result) -> list[float]:
+    return [entry["loss"] for entry in result.report["training"]["losses"]]
+
+
 def test_qwen_towers_train_with_one_vision_attention_call_per_block(native_checkpoints, tmp_path, monkeypatch):
     """finetune swaps `BatchedVisionAttention` into the student's and the teacher's Qwen2.5-VL vision towers for the
     run: both use it, the loss and the trained weights are those of Transformers' chunked attention, and the saved
@@ -245,8 +255,7 @@ def test_qwen_towers_train_with_one_vision_attention_call_per_block(native_check
     forward = batched_attention.BatchedVisionAttention.forward
     monkeypatch.setattr(batched_attention.BatchedVisionAttention, "forward",
                         lambda self, *a, **k: calls.update([id(self.qkv)]) or forward(self, *a, **k))  # fmt: skip
-    settings = dict(stage=2, objective="distill", teacher=native, learning_rate=1e-3, per_device_train_batch_size=2,
-                    gradient_accumulation_steps=1, max_steps=2, logging_steps=1, return_model=True)  # fmt: skip
+    settings = _short_distill(native, return_model=True)
     batched = finetune(student, _conversations(2), tmp_path / "batched", **settings)
     depth = load_model(native).config.vision_config.depth
     assert len(calls) == 2 * depth  # every block of both towers (keyed by their qkv modules)
@@ -254,8 +263,7 @@ def test_qwen_towers_train_with_one_vision_attention_call_per_block(native_check
 
     monkeypatch.setattr(finetune_module, "batch_vision_attention", lambda model: contextlib.nullcontext(0))
     chunked = finetune(student, _conversations(2), tmp_path / "chunked", **settings)
-    losses = [[entry["loss"] for entry in r.report["training"]["losses"]] for r in (batched, chunked)]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert _losses(batched) == pytest.approx(_losses(chunked), rel=1e-5)
     for (name, value), expected in zip(batched.model.state_dict().items(), chunked.model.state_dict().values()):
         torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -278,16 +286,14 @@ def test_qwen_training_forwards_take_their_positions_from_the_collator(native_ch
         return get_rope_index(self, *args, **kwargs)
 
     monkeypatch.setattr(modeling_qwen2_5_vl.Qwen2_5_VLModel, "get_rope_index", counted)
-    settings = dict(stage=2, objective="distill", teacher=native, learning_rate=1e-3, per_device_train_batch_size=2,
-                    gradient_accumulation_steps=1, max_steps=2, logging_steps=1)  # fmt: skip
+    settings = _short_distill(native)
     collated = finetune(student, _conversations(2), tmp_path / "collated", **settings)
     assert calls == {"meta": 2}  # one per batch, in the collator
     calls.clear()
     monkeypatch.setattr(data_module, "rope_index", lambda config: None)
     in_forward = finetune(student, _conversations(2), tmp_path / "in_forward", **settings)
     assert calls == {"cpu": 4}  # the student's and the teacher's forward, per batch
-    losses = [[entry["loss"] for entry in r.report["training"]["losses"]] for r in (collated, in_forward)]
-    assert losses[0] == losses[1]
+    assert _losses(collated) == _losses(in_forward)
 
 
 def test_llava_next_training_reads_its_image_sizes_on_the_host(native_checkpoints, tmp_path, monkeypatch):
@@ -306,8 +312,7 @@ def test_llava_next_training_reads_its_image_sizes_on_the_host(native_checkpoint
         return batch
 
     monkeypatch.setattr(data_module.ChatCollator, "__call__", recorded)
-    settings = dict(stage=2, objective="distill", teacher=native, learning_rate=1e-3, per_device_train_batch_size=2,
-                    gradient_accumulation_steps=1, max_steps=2, logging_steps=1)  # fmt: skip
+    settings = _short_distill(native)
     listed = finetune(student, _conversations(2), tmp_path / "listed", **settings)
     assert seen and all(isinstance(sizes, list) and isinstance(sizes[0][0], int) for sizes in seen)
     seen.clear()
@@ -315,5 +320,4 @@ def test_llava_next_training_reads_its_image_sizes_on_the_host(native_checkpoint
     monkeypatch.setattr(data_module, "arch_spec", lambda t: dataclasses.replace(spec(t), host_inputs=()))
     tensors = finetune(student, _conversations(2), tmp_path / "tensors", **settings)
     assert seen and all(isinstance(sizes, torch.Tensor) for sizes in seen)
-    losses = [[entry["loss"] for entry in r.report["training"]["losses"]] for r in (listed, tensors)]
-    assert losses[0] == losses[1]
+    assert _losses(listed) == _losses(tensors)
