@@ -81,6 +81,7 @@ ROUTES = ("none", "sft", "distill", "control")
 HEADLINE = ("md", "mkl")  # (init, rotary strategy) of the headline rows
 ABLATION_LEVEL = "62.5"
 ABLATIONS = (("joint-act", "mkl"), ("weight", "mkl"), ("md", "2-norm"), ("md", "high"))
+ABLATION_NAMES = [":".join(setting) for setting in ABLATIONS]
 QTYPES = ("color", "shape", "count", "position", "relation")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -220,7 +221,8 @@ def planned_rows(args) -> list[dict]:
             if route in args.routes:
                 rows.append(dict(route=route, level=level, seed=seed, **headline))
     if args.ablations:
-        for (init, strategy), route in itertools.product(ABLATIONS, args.ablation_routes):
+        chosen = [setting for setting in ABLATIONS if ":".join(setting) in args.ablation_settings]
+        for (init, strategy), route in itertools.product(chosen, args.ablation_routes):
             seed = None if route == "none" else args.seeds[0]
             rows.append(dict(route=route, level=ABLATION_LEVEL, seed=seed, init=init, rope_strategy=strategy))
     for row in rows:
@@ -496,8 +498,8 @@ def markdown(result: dict) -> str:
 
 # (label_weight is a field of the distill rows, not a setting shared by a model's parts)
 RUN_ONLY = ("verb", "out", "workdir", "name", "native", "keep_checkpoints", "levels", "routes", "seeds",
-            "ablations", "ablation_routes", "device", "workers", "micro_batches", "progress", "command",
-            "label_weight")  # fmt: skip
+            "ablations", "ablation_routes", "ablation_settings", "device", "workers", "micro_batches", "progress",
+            "command", "label_weight")  # fmt: skip
 BUDGET_KEYS = ("stage1_steps", "stage2_steps", "train_batch", "stage1_lr", "stage2_lr", "mix", "text_seq_len",
                "temperature", "rope_dim")  # fmt: skip
 ROW_KEY = ("route", "level", "init", "rope_strategy", "seed", "label_weight")
@@ -609,6 +611,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds")
     p.add_argument("--ablations", action="store_true", help=f"init and rotary ablations at {ABLATION_LEVEL}%%")
     p.add_argument("--ablation-routes", nargs="+", default=["none", "distill"], choices=["none", "sft", "distill"])
+    p.add_argument("--ablation-settings", nargs="+", default=ABLATION_NAMES, choices=ABLATION_NAMES,
+                   metavar="INIT:ROPE", help=f"the ablations to run (default all: {' '.join(ABLATION_NAMES)}), e.g. "
+                                             "to split them over processes")  # fmt: skip
     p.add_argument("--rope-dim", type=int, default=16, help="rotary dims kept per head at every level")
     # training budgets (defaults: a few H200 minutes per route)
     p.add_argument("--stage1-steps", type=int, default=200)
@@ -660,9 +665,11 @@ def main(argv: list[str] | None = None) -> Path | None:
     args.image_size = zoo_spec(args.model).render_size
     # the script as the repository names it (a run from a copy of the tree, as recovery_gpu.sh makes, says the same)
     args.command = " ".join([Path(sys.executable).name, "benchmarks/recovery_quality.py", *(argv or sys.argv[1:])])
+    chosen = [name for name in ABLATION_NAMES if name in args.ablation_settings]  # a share of them: named in the part
+    ablations = "abl" + ("-" + "_".join(chosen).replace(":", "-") if chosen != ABLATION_NAMES else "")
     args.name = args.name or "-".join(
         [args.model, "L" + "_".join(args.levels), "_".join(args.routes) or "noheadline"]
-        + (["abl"] if args.ablations else []) + ([f"lw{args.label_weight:g}"] if args.label_weight else [])
+        + ([ablations] if args.ablations else []) + ([f"lw{args.label_weight:g}"] if args.label_weight else [])
         + ["s" + "_".join(map(str, args.seeds))]
     )  # fmt: skip
     out = Path(args.out) / f"{args.name}.json"

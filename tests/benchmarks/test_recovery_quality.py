@@ -27,7 +27,10 @@ def test_rows_merge_and_page(recovery_quality, native_checkpoints, tmp_path):
     main = recovery_quality.main
     headline = main(["run", *common, "--levels", "62.5", "75", "--routes", "none", "distill", "control",
                      "--micro-batches", "2"])  # fmt: skip
-    ablation = main(["run", *common, "--routes", "--ablations", "--ablation-routes", "none"])
+    # the ablations split over two processes (--ablation-settings), each its own part
+    ablate = ["run", *common, "--routes", "--ablations", "--ablation-routes", "none", "--ablation-settings"]
+    split = [main([*ablate, *settings]) for settings in (["weight:mkl", "joint-act:mkl"], ["md:2-norm", "md:high"])]
+    assert split[0].name == "llava-L50_62.5_75-noheadline-abl-joint-act-mkl_weight-mkl-s0.json" != split[1].name
     rows = json.loads(headline.read_text())["rows"]
     assert [(r["route"], r["level"]) for r in rows] == [
         ("original", None), ("control", None), ("none", "62.5"), ("distill", "62.5"), ("none", "75"),
@@ -48,14 +51,18 @@ def test_rows_merge_and_page(recovery_quality, native_checkpoints, tmp_path):
     stages = control["stages"] + distill62["stages"]
     assert {(s["micro_batches"], s["train_sampling_strategy"]) for s in stages} == {(2, "batch_rebalance")}
     assert "micro_batches" not in json.loads(headline.read_text())["settings"]
-    ablations = json.loads(ablation.read_text())["rows"][1:]
-    assert {(r["init"], r["rope_strategy"]) for r in ablations} == set(recovery_quality.ABLATIONS)
-    assert all(r["route"] == "none" and r["level"] == "62.5" and not r["headline"] for r in ablations)
+    ablations = [json.loads(part.read_text())["rows"][1:] for part in split]
+    assert [[(r["init"], r["rope_strategy"]) for r in rows] for rows in ablations] == [
+        list(recovery_quality.ABLATIONS[:2]), list(recovery_quality.ABLATIONS[2:])
+    ]  # fmt: skip
+    assert all(r["route"] == "none" and r["level"] == "62.5" and not r["headline"] for r in sum(ablations, []))
 
     out = tmp_path / "merged.json"
+    ablation = tmp_path / "ablation.json"  # the two ablation parts, merged as one
+    main(["merge", *map(str, split), "--out", str(ablation)])
     main(["merge", str(headline), str(ablation), "--out", str(out)])
     merged = json.loads(out.read_text())["models"][0]
-    assert len(merged["rows"]) == 6 + 4 and len(merged["runs"]) == 2
+    assert len(merged["rows"]) == 6 + 4 and len(merged["runs"]) == 3
     # An earlier merge's results (the committed JSON) join new parts as the parts themselves would, notes kept.
     earlier, again = tmp_path / "earlier.json", tmp_path / "again.json"
     main(["merge", str(headline), "--out", str(earlier), "--note", "earlier run"])
