@@ -678,6 +678,7 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--calibration", type=int, default=64, help="zoo calibration conversations")
     source.add_argument("--reference", help="the original checkpoint (with --mla)")
     source.add_argument("--mla", action="append", default=[], help="a converted (e.g. recovered) checkpoint; repeat")
+    source.add_argument("--recovery", help="how the --mla checkpoints were made, for the page (e.g. the recovery run)")
     source.add_argument("--tiny", action="store_true", help="a tiny random pair built offline (smoke run)")
     p.add_argument("--kv-cache", default=",".join(KV_CACHE_DTYPES), help="MLA latent formats, comma-separated")
     p.add_argument("--quant-backends", default=",".join(QUANT_BACKENDS), help="quantized caches of the original")
@@ -718,6 +719,8 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"{name}: choose from {','.join(map(str, allowed))}")
     if sum(bool(x) for x in (args.zoo, args.reference, args.tiny)) != 1 or bool(args.reference) != bool(args.mla):
         p.error("pass one of --zoo NAME, --reference DIR with --mla DIR, or --tiny")
+    if args.recovery and not args.reference:
+        p.error("--recovery describes the --mla checkpoints of --reference")
     torch.manual_seed(args.seed)
     stem = "kv_compression" + (f"_{args.tag}" if args.tag else "")
 
@@ -742,7 +745,7 @@ def main(argv: list[str] | None = None) -> None:
             reference, processor = load_model_and_processor(args.reference, device="cpu")
             mla_models = {path: load_model_and_processor(path, device="cpu")[0] for path in args.mla}
             args.reference_label = "tiny random llava_next" if args.tiny else str(args.reference)
-            args.recovery = "checkpoints as given"
+            args.recovery = args.recovery or "checkpoints as given"
         data = evaluate_all(reference, processor, mla_models, args, on_rows=write if args.out_dir else None)
     if args.out_dir:
         write(data)
