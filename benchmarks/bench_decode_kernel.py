@@ -286,18 +286,20 @@ def launch_config(inp: dict[str, object], m: int, overrides: dict[str, int]) -> 
     )
 
     b, h, lat = inp["q_latent"].shape[0], inp["q_latent"].shape[1], inp["q_latent"].shape[-1]
-    block_h = overrides.get("block_h") or choose_block_h(h, m, max(16, _pow2(lat)))
-    block_h = min(block_h, max(16 // m, _pow2(h)))
+    rows = 1 if overrides.get("by_branch") else m  # query rows per head in a stage-1 program
+    block_h = overrides.get("block_h") or choose_block_h(h, rows, max(16, _pow2(lat)))
+    block_h = min(block_h, max(16 // rows, _pow2(h)))
     head_blocks = -(-h // block_h)
     aligned = _row_alignment(inp["side"]) > 1
-    block_t, warps, stages = _default_config(lat, m, 2, inp["key_mask"] is not None, aligned, block_h)
+    block_t, warps, stages = _default_config(lat, rows, 2, inp["key_mask"] is not None, aligned, block_h)
     block_t = overrides.get("block_t", block_t)
     warps = overrides.get("num_warps", warps)
     sms = _sm_count(inp["latent"].device)
     splits = overrides.get("num_splits") or choose_num_splits(
         b * head_blocks, inp["latent"].shape[1], sms, block_t, 2 if warps <= 4 else 1
     )
-    combine_chunk_s, combine_block_l = choose_combine_tile(b * h, lat, splits, sms) if splits > 1 else (0, 0)
+    combined = splits > 1 or overrides.get("by_branch")
+    combine_chunk_s, combine_block_l = choose_combine_tile(b * h, lat, splits, sms) if combined else (0, 0)
     return dict(
         block_t=block_t,
         num_warps=warps,
@@ -338,6 +340,7 @@ def bench_mla(
         "model": model, "h": h, "n": n, "r": r, "latent": lat, "kv_cache": kv_cache, "batch": b, "context": t,
         "layout": layout, "side_row": inp["values"].shape[-1], "latent_format": inp["latent_format"],
         "latent_read_bytes_per_token": latent_read_bytes(lat, kv_cache),
+        "stage1": "by-branch" if overrides.get("by_branch") else "fused",
     }  # fmt: skip
     row.update(mla_bytes=nbytes, **launch_config(inp, 2, overrides))
 
@@ -534,28 +537,37 @@ def _shape(row: dict[str, object]) -> tuple:
     return row["model"], row["latent"], row["batch"], row["context"]
 
 
+def _stage1(row: dict[str, object]) -> str:
+    return row.get("stage1", "fused")  # rows written before the by-branch stage 1 existed: the fused one
+
+
 def markdown_table(rows: list[dict[str, object]], copy_tbps: float) -> str:
     head = (
-        "| model | L | KV | B | T | MLA MB | splits | triton µs (graph) | / bf16 | stage 1 + combine µs | "
-        "triton TB/s | / copy | triton eager µs | ref µs | ref TB/s | SDPA GQA µs (backend) | SDPA TB/s | "
-        "SDPA µs / triton µs |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| model | L | KV | stage 1 | B | T | MLA MB | splits | triton µs (graph) | / bf16 | fused µs / this µs | "
+        "stage 1 + combine µs | triton TB/s | / copy | triton eager µs | ref µs | ref TB/s | SDPA GQA µs (backend) | "
+        "SDPA TB/s | SDPA µs / triton µs |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
-    bf16 = {_shape(row): row for row in rows if row.get("kv_cache", "bf16") == "bf16"}
+    kv = lambda row: row.get("kv_cache", "bf16")  # noqa: E731
+    bf16 = {(_shape(row), _stage1(row)): row for row in rows if kv(row) == "bf16"}
+    fused = {(_shape(row), kv(row)): row for row in rows if _stage1(row) == "fused"}
     sdpa = {_shape(row): row for row in rows if row.get("sdpa_us") is not None}
     lines = []
     for row in rows:
-        base = bf16.get(_shape(row))
+        base = bf16.get((_shape(row), _stage1(row)))
         ratio = None if base is None else row["triton_us"] / base["triton_us"]
+        peer = fused.get((_shape(row), kv(row)))
+        vs_fused = None if peer is None or peer is row else peer["triton_us"] / row["triton_us"]
         row = {**sdpa.get(_shape(row), {}), **row}  # the shape's SDPA numbers on every latent format's row
         sd = row.get("sdpa_us")
         speed = None if sd is None else sd / row["triton_us"]
         kernels = row.get("triton_kernel_us") or {}
-        parts = " + ".join(f"{kernels[k]:.1f}" for k in ("mla_decode_stage1", "mla_decode_combine") if k in kernels)
+        stages = sorted(kernels, key=lambda k: "combine" in k)  # stage 1 (fused or by branch), then the combine
+        parts = " + ".join(f"{kernels[k]:.1f}" for k in stages)
         lines.append(
-            f"| {row['model']} | {row['latent']} | {row.get('kv_cache', 'bf16')} | {row['batch']} | "
+            f"| {row['model']} | {row['latent']} | {kv(row)} | {_stage1(row)} | {row['batch']} | "
             f"{row['context']} | {row['mla_bytes'] / 1e6:.1f} | {row['num_splits']} | {row['triton_us']:.1f} | "
-            f"{_fmt(ratio, '.2f')} | {parts or '-'} | "
+            f"{_fmt(ratio, '.2f')} | {_fmt(vs_fused, '.2f')} | {parts or '-'} | "
             f"**{row['triton_tbps']:.2f}** | {row['triton_tbps'] / copy_tbps:.2f} | "
             f"{row['triton_eager_us']:.1f} | {_fmt(row['reference_us'], '.0f')} | "
             f"{_fmt(row['reference_tbps'], '.2f')} | "
@@ -592,7 +604,9 @@ def results_markdown(
         "GQA cache (`2 * N * 128` elements per token, best of the flash / efficient / cuDNN backends). Medians, L2 "
         "flushed before every run; `triton µs (graph)` is a CUDA-graph replay (GPU time), `triton eager µs` the plain "
         "Python call under `triton.testing.do_bench` (host-bound at small sizes); `stage 1 + combine µs` are the two "
-        "kernels' medians under torch.profiler (one split: no combine). `/ copy` = triton TB/s over the measured "
+        "kernels' medians under torch.profiler (one split: no combine, except by branch); `stage 1` fused = both "
+        "branches' queries over every tile, by-branch = each branch over its own range of a chunk, and `fused µs / "
+        "this µs` compares them (> 1: this row faster). `/ copy` = triton TB/s over the measured "
         "copy bandwidth.\n\n" + markdown_table(rows, meta["copy_tbps"]) + heads
     )
 
@@ -650,16 +664,19 @@ def run_benchmark(args: argparse.Namespace, overrides: dict[int, dict[str, int]]
     rows = []
     models = [m for m in MODELS if not args.models or m in args.models]
     shapes = [(m, lat, b, t) for m in models for lat in args.latents for b in args.batches for t in args.contexts]
+    variants = [(kv_cache, stage1) for kv_cache in args.kv_cache for stage1 in args.stage1]
     for model, lat, b, t in shapes:
-        for i, kv_cache in enumerate(args.kv_cache):
+        for i, (kv_cache, stage1) in enumerate(variants):
+            tiles = {**overrides.get(lat, {}), **({"by_branch": True} if stage1 == "by-branch" else {})}
             row = bench_row(
-                model, lat, b, t, device, not args.no_reference, overrides.get(lat, {}), args.layout,
-                not args.unpadded_side, kv_cache, with_sdpa=i == 0,
+                model, lat, b, t, device, not args.no_reference, tiles, args.layout, not args.unpadded_side,
+                kv_cache, with_sdpa=i == 0,
             )  # fmt: skip
             rows.append(row)
             print(
-                f"{model:14s} L{lat:<4d} {kv_cache:4s} B{b:<3d} T{t:<6d} triton {row['triton_us']:8.1f} us "
-                f"{row['triton_tbps']:5.2f} TB/s (eager {row['triton_eager_us']:7.1f} us, host "
+                f"{model:14s} L{lat:<4d} {kv_cache:4s} {stage1:9s} B{b:<3d} T{t:<6d} triton "
+                f"{row['triton_us']:8.1f} us {row['triton_tbps']:5.2f} TB/s (eager {row['triton_eager_us']:7.1f} us, "
+                "host "
                 f"{row['triton_host_us']:.0f} us, splits {row['num_splits']}, kernels "
                 + " ".join(f"{k} {v:.1f}" for k, v in row["triton_kernel_us"].items())
                 + ") | "
@@ -769,6 +786,14 @@ def main() -> None:
         "added first when missing, it is what the other rows are compared with)",
     )
     p.add_argument("--layout", choices=LAYOUTS, default="runs", help="image/text token layout of the cache")
+    p.add_argument(
+        "--stage1",
+        nargs="+",
+        choices=["fused", "by-branch"],
+        default=["fused"],
+        help="stage-1 kernels of the main table: the launcher's default (fused: both branches' queries over every "
+        "tile) and/or by branch (each branch over its own range of a chunk), each row timed in the same run",
+    )
     p.add_argument(
         "--unpadded-side",
         action="store_true",

@@ -53,10 +53,15 @@ def test_results_page_compares_formats_with_bf16(bench, tmp_path):
         {**base, "kv_cache": "bf16", "mla_bytes": 100, "triton_us": 10.0, "triton_tbps": 2.0,
          "sdpa_us": 20.0, "sdpa_tbps": 3.0, "sdpa_backend": "flash"},
         {**base, "kv_cache": "int8", "mla_bytes": 60, "triton_us": 5.5, "triton_tbps": 2.2},
+        {**base, "kv_cache": "bf16", "stage1": "by-branch", "mla_bytes": 100, "triton_us": 8.0, "triton_tbps": 2.5},
+        {**base, "kv_cache": "int8", "stage1": "by-branch", "mla_bytes": 60, "triton_us": 4.0, "triton_tbps": 3.0},
     ]  # fmt: skip
     table = bench.markdown_table(rows, copy_tbps=4.0)
-    int8_line = next(line for line in table.splitlines() if "| int8 |" in line)
-    assert "| 0.55 |" in int8_line and "(flash)" in int8_line
+    int8_line = next(line for line in table.splitlines() if "| int8 | fused |" in line)
+    assert "| 0.55 | - |" in int8_line and "(flash)" in int8_line  # against bf16; fused: no comparison with itself
+    # a by-branch row against the bf16 row of its own kernel and against the fused kernel on the same format
+    assert "| 8.0 | 1.00 | 1.25 |" in next(line for line in table.splitlines() if "| bf16 | by-branch |" in line)
+    assert "| 4.0 | 0.50 | 1.38 |" in next(line for line in table.splitlines() if "| int8 | by-branch |" in line)
     meta = {"device": "x", "torch": "t", "triton": "t", "date": "d", "copy_tbps": 4.0, "command": "c",
             "modalities": "m"}  # fmt: skip
     path = tmp_path / "decode_kernel_x.json"

@@ -451,6 +451,42 @@ def test_interpreter_head_blocks(h: int, n: int, block_h: int | None, m: int) ->
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+_BY_BRANCH_CASES = [
+    # (t, layout, image_frac, mask, cache dtype, h, n)
+    (150, "runs", 0.5, "left_pad", torch.float32, 6, 2),
+    (150, "random", 0.5, "random", torch.float32, 40, 4),  # mixed tiles; three head blocks of 16
+    (150, "runs", 0.5, "empty_row", torch.float16, 4, 2),
+    (90, "random", 0.0, "tail", torch.bfloat16, 4, 2),  # text only: every image range empty
+    (90, "random", 1.0, "none", torch.float32, 4, 1),  # image only (the decode token too)
+    (600, "runs", 0.5, "left_pad", torch.float32, 4, 2),  # chunks of more flags than one prologue step
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("t,layout,image_frac,mask,dtype,h,n", _BY_BRANCH_CASES)
+def test_interpreter_by_branch(t, layout, image_frac, mask, dtype, h, n) -> None:
+    """Stage 1 by branch (each branch's queries over its own range of every chunk): the reference's outputs with
+    one or several splits, partial head blocks, masks that empty whole ranges or rows, and one-branch caches."""
+    from hf_mla_vlm.kernels.absorbed_decode import FLAG_BLOCK, mla_decode_triton
+
+    case = make_case(b=3, h=h, n=n, r=4, lat=24, t=t, m=2, layout=layout, image_frac=image_frac, mask=mask,
+                     dtype=dtype, seed=t + h)  # fmt: skip
+    ref = mla_decode_reference(*case.absorbed_args())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    assert t < FLAG_BLOCK or t > 2 * FLAG_BLOCK
+    for splits, block_t, block_h in ((1, 16, None), (4, 16, 16), (9, 32, None)):
+        out = mla_decode_triton(*case.absorbed_args(), num_splits=splits, block_t=block_t, block_h=block_h,
+                                by_branch=True)  # fmt: skip
+        _assert_finite(*out)
+        for got, want, name in zip(out, ref, ("ctx", "p_sum", "lse")):
+            torch.testing.assert_close(got, want, **tol, msg=lambda s, n=name, k=splits: f"{n} ({k} splits): {s}")
+        if image_frac in (0.0, 1.0):  # the absent branch has no keys: exactly zero
+            absent = 1 if image_frac == 0.0 else 0
+            assert (out[0][:, :, absent] == 0).all() and (out[1][:, :, absent] == 0).all()
+    with pytest.raises(ValueError, match="block_h >= 16"):
+        mla_decode_triton(*case.absorbed_args(), block_h=8, by_branch=True)  # one row per head: 8 rows
+
+
 @needs_interpreter
 def test_interpreter_strided_queries() -> None:
     """q_latent / q_bias may be views with any (B, H) strides (the model slices both out of one matmul result)."""
@@ -558,10 +594,11 @@ def test_gpu_kernel_matches_reference(shape: str, dtype: torch.dtype, t: int, m:
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("by_branch", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("num_splits", [None, 1, 9])
 @pytest.mark.parametrize("shape", ["qwen_l256", "qwen_l512", "llama_l256", "odd"])
-def test_gpu_modality_runs(shape: str, num_splits: int | None, padded: bool) -> None:
+def test_gpu_modality_runs(shape: str, num_splits: int | None, padded: bool, by_branch: bool) -> None:
     """Image/text runs (pure and mixed tiles, chunks without one branch), NaN in the padding, different lengths;
     side rows as the model pads them (aligned loads) or unpadded."""
     from hf_mla_vlm.kernels import mla_decode_triton
@@ -574,7 +611,7 @@ def test_gpu_modality_runs(shape: str, num_splits: int | None, padded: bool) -> 
     )  # fmt: skip
     assert (_row_alignment(case.side) > 1) == padded
     ref = mla_decode_reference(*case.absorbed_args())
-    out = mla_decode_triton(*case.absorbed_args(), num_splits=num_splits)
+    out = mla_decode_triton(*case.absorbed_args(), num_splits=num_splits, by_branch=by_branch)
     _check_gpu(out, ref, torch.bfloat16)
 
 
@@ -854,6 +891,24 @@ def test_interpreter_quantized_padded_rows_and_empty_segment(dtype: str, group: 
     for splits in (1, 4):
         out = mla_decode_triton(*args, num_splits=splits, block_t=16, latent_format=spec)
         assert (out[0][:, :, 1] == 0).all() and (out[1][:, :, 1] == 0).all()
+        for got, want in zip(out, ref):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", ["int8", "fp8", "int4"])
+def test_interpreter_by_branch_quantized(dtype: str) -> None:
+    """Stage 1 by branch reads and dequantizes the stored rows as the fused kernel does (padded side rows, modality
+    runs, 0xFF-poisoned masked rows)."""
+    from hf_mla_vlm.kernels.absorbed_decode import mla_decode_triton
+
+    pad = side_row_width(2, 4) - 2 * 4 - 1
+    case = make_case(b=2, n=2, r=4, lat=48, t=90, m=2, layout="runs", mask="left_pad", side_pad=pad, seed=13)
+    args, _, spec = quantize_case(case, dtype, 16)
+    ref = mla_decode_reference(*args, latent_format=spec)
+    for splits in (1, 3):
+        out = mla_decode_triton(*args, num_splits=splits, block_t=16, latent_format=spec, by_branch=True)
+        _assert_finite(*out)
         for got, want in zip(out, ref):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

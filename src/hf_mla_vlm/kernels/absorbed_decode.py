@@ -18,6 +18,13 @@ writes un-normalised per-branch partial accumulators and running maxima (a branc
 row unwritten), and stage 2 (``_mla_decode_combine``, grid ``(B, H, latent column blocks)``) merges chunks and
 branches, several splits at a time (``choose_combine_tile``).
 
+Stage 1 by branch (``_mla_decode_stage1_by_branch``, ``by_branch=True``; opt-in until timed on a GPU): with two
+branches, the fused stage 1 runs both branches' queries (``2 * BLOCK_H`` rows) over every tile and masks half of the
+scores. This one first reads the chunk's modality flags to find each branch's token range, then runs each branch's
+``BLOCK_H`` query rows over that range only. Images sit in the cache as long runs, so most tiles go through one
+branch's dots: half the tensor-core work per tile and half the accumulator (the one-branch tile configuration).
+It always writes per-branch partial rows, which the combine merges (also with one split).
+
 Quantized latent (``latent_format``, the rows of ``latent_cache.LatentQuantization``: int8, fp8 e4m3 or int4 values
 with fp16 group scales and zero points): the kernel reads the stored bytes and dequantizes each tile in registers as it
 loads it (the scales of a tile's rows are gathered per element, from the same cache lines), so a quantized cache is
@@ -85,6 +92,97 @@ __all__ = ["choose_block_h", "choose_combine_tile", "choose_num_splits", "mla_de
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _latent_bases(
+    latent_ptr,
+    scale_ptr,
+    pid_b,
+    stride_c_b,
+    stride_sc_b,
+    offs_l,
+    L: tl.constexpr,
+    QUANT: tl.constexpr,
+    GROUP: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    SCALE_OFF: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """Pointers of sequence ``pid_b``'s latent row 0: ``(1, BLOCK_L)`` values and, quantized, the scales ``(1,
+    BLOCK_G)`` (or per element, ``BLOCK_G = 0``), with the groups' mask (``offs_l``'s mask where unused)."""
+    if QUANT == 3:
+        c_base = latent_ptr + pid_b * stride_c_b + (offs_l % (L // 2))[None, :]  # byte of each int4 element
+    else:
+        c_base = latent_ptr + pid_b * stride_c_b + offs_l[None, :]
+    sc_base = c_base
+    g_ok = offs_l < L
+    if QUANT > 0:
+        if BLOCK_G > 0:  # one scale per (token, group), broadcast over the group's elements in registers
+            offs_g = tl.arange(0, BLOCK_G)
+            g_ok = offs_g < NUM_GROUPS
+            sc_base = scale_ptr + pid_b * stride_sc_b + SCALE_OFF + offs_g[None, :]
+        else:  # a group size that is not a power of two: the scale of every element gathered
+            sc_base = scale_ptr + pid_b * stride_sc_b + SCALE_OFF + (offs_l // GROUP)[None, :]
+    return c_base, sc_base, g_ok
+
+
+@triton.jit
+def _side_base(side_ptr, pid_b, stride_s_b, stride_s_t, SIDE_ALIGN: tl.constexpr):
+    """Sequence ``pid_b``'s side rows and their stride."""
+    if SIDE_ALIGN > 1:
+        # the cache pads side rows to whole 16-byte units: written as multiples of the constant SIDE_ALIGN, Triton
+        # can prove the rope-key rows aligned and loads them with vectorised asynchronous (pipelined) copies
+        return side_ptr + (pid_b * (stride_s_b // SIDE_ALIGN)) * SIDE_ALIGN, (stride_s_t // SIDE_ALIGN) * SIDE_ALIGN
+    return side_ptr + pid_b * stride_s_b, stride_s_t
+
+
+@triton.jit
+def _latent_tile(
+    c_base,
+    sc_base,
+    offs_t,
+    valid,
+    l_ok,
+    g_ok,
+    stride_c_t,
+    stride_sc_t,
+    L: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    QUANT: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """The ``(BLOCK_T, BLOCK_L)`` latent tile of tokens ``offs_t``, dequantized (float32) when ``QUANT``; rows that
+    are not ``valid`` are never read (zeros)."""
+    # masked and out-of-range rows are never read (the loads zero-fill them), so whatever is stored there (NaN
+    # included) cannot reach a dot; the scores of those keys are set to -inf by the callers
+    c_mask = valid[:, None] & l_ok[None, :]
+    if QUANT == 0:
+        c = tl.load(c_base + offs_t[:, None] * stride_c_t, mask=c_mask, other=0.0)
+    else:
+        # dequantized once per tile, shared by every query row of the program
+        if QUANT == 2:
+            raw = tl.load(c_base + offs_t[:, None] * stride_c_t, mask=c_mask, other=0.0)
+        else:
+            raw = tl.load(c_base + offs_t[:, None] * stride_c_t, mask=c_mask, other=0)
+        if QUANT == 3:
+            offs_l = tl.arange(0, BLOCK_L)
+            raw = tl.where(offs_l[None, :] < L // 2, raw & 15, raw >> 4)
+        sc_ptrs = sc_base + offs_t[:, None] * stride_sc_t
+        if BLOCK_G > 0:
+            g_mask = valid[:, None] & g_ok[None, :]
+            sc = tl.load(sc_ptrs, mask=g_mask, other=0.0).to(tl.float32)
+            c = tl.reshape(raw.to(tl.float32), (BLOCK_T, BLOCK_G, BLOCK_L // BLOCK_G)) * sc[:, :, None]
+            if QUANT == 3:
+                c += tl.load(sc_ptrs + NUM_GROUPS, mask=g_mask, other=0.0).to(tl.float32)[:, :, None]
+            c = tl.reshape(c, (BLOCK_T, BLOCK_L))
+        else:
+            c = raw.to(tl.float32) * tl.load(sc_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+            if QUANT == 3:
+                c += tl.load(sc_ptrs + NUM_GROUPS, mask=c_mask, other=0.0).to(tl.float32)
+    return c
 
 
 # Triton specialises integer arguments on divisibility by 16: the batch strides of a growing DynamicCache (side rows
@@ -190,24 +288,9 @@ def _mla_decode_stage1(
 
     t_start = pid_s * tokens_per_split
     t_end = tl.minimum(t_start + tokens_per_split, T)
-    if QUANT == 3:
-        c_base = latent_ptr + pid_b * stride_c_b + (offs_l % (L // 2))[None, :]  # byte of each int4 element
-    else:
-        c_base = latent_ptr + pid_b * stride_c_b + offs_l[None, :]
-    if QUANT > 0:
-        if BLOCK_G > 0:  # one scale per (token, group), broadcast over the group's elements in registers
-            offs_g = tl.arange(0, BLOCK_G)
-            g_ok = offs_g < NUM_GROUPS
-            sc_base = scale_ptr + pid_b * stride_sc_b + SCALE_OFF + offs_g[None, :]
-        else:  # a group size that is not a power of two: the scale of every element gathered
-            sc_base = scale_ptr + pid_b * stride_sc_b + SCALE_OFF + (offs_l // GROUP)[None, :]
-    if SIDE_ALIGN > 1:
-        # the cache pads side rows to whole 16-byte units: written as multiples of the constant SIDE_ALIGN, Triton
-        # can prove the rope-key rows aligned and loads them with vectorised asynchronous (pipelined) copies
-        s_base = side_ptr + (pid_b * (stride_s_b // SIDE_ALIGN)) * SIDE_ALIGN
-        stride_s_t = (stride_s_t // SIDE_ALIGN) * SIDE_ALIGN
-    else:
-        s_base = side_ptr + pid_b * stride_s_b
+    c_base, sc_base, g_ok = _latent_bases(latent_ptr, scale_ptr, pid_b, stride_c_b, stride_sc_b, offs_l, L, QUANT,
+                                          GROUP, NUM_GROUPS, SCALE_OFF, BLOCK_G)  # fmt: skip
+    s_base, stride_s_t = _side_base(side_ptr, pid_b, stride_s_b, stride_s_t, SIDE_ALIGN)
     for t0 in range(0, STATIC_CHUNK if STATIC_CHUNK > 0 else tokens_per_split, BLOCK_T):
         offs_t = t_start + t0 + offs_tt
         t_ok = offs_t < t_end
@@ -216,31 +299,8 @@ def _mla_decode_stage1(
             valid = t_ok & (km != 0)
         else:
             valid = t_ok
-        # masked and out-of-range rows are never read (the loads zero-fill them), so whatever is stored there (NaN
-        # included) cannot reach a dot; the scores of those keys are set to -inf below
-        c_mask = valid[:, None] & l_ok[None, :]
-        if QUANT == 0:
-            c = tl.load(c_base + offs_t[:, None] * stride_c_t, mask=c_mask, other=0.0)
-        else:
-            # dequantized once per tile, shared by every query row of the program
-            if QUANT == 2:
-                raw = tl.load(c_base + offs_t[:, None] * stride_c_t, mask=c_mask, other=0.0)
-            else:
-                raw = tl.load(c_base + offs_t[:, None] * stride_c_t, mask=c_mask, other=0)
-            if QUANT == 3:
-                raw = tl.where(offs_l[None, :] < L // 2, raw & 15, raw >> 4)
-            sc_ptrs = sc_base + offs_t[:, None] * stride_sc_t
-            if BLOCK_G > 0:
-                g_mask = valid[:, None] & g_ok[None, :]
-                sc = tl.load(sc_ptrs, mask=g_mask, other=0.0).to(tl.float32)
-                c = tl.reshape(raw.to(tl.float32), (BLOCK_T, BLOCK_G, BLOCK_L // BLOCK_G)) * sc[:, :, None]
-                if QUANT == 3:
-                    c += tl.load(sc_ptrs + NUM_GROUPS, mask=g_mask, other=0.0).to(tl.float32)[:, :, None]
-                c = tl.reshape(c, (BLOCK_T, BLOCK_L))
-            else:
-                c = raw.to(tl.float32) * tl.load(sc_ptrs, mask=c_mask, other=0.0).to(tl.float32)
-                if QUANT == 3:
-                    c += tl.load(sc_ptrs + NUM_GROUPS, mask=c_mask, other=0.0).to(tl.float32)
+        c = _latent_tile(c_base, sc_base, offs_t, valid, l_ok, g_ok, stride_c_t, stride_sc_t, L, BLOCK_T, BLOCK_L,
+                         QUANT, NUM_GROUPS, BLOCK_G)  # fmt: skip
         kr = tl.load(
             s_base + offs_t[:, None] * stride_s_t + offs_c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0
         )
@@ -288,6 +348,159 @@ def _mla_decode_stage1(
     else:
         # a branch without keys in this chunk (images come in long runs) leaves its accumulator row unwritten: the
         # combine kernel never reads it (its weight is 0)
+        has_row = r_ok & (m_i > float("-inf"))
+        tl.store(acc_ptr + out_row[:, None] * L + offs_l[None, :], acc, mask=has_row[:, None] & l_ok[None, :])
+        tl.store(psum_ptr + out_row, l_i, mask=r_ok)
+        tl.store(stat_ptr + out_row, m_i, mask=r_ok)
+
+
+@triton.jit(do_not_specialize=["T", "tokens_per_split", "stride_sc_b", "stride_s_b", "stride_km_b"])
+def _mla_decode_stage1_by_branch(
+    q_rope_ptr,
+    q_lat_ptr,
+    q_bias_ptr,
+    latent_ptr,
+    scale_ptr,
+    side_ptr,
+    mask_ptr,
+    acc_ptr,
+    psum_ptr,
+    stat_ptr,
+    T,
+    tokens_per_split,
+    qk_scale,
+    stride_q_b,
+    stride_q_h,
+    stride_qb_b,
+    stride_qb_h,
+    stride_c_b,
+    stride_c_t,
+    stride_sc_b,
+    stride_sc_t,
+    stride_s_b,
+    stride_s_t,
+    stride_km_b,
+    stride_km_t,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    R: tl.constexpr,
+    NR: tl.constexpr,
+    L: tl.constexpr,
+    M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_NR: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
+    STATIC_CHUNK: tl.constexpr,
+    SIDE_ALIGN: tl.constexpr,
+    QUANT: tl.constexpr,
+    GROUP: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    SCALE_OFF: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    FLAG_BLOCK: tl.constexpr,
+):
+    """``_mla_decode_stage1`` for two branches, one branch at a time: ``BLOCK_H`` query rows (one per head).
+
+    A prologue reads the modality flags of the chunk's valid tokens and finds, per branch, the range from its first
+    to its last token; then each branch's loop runs over its own range only, with that branch's absorbed queries
+    (tokens of the other branch inside the range get ``-inf``). Images sit in the cache as long runs, so a chunk
+    is mostly one range per branch and every latent tile goes through the dots of one branch instead of both:
+    half the tensor-core work and half the accumulator of the fused kernel, for one extra read of the flags. Always
+    writes per-branch partial rows (``stat`` = base-2 maxima, ``-inf`` for a branch without keys in the chunk,
+    whose accumulator row is left unwritten) for ``_mla_decode_combine``, also with one split.
+    """
+    pid_hb = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)
+    n_splits = tl.num_programs(2)
+    if UPCAST_DOTS:
+        cdtype = tl.float32
+    else:
+        cdtype = side_ptr.dtype.element_ty
+
+    h_r = pid_hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_c = tl.arange(0, BLOCK_NR)
+    offs_tt = tl.arange(0, BLOCK_T)
+    r_ok = h_r < H
+    l_ok = offs_l < L
+    c_ok = offs_c < NR
+    qr_mask = r_ok[:, None] & c_ok[None, :] & ((offs_c // R)[None, :] == (h_r // G)[:, None])
+    qr = tl.load(q_rope_ptr + pid_b * (H * R) + h_r[:, None] * R + (offs_c % R)[None, :], mask=qr_mask, other=0.0)
+    qr = qr.to(cdtype)
+
+    t_start = pid_s * tokens_per_split
+    t_end = tl.minimum(t_start + tokens_per_split, T)
+    c_base, sc_base, g_ok = _latent_bases(latent_ptr, scale_ptr, pid_b, stride_c_b, stride_sc_b, offs_l, L, QUANT,
+                                          GROUP, NUM_GROUPS, SCALE_OFF, BLOCK_G)  # fmt: skip
+    s_base, stride_s_t = _side_base(side_ptr, pid_b, stride_s_b, stride_s_t, SIDE_ALIGN)
+
+    # the range [lo, hi) of each branch's valid tokens in the chunk (lo >= hi: no token of that branch)
+    lo_text, hi_text, lo_image, hi_image = t_end, t_start, t_end, t_start
+    for f0 in range(0, STATIC_CHUNK if STATIC_CHUNK > 0 else tokens_per_split, FLAG_BLOCK):
+        offs_f = t_start + f0 + tl.arange(0, FLAG_BLOCK)
+        ok = offs_f < t_end
+        if HAS_MASK:
+            ok = ok & (tl.load(mask_ptr + pid_b * stride_km_b + offs_f * stride_km_t, mask=ok, other=0) != 0)
+        image = tl.load(s_base + offs_f * stride_s_t + NR, mask=ok, other=0.0).to(tl.float32) > 0.5
+        text = ok & ~image
+        image = ok & image
+        lo_text = tl.minimum(lo_text, tl.min(tl.where(text, offs_f, t_end), axis=0))
+        hi_text = tl.maximum(hi_text, tl.max(tl.where(text, offs_f + 1, t_start), axis=0))
+        lo_image = tl.minimum(lo_image, tl.min(tl.where(image, offs_f, t_end), axis=0))
+        hi_image = tl.maximum(hi_image, tl.max(tl.where(image, offs_f + 1, t_start), axis=0))
+
+    row = pid_b * n_splits + pid_s
+    for m in tl.static_range(M):
+        if m == 0:
+            lo, hi = lo_text, hi_text
+        else:
+            lo, hi = lo_image, hi_image
+        ql_ptrs = q_lat_ptr + pid_b * stride_q_b + h_r[:, None] * stride_q_h + m * L + offs_l[None, :]
+        ql = tl.load(ql_ptrs, mask=r_ok[:, None] & l_ok[None, :], other=0.0).to(cdtype)
+        if HAS_BIAS:
+            bias = tl.load(q_bias_ptr + pid_b * stride_qb_b + h_r * stride_qb_h + m, mask=r_ok, other=0.0)
+            bias = bias.to(tl.float32) * qk_scale
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_L], dtype=tl.float32)
+        # (the interpreter walks the whole chunk from lo; the tiles past hi are empty)
+        for t0 in range(0, STATIC_CHUNK if STATIC_CHUNK > 0 else hi - lo, BLOCK_T):
+            offs_t = lo + t0 + offs_tt
+            valid = offs_t < hi
+            if HAS_MASK:
+                km = tl.load(mask_ptr + pid_b * stride_km_b + offs_t * stride_km_t, mask=valid, other=0)
+                valid = valid & (km != 0)
+            c = _latent_tile(c_base, sc_base, offs_t, valid, l_ok, g_ok, stride_c_t, stride_sc_t, L, BLOCK_T,
+                             BLOCK_L, QUANT, NUM_GROUPS, BLOCK_G)  # fmt: skip
+            kr = tl.load(
+                s_base + offs_t[:, None] * stride_s_t + offs_c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0
+            )
+            image = tl.load(s_base + offs_t * stride_s_t + NR, mask=valid, other=0.0).to(tl.float32) > 0.5
+            if m == 0:
+                keep = valid & ~image
+            else:
+                keep = valid & image
+            c = c.to(cdtype)
+            scores = tl.dot(qr, tl.trans(kr.to(cdtype)), input_precision=DOT_PRECISION)
+            scores = tl.dot(ql, tl.trans(c), scores, input_precision=DOT_PRECISION)
+            scores = scores * qk_scale
+            if HAS_BIAS:
+                scores += bias[:, None]
+            scores = tl.where(keep[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(scores - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(cdtype), c, input_precision=DOT_PRECISION)
+            m_i = m_new
+        out_row = (row * H + h_r) * M + m  # (b, s, h, m) row of acc / psum / stat
         has_row = r_ok & (m_i > float("-inf"))
         tl.store(acc_ptr + out_row[:, None] * L + offs_l[None, :], acc, mask=has_row[:, None] & l_ok[None, :])
         tl.store(psum_ptr + out_row, l_i, mask=r_ok)
@@ -487,6 +700,7 @@ def choose_block_h(num_heads: int, num_branches: int, block_l: int) -> int:
 # (cache dtype, L, M, N*R, has_mask, side alignment, BLOCK_T, num_warps, num_stages, BLOCK_H) -> (BLOCK_T, stages)
 _CONFIG_THAT_FITS: dict[tuple, tuple[int, int]] = {}
 _NO_FIT: set[tuple] = set()  # configurations that fit at no tile size: served by the torch reference
+FLAG_BLOCK = 256  # modality flags read per step of the per-branch kernel's prologue
 
 
 def mla_decode_triton(
@@ -505,6 +719,7 @@ def mla_decode_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     block_h: int | None = None,
+    by_branch: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Absorbed MLA decode with the Triton split-K kernel: the arguments, shapes and returns of
     :func:`~hf_mla_vlm.kernels.reference.mla_decode_reference` (its table is the one contract), plus ``num_splits``
@@ -514,7 +729,9 @@ def mla_decode_triton(
 
     The (small) query tensors are made contiguous; the cache views are read in place. ``block_t``, ``num_warps``,
     ``num_stages`` and ``block_h`` (query heads per program, a power of two) override the tile configuration (for
-    tuning).
+    tuning). ``by_branch`` (two branches only; not yet timed on a GPU, so off by default): stage 1 runs each
+    branch's queries over that branch's range of the chunk (``_mla_decode_stage1_by_branch``) instead of both
+    branches' queries over every tile, with the one-branch tile configuration.
 
     Raises:
         ValueError: bad shapes/dtypes/devices, a CPU tensor without ``TRITON_INTERPRET=1``, a cache view whose last
@@ -542,12 +759,17 @@ def mla_decode_triton(
     nr = n * r
     side_align = _row_alignment(side)
     block_l = max(16, _pow2(lat))
-    block_h = choose_block_h(h, m, block_l) if block_h is None else block_h
-    if not isinstance(block_h, int) or block_h < 1 or block_h & (block_h - 1) or m * block_h < 16:
-        raise ValueError(f"block_h must be a power of two with M * block_h >= 16 (M = {m}), got {block_h!r}")
-    block_h = min(block_h, max(16 // m, _pow2(h)))
+    by_branch = bool(by_branch) and m == 2
+    rows = 1 if by_branch else m  # query rows per head in a program
+    block_h = choose_block_h(h, rows, block_l) if block_h is None else block_h
+    if not isinstance(block_h, int) or block_h < 1 or block_h & (block_h - 1) or rows * block_h < 16:
+        raise ValueError(
+            f"block_h must be a power of two with {'' if rows == 1 else f'{rows} * '}block_h >= 16, got {block_h!r}"
+        )
+    block_h = min(block_h, max(16 // rows, _pow2(h)))
     head_blocks = _cdiv(h, block_h)
-    cfg_t, cfg_w, cfg_s = _default_config(lat, m, side.element_size(), key_mask is not None, side_align > 1, block_h)
+    has_mask = key_mask is not None
+    cfg_t, cfg_w, cfg_s = _default_config(lat, rows, side.element_size(), has_mask, side_align > 1, block_h)
     tile_given = block_t is not None or num_stages is not None
     block_t = cfg_t if block_t is None else block_t
     num_warps = cfg_w if num_warps is None else num_warps
@@ -565,7 +787,7 @@ def mla_decode_triton(
     # chunk = whole tiles; drop splits that would start past the end (their count depends only on T)
     tokens_per_split = _cdiv(_cdiv(t, num_splits), block_t) * block_t
     num_splits = _cdiv(t, tokens_per_split)
-    single = num_splits == 1
+    single = num_splits == 1 and not by_branch  # the per-branch stage 1 always leaves the merge to the combine
 
     q_rope = q_rope.contiguous()
     if q_latent.stride(3) != 1 or q_latent.stride(2) != lat:  # (B, H) strides are free, (M, L) must be packed
@@ -604,8 +826,8 @@ def mla_decode_triton(
         scale_arg = latent.view(torch.float16)
         scale_strides = (scale_arg.stride(0), scale_arg.stride(1))
 
-    has_mask = key_mask is not None
-    fit_key = (side.dtype, lat, m, nr, has_mask, side_align, block_t, num_warps, num_stages, block_h, latent_format)
+    fit_key = (side.dtype, lat, m, nr, has_mask, side_align, block_t, num_warps, num_stages, block_h, latent_format,
+               by_branch)  # fmt: skip
     if fit_key in _NO_FIT:
         return mla_decode_reference(q_rope, q_latent, q_bias, latent, side, key_mask, scale, n, latent_format)
     tile_t, stages = _CONFIG_THAT_FITS.get(fit_key, (block_t, num_stages))
@@ -613,30 +835,11 @@ def mla_decode_triton(
     with torch.cuda.device(device) if switch else contextlib.nullcontext():
         while True:
             try:
-                _mla_decode_stage1[(head_blocks, b, num_splits)](
-                    q_rope,
-                    q_latent,
-                    bias_arg,
-                    latent_arg,
-                    scale_arg,
-                    side,
-                    mask_arg,
-                    acc,
-                    psum,
-                    stat,
-                    t,
-                    tokens_per_split,
-                    float(scale) * _LOG2E,
-                    q_latent.stride(0),
-                    q_latent.stride(1),
-                    bias_arg.stride(0),
-                    bias_arg.stride(1),
-                    latent.stride(0),
-                    latent.stride(1),
-                    *scale_strides,
-                    side.stride(0),
-                    side.stride(1),
-                    *mask_strides,
+                args = (q_rope, q_latent, bias_arg, latent_arg, scale_arg, side, mask_arg, acc, psum, stat, t,
+                        tokens_per_split, float(scale) * _LOG2E, q_latent.stride(0), q_latent.stride(1),
+                        bias_arg.stride(0), bias_arg.stride(1), latent.stride(0), latent.stride(1), *scale_strides,
+                        side.stride(0), side.stride(1), *mask_strides)  # fmt: skip
+                constants = dict(
                     H=h,
                     G=h // n,
                     R=r,
@@ -647,9 +850,8 @@ def mla_decode_triton(
                     BLOCK_T=tile_t,
                     BLOCK_NR=max(16, _pow2(nr)),
                     BLOCK_L=block_l,
-                    HAS_MASK=key_mask is not None,
+                    HAS_MASK=has_mask,
                     HAS_BIAS=q_bias is not None,
-                    SINGLE_SPLIT=single,
                     DOT_PRECISION=precision,
                     UPCAST_DOTS=upcast,
                     STATIC_CHUNK=tokens_per_split if _INTERPRETING else 0,
@@ -662,6 +864,11 @@ def mla_decode_triton(
                     num_warps=num_warps,
                     num_stages=stages,
                 )
+                if by_branch:
+                    _mla_decode_stage1_by_branch[(head_blocks, b, num_splits)](*args, **constants,
+                                                                               FLAG_BLOCK=FLAG_BLOCK)  # fmt: skip
+                else:
+                    _mla_decode_stage1[(head_blocks, b, num_splits)](*args, **constants, SINGLE_SPLIT=single)
                 break
             except OutOfResources:  # raised on the host before launching: retry with fewer stages / a smaller tile
                 if tile_given:
