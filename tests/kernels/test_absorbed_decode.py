@@ -747,6 +747,27 @@ def test_gpu_many_heads_deepseek_shape(h: int, t: int, mask: str, dtype: torch.d
     _check_gpu(out, ref, dtype)
 
 
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("lat,r", [(128, 16), (1024, 64), (96, 24)])
+@pytest.mark.parametrize("m,by_branch", [(1, False), (2, False), (2, True)])
+def test_gpu_latent_widths(lat: int, r: int, m: int, by_branch: bool, dtype: torch.dtype) -> None:
+    """The latent widths of the contract (128-1024, and one that is not a power of two) with both stage-1 kernels,
+    served by the kernel (no "does not fit" fallback to the reference)."""
+    from hf_mla_vlm.kernels import mla_decode_triton
+    from hf_mla_vlm.kernels.absorbed_decode import _NO_FIT
+
+    case = make_case(b=2, h=16, n=2, r=r, lat=lat, t=3001, m=m, d=128 - r, v=128, layout="runs", mask="left_pad",
+                     side_pad=side_row_width(2, r) - 2 * r - 1, dtype=dtype, device="cuda", seed=lat + m)  # fmt: skip
+    ref = mla_decode_reference(*case.absorbed_args())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = mla_decode_triton(*case.absorbed_args(), by_branch=by_branch)
+    assert not [key for key in _NO_FIT if key[:3] == (dtype, lat, m)]
+    _check_gpu(out, ref, dtype)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_choose_block_h_bounds_the_accumulator() -> None:
     from hf_mla_vlm.kernels.absorbed_decode import MAX_ACCUMULATOR_ELEMENTS, choose_block_h
