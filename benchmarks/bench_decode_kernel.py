@@ -41,8 +41,9 @@ one-branch defaults of ``_default_config`` / ``choose_block_h`` come from it); `
 ``--latents`` (empty: none) select the two tables.
 
 ``--tune`` first sweeps tile configurations (``BLOCK_T``, warps, pipeline stages) and split counts of the Triton
-kernel on a few shapes and prints them; the launcher's defaults (``_default_config``, ``choose_num_splits``) were set
-from such a sweep.
+kernel on a few shapes and prints them, per stage-1 kernel of ``--stage1`` (``fused`` and / or ``by-branch``); the
+launcher's defaults (``_default_config``, ``choose_num_splits``) were set from such a sweep of the fused kernel.
+``--tune-then-bench`` then times the main table with each kernel's best configuration.
 """
 
 from __future__ import annotations
@@ -611,7 +612,7 @@ def results_markdown(
     )
 
 
-def run_benchmark(args: argparse.Namespace, overrides: dict[int, dict[str, int]] | None = None) -> None:
+def run_benchmark(args: argparse.Namespace, overrides: dict[tuple[int, str], dict[str, int]] | None = None) -> None:
     device = torch.device("cuda")
     overrides = overrides or {}
     meta = {
@@ -633,7 +634,7 @@ def run_benchmark(args: argparse.Namespace, overrides: dict[int, dict[str, int]]
         ),
         "timing": "median of CUDA-event-timed runs, L2 flushed before each; triton_us = CUDA-graph replay, "
         "triton_eager_us / reference / SDPA = triton.testing.do_bench of the eager call",
-        "tile_overrides": {str(k): v for k, v in overrides.items()},
+        "tile_overrides": {f"L{lat} {stage1}": v for (lat, stage1), v in overrides.items()},
     }
     meta["copy_tbps"] = copy_bandwidth(device) / 1e12
     print(f"# {meta['device']} torch {meta['torch']} triton {meta['triton']}: copy {meta['copy_tbps']:.2f} TB/s")
@@ -667,7 +668,7 @@ def run_benchmark(args: argparse.Namespace, overrides: dict[int, dict[str, int]]
     variants = [(kv_cache, stage1) for kv_cache in args.kv_cache for stage1 in args.stage1]
     for model, lat, b, t in shapes:
         for i, (kv_cache, stage1) in enumerate(variants):
-            tiles = {**overrides.get(lat, {}), **({"by_branch": True} if stage1 == "by-branch" else {})}
+            tiles = {**overrides.get((lat, stage1), {}), **({"by_branch": True} if stage1 == "by-branch" else {})}
             row = bench_row(
                 model, lat, b, t, device, not args.no_reference, tiles, args.layout, not args.unpadded_side,
                 kv_cache, with_sdpa=i == 0,
@@ -723,9 +724,9 @@ def _tune_trial(
     return ms
 
 
-def run_tune(args: argparse.Namespace) -> dict[int, dict[str, object]]:
-    """Sweep tile configs, then split counts; returns the best launcher options per latent width
-    (on the unmasked batch-16 shape)."""
+def run_tune(args: argparse.Namespace) -> dict[tuple[int, str], dict[str, object]]:
+    """Sweep tile configs, then split counts, per stage-1 kernel of ``args.stage1``; returns the best launcher
+    options per (latent width, stage-1 kernel) (on the unmasked batch-16 shape)."""
     device = torch.device("cuda")
     shapes = [
         # model, latent, batch, context, with a key mask, split counts to try
@@ -735,7 +736,7 @@ def run_tune(args: argparse.Namespace) -> dict[int, dict[str, object]]:
         ("qwen2.5-vl-7b", 512, 16, 8192, False, (8, 16)),
     ]
     results: list[dict[str, object]] = []
-    best_per_lat: dict[int, tuple[float, dict[str, object]]] = {}
+    best_per_lat: dict[tuple[int, str], tuple[float, dict[str, object]]] = {}
     for model, lat, b, t, with_mask, split_list in shapes:
         cfg = MODELS[model]
         nbytes = mla_bytes(b, t, lat, cfg["n"] * cfg["r"])
@@ -748,24 +749,26 @@ def run_tune(args: argparse.Namespace) -> dict[int, dict[str, object]]:
             inp["key_mask"] = mask
         call = _call_args(inp)
         ref = mla_decode_reference(*call)
-        tag = f"{model:14s} L{lat} B{b:<3d} T{t} mask{int(with_mask)}"
-        best = None
-        for bt, w, st in TUNE_CONFIGS[lat]:
-            kw = dict(block_t=bt, num_warps=w, num_stages=st)
-            ms = _tune_trial(results, tag, call, ref, nbytes, kw)
-            if best is None or ms < best[0]:
-                best = (ms, kw)
-        for splits in split_list:  # split counts with the best configuration
-            _tune_trial(results, tag, call, ref, nbytes, dict(best[1], num_splits=splits))
-        if b == 16 and not with_mask:
-            best_per_lat[lat] = best
-        print(f"==> best {best}\n", flush=True)
+        for stage1 in args.stage1:
+            tag = f"{model:14s} L{lat} B{b:<3d} T{t} mask{int(with_mask)} {stage1}"
+            kernel = {"by_branch": True} if stage1 == "by-branch" else {}
+            best = None
+            for bt, w, st in TUNE_CONFIGS[lat]:
+                kw = dict(kernel, block_t=bt, num_warps=w, num_stages=st)
+                ms = _tune_trial(results, tag, call, ref, nbytes, kw)
+                if best is None or ms < best[0]:
+                    best = (ms, kw)
+            for splits in split_list:  # split counts with the best configuration
+                _tune_trial(results, tag, call, ref, nbytes, dict(best[1], num_splits=splits))
+            if b == 16 and not with_mask:
+                best_per_lat[lat, stage1] = best
+            print(f"==> best {best}\n", flush=True)
         inp = call = ref = None
         torch.cuda.empty_cache()
     if args.out_dir:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.out_dir) / "tune.json").write_text(json.dumps(results, indent=1))
-    return {lat: kw for lat, (_, kw) in best_per_lat.items()}
+    return {key: kw for key, (_, kw) in best_per_lat.items()}
 
 
 def main() -> None:
