@@ -634,9 +634,11 @@ def test_gpu_num_splits_and_empty_segments(num_splits: int, mask: str) -> None:
 
 @gpu
 @needs_cuda
-def test_gpu_cuda_graph_replay_with_new_lengths() -> None:
+@pytest.mark.parametrize("by_branch", [False, True])
+def test_gpu_cuda_graph_replay_with_new_lengths(by_branch: bool) -> None:
     """The launcher does no host sync: capture it once, then change the cache contents, the key mask (valid lengths)
-    and the queries in place and replay; every replay must match the reference."""
+    and the queries in place and replay; every replay must match the reference (the by-branch kernel's token ranges
+    are read on the device, from the replayed cache)."""
     from hf_mla_vlm.kernels import mla_decode_triton
 
     dtype = torch.bfloat16
@@ -645,11 +647,11 @@ def test_gpu_cuda_graph_replay_with_new_lengths() -> None:
         poison=False,
     )  # fmt: skip
     args = case.absorbed_args()
-    mla_decode_triton(*args)  # compile outside the capture
+    mla_decode_triton(*args, by_branch=by_branch)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = mla_decode_triton(*args)
+        static_out = mla_decode_triton(*args, by_branch=by_branch)
     for step in range(3):
         fresh = make_case(
             b=4, h=28, n=4, r=32, lat=256, t=3000, m=2, d=96, v=128, mask="tail", dtype=dtype, device="cuda",
