@@ -542,6 +542,10 @@ def _stage1(row: dict[str, object]) -> str:
     return row.get("stage1", "fused")  # rows written before the by-branch stage 1 existed: the fused one
 
 
+def _kv(row: dict[str, object]) -> str:
+    return row.get("kv_cache", "bf16")  # rows written before quantized latents existed: bf16
+
+
 def markdown_table(rows: list[dict[str, object]], copy_tbps: float) -> str:
     head = (
         "| model | L | KV | stage 1 | B | T | MLA MB | splits | triton µs (graph) | / bf16 | fused µs / this µs | "
@@ -549,15 +553,14 @@ def markdown_table(rows: list[dict[str, object]], copy_tbps: float) -> str:
         "SDPA TB/s | SDPA µs / triton µs |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
-    kv = lambda row: row.get("kv_cache", "bf16")  # noqa: E731
-    bf16 = {(_shape(row), _stage1(row)): row for row in rows if kv(row) == "bf16"}
-    fused = {(_shape(row), kv(row)): row for row in rows if _stage1(row) == "fused"}
+    bf16 = {(_shape(row), _stage1(row)): row for row in rows if _kv(row) == "bf16"}
+    fused = {(_shape(row), _kv(row)): row for row in rows if _stage1(row) == "fused"}
     sdpa = {_shape(row): row for row in rows if row.get("sdpa_us") is not None}
     lines = []
     for row in rows:
         base = bf16.get((_shape(row), _stage1(row)))
         ratio = None if base is None else row["triton_us"] / base["triton_us"]
-        peer = fused.get((_shape(row), kv(row)))
+        peer = fused.get((_shape(row), _kv(row)))
         vs_fused = None if peer is None or peer is row else peer["triton_us"] / row["triton_us"]
         row = {**sdpa.get(_shape(row), {}), **row}  # the shape's SDPA numbers on every latent format's row
         sd = row.get("sdpa_us")
@@ -566,7 +569,7 @@ def markdown_table(rows: list[dict[str, object]], copy_tbps: float) -> str:
         stages = sorted(kernels, key=lambda k: "combine" in k)  # stage 1 (fused or by branch), then the combine
         parts = " + ".join(f"{kernels[k]:.1f}" for k in stages)
         lines.append(
-            f"| {row['model']} | {row['latent']} | {kv(row)} | {_stage1(row)} | {row['batch']} | "
+            f"| {row['model']} | {row['latent']} | {_kv(row)} | {_stage1(row)} | {row['batch']} | "
             f"{row['context']} | {row['mla_bytes'] / 1e6:.1f} | {row['num_splits']} | {row['triton_us']:.1f} | "
             f"{_fmt(ratio, '.2f')} | {_fmt(vs_fused, '.2f')} | {parts or '-'} | "
             f"**{row['triton_tbps']:.2f}** | {row['triton_tbps'] / copy_tbps:.2f} | "

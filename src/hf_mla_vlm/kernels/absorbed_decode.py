@@ -185,6 +185,26 @@ def _latent_tile(
     return c
 
 
+@triton.jit
+def _tile_scores(qr, ql, kr, c, qk_scale, DOT_PRECISION: tl.constexpr):
+    """Base-2 scores of the query rows against a tile: rope part (``qr . kr``) plus latent part (``ql . c``)."""
+    scores = tl.dot(qr, tl.trans(kr), input_precision=DOT_PRECISION)
+    return tl.dot(ql, tl.trans(c), scores, input_precision=DOT_PRECISION) * qk_scale
+
+
+@triton.jit
+def _online_update(scores, c, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over a tile whose excluded keys score ``-inf``: the new running maxima, sums and
+    accumulator (rows without a key so far stay at ``-inf`` / 0)."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(scores - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 # Triton specialises integer arguments on divisibility by 16: the batch strides of a growing DynamicCache (side rows
 # of N*R + 1 elements, the key mask) would flip that property as T grows and recompile the kernel mid-generation
 @triton.jit(do_not_specialize=["T", "tokens_per_split", "stride_sc_b", "stride_s_b", "stride_km_b"])
@@ -305,10 +325,7 @@ def _mla_decode_stage1(
             s_base + offs_t[:, None] * stride_s_t + offs_c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0
         )
         c = c.to(cdtype)
-        kr = kr.to(cdtype)
-        scores = tl.dot(qr, tl.trans(kr), input_precision=DOT_PRECISION)
-        scores = tl.dot(ql, tl.trans(c), scores, input_precision=DOT_PRECISION)
-        scores = scores * qk_scale
+        scores = _tile_scores(qr, ql, kr.to(cdtype), c, qk_scale, DOT_PRECISION)
         if HAS_BIAS:
             scores += bias[:, None]
         if M == 2:
@@ -318,14 +335,7 @@ def _mla_decode_stage1(
         else:
             keep = valid[None, :]
         scores = tl.where(keep, scores, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(scores - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(cdtype), c, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_update(scores, c, m_i, l_i, acc, DOT_PRECISION)
 
     row = pid_b * n_splits + pid_s  # row of the (B, S) output grid
     out_row = (row * H + h_r) * M + m_r  # (b, s, h, m) row of acc / psum / stat
@@ -487,19 +497,11 @@ def _mla_decode_stage1_by_branch(
             else:
                 keep = valid & image
             c = c.to(cdtype)
-            scores = tl.dot(qr, tl.trans(kr.to(cdtype)), input_precision=DOT_PRECISION)
-            scores = tl.dot(ql, tl.trans(c), scores, input_precision=DOT_PRECISION)
-            scores = scores * qk_scale
+            scores = _tile_scores(qr, ql, kr.to(cdtype), c, qk_scale, DOT_PRECISION)
             if HAS_BIAS:
                 scores += bias[:, None]
             scores = tl.where(keep[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(scores - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(cdtype), c, input_precision=DOT_PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _online_update(scores, c, m_i, l_i, acc, DOT_PRECISION)
         out_row = (row * H + h_r) * M + m  # (b, s, h, m) row of acc / psum / stat
         has_row = r_ok & (m_i > float("-inf"))
         tl.store(acc_ptr + out_row[:, None] * L + offs_l[None, :], acc, mask=has_row[:, None] & l_ok[None, :])
